@@ -1,0 +1,7 @@
+"""Backends provide a running Kernel Gateway: locally, on Modal, or at a URL."""
+
+from .base import Backend, GatewayEndpoint
+from .local import LocalBackend
+from .remote import GatewayBackend
+
+__all__ = ["Backend", "GatewayBackend", "GatewayEndpoint", "LocalBackend"]

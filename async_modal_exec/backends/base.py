@@ -1,0 +1,55 @@
+"""What a backend provides: a running Kernel Gateway, and its end."""
+
+from __future__ import annotations
+
+import abc
+import ssl
+from dataclasses import dataclass, field
+
+__all__ = ["Backend", "GatewayEndpoint"]
+
+
+@dataclass(frozen=True)
+class GatewayEndpoint:
+    """Where a running Kernel Gateway listens and how to authenticate to it.
+
+    Attributes:
+        base_url: ``http(s)://host:port[/base]`` of the gateway.
+        token: sent as ``Authorization: token <token>``; never put in a URL.
+        ssl: TLS context for ``https``/``wss`` (None: the default context).
+    """
+
+    base_url: str
+    token: str | None = field(default=None, repr=False)
+    ssl: ssl.SSLContext | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers every request to the gateway carries."""
+        return {"Authorization": f"token {self.token}"} if self.token else {}
+
+
+class Backend(abc.ABC):
+    """Provides a running Kernel Gateway (a sandbox) and tears it down.
+
+    A backend owns its sandbox, not its kernels: executors create kernels on the
+    gateway it provides. ``start()`` may be called once; ``aclose()`` any number
+    of times, also after a failed or cancelled start.
+    """
+
+    @abc.abstractmethod
+    async def start(self) -> GatewayEndpoint:
+        """Start (or attach to) the gateway and return where it listens.
+
+        Cancelling the call tears down whatever was started so far.
+        """
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Tear the gateway down; safe to call twice. Runs to completion when cancelled."""
+
+    async def __aenter__(self) -> GatewayEndpoint:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,223 @@
+"""LocalBackend: a Kernel Gateway subprocess on loopback.
+
+No account and no credentials, but **no isolation either**: code runs as the
+current user on this machine, with its files and network. Use it for
+development, tests and trusted code; use Modal (or your own sandboxed gateways)
+for model-written code you do not trust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+import anyio
+
+from ..errors import BackendStartError, ExecutorStateError
+from ..launcher import PORT_LINE_PREFIX
+from .base import Backend, GatewayEndpoint
+
+logger = logging.getLogger("async_modal_exec.backends.local")
+
+__all__ = ["LocalBackend"]
+
+_TERM_GRACE = 3.0
+
+
+def _short_temp_root() -> str:
+    # IPC kernel sockets live in the runtime dir and a Unix socket path holds
+    # only ~104 bytes: prefer /tmp over a possibly deep $TMPDIR.
+    return "/tmp" if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK) else tempfile.gettempdir()
+
+
+def _process_tree(root: int) -> list[tuple[int, str]]:
+    """``(pid, start_time)`` of every descendant of ``root`` (Linux /proc; else empty)."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid ... starttime(22nd).
+        fields = stat[stat.rindex(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    found: list[tuple[int, str]] = []
+    stack = [root]
+    while stack:
+        for pid, started in children.get(stack.pop(), []):
+            found.append((pid, started))
+            stack.append(pid)
+    return found
+
+
+def _kill_if_same(processes: list[tuple[int, str]]) -> None:
+    """SIGKILL each process still alive with the same start time (no PID-reuse kills)."""
+    for pid, started in processes:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat[stat.rindex(")") + 2 :].split()[19] == started:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+
+
+def _make_private_dir() -> tuple[str, IO[bytes]]:
+    runtime_dir = tempfile.mkdtemp(prefix="ame-", dir=_short_temp_root())
+    log = open(os.path.join(runtime_dir, "gateway.log"), "wb")  # noqa: SIM115 - owned by the backend
+    return runtime_dir, log
+
+
+class LocalBackend(Backend):
+    """Starts a Jupyter Kernel Gateway subprocess on 127.0.0.1.
+
+    The gateway runs through this package's launcher (``TCP_NODELAY`` on kernel
+    websockets, IOPub rate limit lifted, IPC kernels) with the current
+    interpreter, a free port and a fresh random token. It gets a private, short
+    ``JUPYTER_RUNTIME_DIR`` that is removed on close.
+
+    **No isolation**: the code runs as you, on this machine.
+
+    Closing stops the gateway and every process it started (kernels run in
+    their own sessions, so the whole tree is tracked). If this Python process
+    exits without closing, the gateway notices its stdin closing and stops
+    itself and its kernels.
+
+    Args:
+        python: interpreter with jupyter_kernel_gateway and ipykernel (default: this one).
+        cwd: working directory of the gateway and its kernels.
+        env: extra environment variables for the gateway and its kernels.
+        startup_timeout: seconds to wait for the gateway to listen.
+    """
+
+    def __init__(
+        self,
+        *,
+        python: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.python = python or sys.executable
+        self.cwd = cwd
+        self.env = dict(env or {})
+        self.startup_timeout = startup_timeout
+        self.startup_seconds: float | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._runtime_dir: str | None = None
+        self._log: IO[bytes] | None = None
+        self._endpoint: GatewayEndpoint | None = None
+        self._started = False
+
+    @property
+    def pid(self) -> int | None:
+        """The gateway's process id while it runs."""
+        return self._process.pid if self._process else None
+
+    async def start(self) -> GatewayEndpoint:
+        """Start the gateway and return its endpoint once it listens.
+
+        Raises:
+            ExecutorStateError: started before.
+            BackendStartError: the gateway exited or did not listen in time
+                (the message quotes the end of its log).
+
+        Cancelling the call kills the gateway started so far.
+        """
+        if self._started:
+            raise ExecutorStateError("a LocalBackend can be started once")
+        self._started = True
+        begin = time.monotonic()
+        token = secrets.token_urlsafe(32)
+        try:
+            self._runtime_dir, self._log = await anyio.to_thread.run_sync(_make_private_dir)
+            env = {**os.environ, **self.env, "KG_AUTH_TOKEN": token, "JUPYTER_RUNTIME_DIR": self._runtime_dir}
+            self._process = await asyncio.create_subprocess_exec(
+                self.python,
+                "-m",
+                "async_modal_exec.launcher",
+                "--ip=127.0.0.1",
+                "--port=0",
+                "--exit-on-stdin-eof",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=self._log,
+                env=env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+            port = await self._read_port()
+        except BaseException:
+            await self.aclose()
+            raise
+        self._endpoint = GatewayEndpoint(f"http://127.0.0.1:{port}", token)
+        self.startup_seconds = time.monotonic() - begin
+        logger.info("local gateway (pid %s) listening on port %s after %.2f s", self._process.pid, port, self.startup_seconds)
+        return self._endpoint
+
+    async def _read_port(self) -> int:
+        assert self._process is not None and self._process.stdout is not None
+        with anyio.move_on_after(self.startup_timeout):
+            while True:
+                line = await self._process.stdout.readline()
+                if not line:
+                    await self._process.wait()
+                    raise BackendStartError(
+                        f"the gateway exited with status {self._process.returncode} before listening:\n{await self._log_tail()}"
+                    )
+                text = line.decode(errors="replace").strip()
+                if text.startswith(PORT_LINE_PREFIX):
+                    return int(text[len(PORT_LINE_PREFIX) :])
+        raise BackendStartError(
+            f"the gateway did not listen within {self.startup_timeout} s:\n{await self._log_tail()}"
+        )
+
+    async def _log_tail(self) -> str:
+        if self._runtime_dir is None:
+            return ""
+        text = await anyio.Path(self._runtime_dir, "gateway.log").read_text(errors="replace")
+        return text[-3000:]
+
+    async def aclose(self) -> None:
+        """Stop the gateway and all its kernels, remove the runtime dir. Safe to call twice.
+
+        Runs to completion when cancelled (shielded); the cancellation is re-raised after.
+        """
+        with anyio.CancelScope(shield=True):
+            process, self._process = self._process, None
+            if process is not None and process.returncode is None:
+                tree = await anyio.to_thread.run_sync(_process_tree, process.pid)
+                process.send_signal(signal.SIGTERM)
+                with anyio.move_on_after(_TERM_GRACE):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+                await anyio.to_thread.run_sync(_kill_if_same, tree)
+            if process is not None:
+                if process.stdin is not None:
+                    process.stdin.close()
+                # Let the transport notice the exit and close its pipes now.
+                await process.wait()
+            log, self._log = self._log, None
+            runtime_dir, self._runtime_dir = self._runtime_dir, None
+            if log is not None:
+                log.close()
+            if runtime_dir is not None:
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(runtime_dir, ignore_errors=True))
+
+    def __repr__(self) -> str:
+        return f"LocalBackend(pid={self.pid})"

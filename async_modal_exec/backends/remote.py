@@ -1,0 +1,46 @@
+"""GatewayBackend: attach to a Kernel Gateway that is already running."""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import urlsplit
+
+from .base import Backend, GatewayEndpoint
+
+__all__ = ["GatewayBackend"]
+
+
+class GatewayBackend(Backend):
+    """Uses a running Jupyter Kernel Gateway or Enterprise Gateway at ``url``.
+
+    This is how to scale past one machine without this package starting
+    anything: run gateways where you like (e.g. on Kubernetes) and point
+    executors at them. Nothing is started, so :meth:`aclose` stops nothing; each
+    executor still deletes the kernel it created.
+
+    Args:
+        url: ``http(s)://host:port[/base_url]`` of the gateway.
+        token: the gateway's auth token (``KG_AUTH_TOKEN``), sent in a header.
+        ssl_context: TLS context for ``https`` (e.g. trusting a private CA).
+
+    Raises:
+        ValueError: the URL is not an absolute http(s) URL, or carries credentials.
+    """
+
+    def __init__(self, url: str, token: str | None = None, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"gateway url must look like http(s)://host:port, got {url!r}")
+        if parts.username or parts.password or parts.query:
+            raise ValueError("put the token in token=, not in the URL (URLs end up in logs)")
+        self.endpoint = GatewayEndpoint(url.rstrip("/"), token, ssl_context)
+
+    async def start(self) -> GatewayEndpoint:
+        """Return the endpoint; readiness is checked by the executor."""
+        return self.endpoint
+
+    async def aclose(self) -> None:
+        """Nothing to stop: the gateway is not ours."""
+
+    def __repr__(self) -> str:
+        return f"GatewayBackend({self.endpoint.base_url!r})"

@@ -1,0 +1,136 @@
+"""One persistent websocket to one kernel, over the ``websockets`` library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from .errors import GatewayAuthError, GatewayNotFound, GatewayUnreachable, ProtocolError
+
+logger = logging.getLogger("async_modal_exec.channel")
+
+__all__ = ["ChannelLost", "KernelChannel"]
+
+
+class ChannelLost(Exception):
+    """The websocket closed; internal, the executor decides whether to reconnect."""
+
+
+class KernelChannel:
+    """The Jupyter channels websocket of one kernel, kept open across executions.
+
+    Reconnecting reuses the same ``session_id``, so the gateway replays the
+    messages sent while the connection was down. Keepalive pings are sent by
+    the ``websockets`` library; messages may be as large as ``max_message_bytes``
+    (a big PNG or a long print would break the library's 1 MiB default).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        ssl_context: ssl.SSLContext | None,
+        max_message_bytes: int | None,
+        ping_interval: float | None = 20.0,
+        open_timeout: float = 30.0,
+    ) -> None:
+        self.url = url
+        self._headers = dict(headers)
+        self._ssl = ssl_context
+        self._max_size = max_message_bytes
+        self._ping_interval = ping_interval
+        self._open_timeout = open_timeout
+        self._ws: ClientConnection | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """True while the websocket is connected."""
+        return self._ws is not None and self._ws.close_code is None
+
+    async def open(self) -> None:
+        """Connect if not connected (no-op when open).
+
+        Raises:
+            GatewayAuthError: the token was refused.
+            GatewayNotFound: the kernel does not exist.
+            GatewayUnreachable: any other connection failure.
+
+        Cancelling the call abandons the attempt and leaves the channel closed.
+        """
+        if self.is_open:
+            return
+        kwargs: dict[str, Any] = {}
+        if self.url.startswith("wss://"):
+            kwargs["ssl"] = self._ssl if self._ssl is not None else True
+        try:
+            self._ws = await websockets.connect(
+                self.url,
+                additional_headers=self._headers,
+                max_size=self._max_size,
+                max_queue=None,
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_interval,
+                open_timeout=self._open_timeout,
+                close_timeout=2,
+                compression=None,
+                **kwargs,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                raise GatewayAuthError(f"gateway refused the token for the kernel websocket (HTTP {status})", status=status) from exc
+            if status == 404:
+                raise GatewayNotFound("the kernel of this websocket does not exist (HTTP 404)", status=404) from exc
+            raise GatewayUnreachable(f"kernel websocket refused with HTTP {status}", status=status) from exc
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            raise GatewayUnreachable(f"cannot open the kernel websocket: {exc!r}") from exc
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        """Send one message.
+
+        Raises:
+            ChannelLost: the websocket is closed.
+        """
+        if self._ws is None:
+            raise ChannelLost("not connected")
+        try:
+            await self._ws.send(json.dumps(message))
+        except ConnectionClosed as exc:
+            raise ChannelLost(str(exc)) from exc
+
+    async def receive(self) -> dict[str, Any]:
+        """Wait for the next message.
+
+        Raises:
+            ChannelLost: the websocket closed.
+            ProtocolError: the frame is not a JSON object.
+
+        Cancelling the call loses no message: it stays queued for the next call.
+        """
+        if self._ws is None:
+            raise ChannelLost("not connected")
+        try:
+            frame = await self._ws.recv()
+        except ConnectionClosed as exc:
+            raise ChannelLost(str(exc)) from exc
+        try:
+            message = json.loads(frame)
+        except ValueError as exc:
+            raise ProtocolError(f"kernel websocket sent a frame that is not JSON: {frame[:200]!r}") from exc
+        if not isinstance(message, dict):
+            raise ProtocolError(f"kernel websocket sent JSON that is not an object: {message!r:.200}")
+        return message
+
+    async def aclose(self) -> None:
+        """Close the websocket (bounded by a short close timeout); safe to call twice."""
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            await ws.close()

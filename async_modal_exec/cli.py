@@ -1,0 +1,126 @@
+"""Command line: ``python -m async_modal_exec run ...``.
+
+Exit status: 0 success; 1 the code raised (traceback on stderr); 2 bad usage;
+3 the backend or gateway failed; 124 the timeout expired; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import anyio
+
+from .backends import Backend, GatewayBackend, LocalBackend
+from .errors import AsyncModalExecError, ExecutionTimeout
+from .executor import AsyncExecutor
+from .results import DisplayEvent, ErrorEvent, ResultEvent, RichOutput, StderrEvent, StdoutEvent
+
+EXIT_CODE_ERROR = 1
+EXIT_USAGE = 2
+EXIT_BACKEND = 3
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m async_modal_exec", description=__doc__.split("\n", 1)[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run Python code in a fresh sandboxed kernel")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", dest="code", help="code to run")
+    source.add_argument("file", nargs="?", help="a file of code to run, or - for stdin")
+    run.add_argument("--backend", choices=["local", "gateway"], default="local")
+    run.add_argument("--gateway-url", help="with --backend gateway: http(s)://host:port of a running gateway")
+    run.add_argument(
+        "--token-env",
+        default="ASYNC_MODAL_EXEC_GATEWAY_TOKEN",
+        help="environment variable holding the gateway token (default: %(default)s)",
+    )
+    run.add_argument("--timeout", type=float, default=None, help="seconds before the run is interrupted")
+    return parser
+
+
+def _read_code(args: argparse.Namespace) -> str:
+    if args.code is not None:
+        return str(args.code)
+    if args.file == "-":
+        return sys.stdin.read()
+    with open(args.file, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _make_backend(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Backend:
+    if args.backend == "gateway":
+        if not args.gateway_url:
+            parser.error("--backend gateway needs --gateway-url")
+        try:
+            return GatewayBackend(args.gateway_url, os.environ.get(args.token_env))
+        except ValueError as exc:
+            parser.error(str(exc))
+    return LocalBackend()
+
+
+def _describe(output: RichOutput) -> str:
+    if output.text is not None:
+        return output.text
+    return ", ".join(
+        f"[{mime}: {len(value)} bytes]" if isinstance(value, bytes) else f"[{mime}]"
+        for mime, value in output.data.items()
+    )
+
+
+async def _run(code: str, backend: Backend, timeout: float | None) -> int:
+    out, err = sys.stdout, sys.stderr
+    started = time.monotonic()
+    err.write(f"starting {type(backend).__name__}...\n")
+    err.flush()
+    status = 0
+    async with AsyncExecutor(backend, timeout=timeout) as executor:
+        err.write(f"kernel ready in {time.monotonic() - started:.1f} s\n")
+        err.flush()
+        try:
+            async for event in executor.stream(code):
+                if isinstance(event, StdoutEvent):
+                    out.write(event.text)
+                    out.flush()
+                elif isinstance(event, StderrEvent):
+                    err.write(event.text)
+                    err.flush()
+                elif isinstance(event, ResultEvent | DisplayEvent):
+                    out.write(_describe(event.output) + "\n")
+                    out.flush()
+                elif isinstance(event, ErrorEvent):
+                    err.write(str(event.error) + "\n")
+                    status = EXIT_CODE_ERROR
+        except ExecutionTimeout as exc:
+            err.write(f"error: {exc}\n")
+            status = EXIT_TIMEOUT
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the command line; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = _read_code(args)
+    except OSError as exc:
+        parser.error(f"cannot read {args.file}: {exc}")
+    backend = _make_backend(args, parser)
+    try:
+        return anyio.run(_run, code, backend, args.timeout)
+    except AsyncModalExecError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_BACKEND
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,403 @@
+"""AsyncExecutor: the one async core that runs code in a remote kernel."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import anyio
+
+from .backends.base import Backend
+from .channel import ChannelLost, KernelChannel
+from .errors import (
+    AsyncModalExecError,
+    ExecutionTimeout,
+    ExecutorStateError,
+    GatewayError,
+    GatewayNotFound,
+    KernelDied,
+)
+from .gateway import GatewayClient
+from .protocol import ExecutionFold, execute_request, kernel_died, msg_id_of, new_session_id
+from .results import Event, ExecutionResult
+
+logger = logging.getLogger("async_modal_exec.executor")
+
+__all__ = ["AsyncExecutor"]
+
+DEFAULT_MAX_OUTPUT_CHARS = 10_000_000
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
+_RECONNECT_ATTEMPTS = 3
+_CLEANUP_TIMEOUT = 10.0
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    STARTING = "starting"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class AsyncExecutor:
+    """Runs Python code in a Jupyter kernel provided by a backend.
+
+    Use it as ``async with AsyncExecutor(backend) as ex: result = await ex.run(code)``,
+    or call :meth:`start` and :meth:`aclose` yourself. The executor owns one
+    kernel and one persistent websocket to it; executions on one executor run
+    one at a time, in the order they were called.
+
+    Errors raised by the user's code are data: ``result.error`` (see
+    :class:`~async_modal_exec.ExecutionResult`). Exceptions mean the execution
+    itself failed: :class:`~async_modal_exec.ExecutionTimeout`,
+    :class:`~async_modal_exec.KernelDied`, gateway errors; the execution ones
+    carry the partial result.
+
+    Args:
+        backend: provides the gateway; default: a new
+            :class:`~async_modal_exec.LocalBackend`.
+        owns_backend: close the backend in :meth:`aclose` (default True).
+        timeout: default timeout of :meth:`run` / :meth:`stream`, seconds (None: no limit).
+        interrupt_grace: how long an interrupted kernel gets to come back
+            before it is restarted.
+        max_output_chars: cap on stdout + stderr characters kept per execution
+            (None: no cap); the rest is dropped with a visible marker.
+        store_history: passed to the kernel (``True`` numbers executions like a notebook).
+        ready_timeout: how long the gateway may take to answer after the backend started.
+        kernel_name: kernel spec to start (None: the gateway's default).
+        max_message_bytes: largest websocket message accepted (None: unlimited).
+    """
+
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        *,
+        owns_backend: bool = True,
+        timeout: float | None = None,
+        interrupt_grace: float = 5.0,
+        max_output_chars: int | None = DEFAULT_MAX_OUTPUT_CHARS,
+        store_history: bool = False,
+        ready_timeout: float = 120.0,
+        kernel_name: str | None = None,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if backend is None:
+            from .backends.local import LocalBackend
+
+            backend = LocalBackend()
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive or None")
+        if interrupt_grace <= 0:
+            raise ValueError("interrupt_grace must be positive")
+        self.backend = backend
+        self._owns_backend = owns_backend
+        self.default_timeout = timeout
+        self.interrupt_grace = interrupt_grace
+        self.max_output_chars = max_output_chars
+        self.store_history = store_history
+        self.ready_timeout = ready_timeout
+        self.kernel_name = kernel_name
+        self._max_message_bytes = max_message_bytes
+        self._state = _State.UNOPENED
+        self._lock = anyio.Lock()
+        self._gateway: GatewayClient | None = None
+        self._channel: KernelChannel | None = None
+        self._kernel_id: str | None = None
+        self._session_id = new_session_id()
+        self._kernel_suspect = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def kernel_id(self) -> str | None:
+        """The id of the current kernel (None before start)."""
+        return self._kernel_id
+
+    @property
+    def state(self) -> str:
+        """``"unopened"``, ``"starting"``, ``"open"`` or ``"closed"``."""
+        return self._state.value
+
+    async def start(self) -> AsyncExecutor:
+        """Start the backend, wait for the gateway, create the kernel, connect.
+
+        Raises:
+            ExecutorStateError: already started or closed.
+            BackendError, GatewayError: the sandbox or gateway failed.
+
+        Cancelling the call (or any failure) tears down everything started so
+        far, shielded from the cancellation, and leaves the executor closed.
+        """
+        if self._state is not _State.UNOPENED:
+            raise ExecutorStateError(f"cannot start an executor that is {self._state.value}")
+        self._state = _State.STARTING
+        try:
+            endpoint = await self.backend.start()
+            self._gateway = GatewayClient(endpoint)
+            await self._gateway.wait_ready(self.ready_timeout)
+            await self._new_kernel()
+        except BaseException:
+            await self._teardown()
+            raise
+        self._state = _State.OPEN
+        return self
+
+    async def aclose(self) -> None:
+        """Delete the kernel, close the websocket, close the backend if owned.
+
+        Safe to call twice. Waits for a running execution to be interrupted
+        rather than cutting it mid-message. Runs to completion even when the
+        calling task is cancelled (the cancellation is re-raised afterwards).
+        """
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        await self._teardown()
+
+    async def __aenter__(self) -> AsyncExecutor:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _teardown(self) -> None:
+        self._state = _State.CLOSED
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
+            channel, self._channel = self._channel, None
+            if channel is not None:
+                await channel.aclose()
+            gateway, self._gateway = self._gateway, None
+            if gateway is not None:
+                if self._kernel_id is not None:
+                    try:
+                        await gateway.delete_kernel(self._kernel_id)
+                    except AsyncModalExecError as exc:
+                        logger.debug("could not delete kernel %s: %s", self._kernel_id, exc)
+                await gateway.aclose()
+        if self._owns_backend:
+            with anyio.CancelScope(shield=True):
+                await self.backend.aclose()
+
+    def _open_gateway(self) -> GatewayClient:
+        if self._state is not _State.OPEN or self._gateway is None:
+            if self._state is _State.CLOSED:
+                raise ExecutorStateError("the executor is closed")
+            raise ExecutorStateError("the executor is not started: use 'async with' or await start()")
+        return self._gateway
+
+    async def _new_kernel(self) -> None:
+        assert self._gateway is not None
+        if self._channel is not None:
+            await self._channel.aclose()
+            self._channel = None
+        self._kernel_id = await self._gateway.create_kernel(self.kernel_name)
+        self._session_id = new_session_id()
+        self._channel = KernelChannel(
+            self._gateway.websocket_url(self._kernel_id, self._session_id),
+            headers=self._gateway.endpoint.headers,
+            ssl_context=self._gateway.endpoint.ssl,
+            max_message_bytes=self._max_message_bytes,
+        )
+        await self._channel.open()
+        self._kernel_suspect = False
+        logger.debug("kernel %s ready", self._kernel_id)
+
+    async def _ensure_kernel(self) -> KernelChannel:
+        """A connected channel to a live kernel; a fresh kernel if the old one is gone."""
+        gateway = self._open_gateway()
+        assert self._channel is not None and self._kernel_id is not None
+        if self._kernel_suspect:
+            try:
+                await gateway.get_kernel(self._kernel_id)
+                self._kernel_suspect = False
+            except GatewayNotFound:
+                logger.info("kernel %s is gone; starting a fresh one", self._kernel_id)
+                await self._new_kernel()
+        await self._channel.open()
+        return self._channel
+
+    # -- execution -----------------------------------------------------------------
+
+    async def run(self, code: str, *, timeout: float | None = None) -> ExecutionResult:
+        """Run ``code`` and return everything it produced.
+
+        Args:
+            code: Python source (IPython syntax works too).
+            timeout: seconds; default: the executor's ``timeout``.
+
+        Returns:
+            The result. If the code raised, ``result.error`` says so and the
+            output printed before the error is in ``result.stdout``.
+
+        Raises:
+            ExecutionTimeout: the timeout expired (also a ``TimeoutError``); the
+                kernel was interrupted (or restarted if it did not come back).
+            KernelDied: the kernel process died; the next call gets a fresh kernel.
+            ExecutorStateError: not started, or closed.
+            GatewayError: the gateway failed.
+
+        Cancelling the call interrupts the kernel (shielded, so the kernel is
+        idle again before the cancellation propagates) and re-raises.
+        """
+        fold = await self._run_fold(code, timeout)
+        return fold.result()
+
+    async def _run_fold(self, code: str, timeout: float | None) -> ExecutionFold:
+        async with self._lock:
+            channel = await self._ensure_kernel()
+            request, fold = self._request(code)
+            async for _ in self._drive(channel, request, fold, self._timeout(timeout)):
+                pass
+        return fold
+
+    async def stream(self, code: str, *, timeout: float | None = None) -> AsyncIterator[Event]:
+        """Run ``code``, yielding stdout, stderr, display, result and error events as they arrive.
+
+        Same errors as :meth:`run`. Leaving the loop early (``break``) or
+        cancelling it interrupts the kernel; wrap the iterator in
+        ``contextlib.aclosing`` so that happens at once rather than when the
+        iterator is garbage-collected.
+        """
+        async with self._lock:
+            channel = await self._ensure_kernel()
+            request, fold = self._request(code)
+            async for event in self._drive(channel, request, fold, self._timeout(timeout)):
+                yield event
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        value = self.default_timeout if timeout is None else timeout
+        if value is not None and value <= 0:
+            raise ValueError("timeout must be positive or None")
+        return value
+
+    def _request(self, code: str) -> tuple[dict[str, Any], ExecutionFold]:
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        request = execute_request(code, session=self._session_id, store_history=self.store_history)
+        return request, ExecutionFold(msg_id_of(request), max_output_chars=self.max_output_chars)
+
+    async def _drive(
+        self,
+        channel: KernelChannel,
+        request: dict[str, Any],
+        fold: ExecutionFold,
+        timeout: float | None,
+    ) -> AsyncGenerator[Event, None]:
+        """Send ``request`` and yield its events until the kernel goes idle."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        try:
+            await channel.send(request)
+            while not fold.done:
+                message = await self._receive(channel, fold, deadline)
+                if message is None:
+                    break
+                for event in fold.feed(message):
+                    yield event
+        except KernelDied:
+            raise
+        except BaseException:
+            # Cancelled, the consumer left early, or the connection failed:
+            # bring the kernel back to idle before anyone else uses it.
+            with anyio.CancelScope(shield=True):
+                await self._recover(channel, fold)
+            raise
+        if not fold.done:
+            with anyio.CancelScope(shield=True):
+                restarted = await self._recover(channel, fold)
+            if restarted:
+                how = "the kernel ignored the interrupt and was restarted (its state is lost)"
+            else:
+                how = "the kernel was interrupted (its state is kept)"
+            raise ExecutionTimeout(f"execution timed out after {timeout} s; {how}", fold.result(), restarted=restarted)
+
+    async def _receive(
+        self, channel: KernelChannel, fold: ExecutionFold, deadline: float
+    ) -> dict[str, Any] | None:
+        """The next message, or None at the deadline; reconnects a dropped websocket."""
+        for attempt in range(_RECONNECT_ATTEMPTS + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            message: dict[str, Any] | None = None
+            try:
+                with anyio.move_on_after(remaining):
+                    message = await channel.receive()
+            except ChannelLost:
+                await self._reconnect_or_die(channel, fold, attempt)
+                continue
+            if message is None:
+                return None
+            if kernel_died(message):
+                self._kernel_suspect = True
+                raise KernelDied("the kernel died during the execution; the next run uses a fresh kernel", fold.result())
+            return message
+        raise AssertionError("unreachable")
+
+    async def _reconnect_or_die(self, channel: KernelChannel, fold: ExecutionFold, attempt: int) -> None:
+        gateway = self._open_gateway()
+        assert self._kernel_id is not None
+        self._kernel_suspect = True
+        try:
+            await gateway.get_kernel(self._kernel_id)
+        except GatewayNotFound:
+            raise KernelDied("the kernel is gone (the gateway no longer knows it)", fold.result()) from None
+        if attempt >= _RECONNECT_ATTEMPTS:
+            raise KernelDied("lost the kernel websocket and could not reconnect", fold.result())
+        await anyio.sleep(0.05 * 2**attempt)
+        logger.info("kernel websocket dropped; reconnecting with the same session to replay")
+        await channel.open()
+        self._kernel_suspect = False
+
+    async def _recover(self, channel: KernelChannel, fold: ExecutionFold) -> bool:
+        """Interrupt the kernel and drain our request; restart if it stays busy.
+
+        Returns True if the kernel had to be restarted.
+        """
+        if self._gateway is None or self._kernel_id is None or fold.done:
+            return False
+        try:
+            await self._gateway.interrupt_kernel(self._kernel_id)
+            grace = time.monotonic() + self.interrupt_grace
+            while not fold.done:
+                message = await self._receive(channel, fold, grace)
+                if message is None:
+                    break
+                fold.feed(message)
+            if fold.done:
+                return False
+            logger.warning("kernel %s ignored the interrupt; restarting it", self._kernel_id)
+            await self._gateway.restart_kernel(self._kernel_id)
+            # The old websocket belongs to the old kernel process: start clean.
+            await channel.aclose()
+            await channel.open()
+            return True
+        except (KernelDied, GatewayError, ChannelLost) as exc:
+            logger.warning("recovering kernel %s failed: %s", self._kernel_id, exc)
+            self._kernel_suspect = True
+            return True
+
+    async def interrupt(self) -> None:
+        """Interrupt whatever the kernel is running (like Ctrl-C in a notebook).
+
+        The running :meth:`run` then returns a result whose error is
+        ``KeyboardInterrupt``.
+        """
+        gateway = self._open_gateway()
+        assert self._kernel_id is not None
+        await gateway.interrupt_kernel(self._kernel_id)
+
+    async def restart(self) -> None:
+        """Restart the kernel: all state is lost. Waits for the running execution to finish."""
+        async with self._lock:
+            gateway = self._open_gateway()
+            assert self._kernel_id is not None and self._channel is not None
+            try:
+                await gateway.restart_kernel(self._kernel_id)
+            except GatewayNotFound:
+                await self._new_kernel()
+                return
+            await self._channel.aclose()
+            await self._channel.open()

@@ -1,0 +1,137 @@
+"""HTTP side of a Kernel Gateway, over aiohttp: readiness and kernel lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import anyio
+
+from .backends.base import GatewayEndpoint
+from .errors import GatewayAuthError, GatewayError, GatewayNotFound, GatewayUnreachable
+
+logger = logging.getLogger("async_modal_exec.gateway")
+
+__all__ = ["GatewayClient"]
+
+
+class GatewayClient:
+    """REST client of one Kernel Gateway (Jupyter Server kernels API).
+
+    One aiohttp session (one connection pool, the endpoint's TLS context) serves
+    every call. The token travels in the ``Authorization`` header only.
+    """
+
+    def __init__(self, endpoint: GatewayEndpoint, *, request_timeout: float = 30.0) -> None:
+        self.endpoint = endpoint
+        self._base = endpoint.base_url.rstrip("/")
+        self._session = aiohttp.ClientSession(
+            headers=endpoint.headers,
+            connector=aiohttp.TCPConnector(ssl=endpoint.ssl if endpoint.ssl else True),
+            timeout=aiohttp.ClientTimeout(total=request_timeout),
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._session.close()
+
+    @asynccontextmanager
+    async def _request(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+        url = f"{self._base}{path}"
+        try:
+            async with self._session.request(method, url, **kwargs) as response:
+                if response.status in (401, 403):
+                    raise GatewayAuthError(
+                        f"gateway refused the token for {method} {path} (HTTP {response.status})",
+                        status=response.status,
+                    )
+                if response.status == 404:
+                    raise GatewayNotFound(f"gateway has no {path} (HTTP 404)", status=404)
+                if response.status >= 400:
+                    body = (await response.text())[:500]
+                    raise GatewayError(
+                        f"{method} {path} failed with HTTP {response.status}: {body}",
+                        status=response.status,
+                    )
+                yield response
+        except (aiohttp.ClientConnectionError, aiohttp.ClientSSLError, TimeoutError) as exc:
+            raise GatewayUnreachable(f"cannot reach the gateway at {self._base}: {exc!r}") from exc
+        except aiohttp.ClientResponseError as exc:
+            raise GatewayError(f"{method} {path}: {exc}", status=exc.status) from exc
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with self._request(method, path, **kwargs) as response:
+            if response.status == 204:
+                return None
+            return await response.json(content_type=None)
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Poll ``/api/kernelspecs`` until the gateway answers, under one deadline.
+
+        Backoff starts at 10 ms and doubles up to 250 ms. A refused token is
+        final; connection errors and 5xx answers are retried until the deadline.
+
+        Raises:
+            GatewayAuthError: the gateway answered 401/403.
+            GatewayUnreachable: no good answer before the deadline.
+
+        Cancelling the call stops polling.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            try:
+                await self._json("GET", "/api/kernelspecs")
+                return
+            except GatewayAuthError:
+                raise
+            except GatewayError as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GatewayUnreachable(
+                        f"gateway at {self._base} not ready after {timeout:.1f} s: {exc}"
+                    ) from exc
+                logger.debug("gateway not ready yet: %s", exc)
+                await anyio.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.25)
+
+    async def create_kernel(self, name: str | None = None, env: dict[str, str] | None = None) -> str:
+        """Start a kernel; return its id."""
+        body: dict[str, Any] = {}
+        if name:
+            body["name"] = name
+        if env:
+            body["env"] = env
+        reply = await self._json("POST", "/api/kernels", json=body)
+        if not isinstance(reply, dict) or not isinstance(reply.get("id"), str):
+            raise GatewayError(f"unexpected answer to kernel creation: {reply!r}")
+        return str(reply["id"])
+
+    async def get_kernel(self, kernel_id: str) -> dict[str, Any]:
+        """The gateway's model of a kernel (``execution_state`` ...)."""
+        reply = await self._json("GET", f"/api/kernels/{kernel_id}")
+        return dict(reply) if isinstance(reply, dict) else {}
+
+    async def delete_kernel(self, kernel_id: str) -> None:
+        """Shut a kernel down; a kernel already gone is not an error."""
+        try:
+            await self._json("DELETE", f"/api/kernels/{kernel_id}")
+        except GatewayNotFound:
+            pass
+
+    async def interrupt_kernel(self, kernel_id: str) -> None:
+        """Send the kernel an interrupt (SIGINT for ipykernel)."""
+        await self._json("POST", f"/api/kernels/{kernel_id}/interrupt")
+
+    async def restart_kernel(self, kernel_id: str) -> None:
+        """Restart a kernel in place (same id, fresh process, state lost)."""
+        await self._json("POST", f"/api/kernels/{kernel_id}/restart")
+
+    def websocket_url(self, kernel_id: str, session_id: str) -> str:
+        """The channels websocket URL of a kernel (no token in it)."""
+        scheme_base = self._base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        return f"{scheme_base}/api/kernels/{kernel_id}/channels?session_id={session_id}"

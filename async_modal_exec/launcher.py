@@ -1,0 +1,116 @@
+"""Kernel Gateway launcher, tuned for low latency and whole outputs.
+
+This file is self-contained on purpose: it imports nothing from ``async_modal_exec``
+so it can run inside a sandbox whose image has only ``jupyter_kernel_gateway`` and
+``ipykernel``, either as ``python -m async_modal_exec.launcher`` or with its source
+passed to ``python -c``.
+
+What it changes compared with ``jupyter kernelgateway``:
+
+* ``TCP_NODELAY`` on every kernel websocket. Tornado leaves Nagle's algorithm on,
+  and the kernel's small replies then wait for delayed ACKs: about 43 ms added to
+  every execution.
+* The IOPub data-rate limit is lifted (``iopub_data_rate_limit=0``): the stock
+  limit silently replaces big outputs by a notice. The client applies its own,
+  visible cap instead.
+* Kernels talk ZMQ over Unix sockets (``transport=ipc``) in a private runtime
+  directory, which removes the port race between kernels of gateways started at
+  the same time and shaves latency.
+* The kernel restarter polls faster, so a kernel that dies is reported sooner.
+* ``--port 0`` binds a free port; the bound port is printed on stdout as
+  ``ASYNC_MODAL_EXEC_GATEWAY_PORT=<port>`` once the gateway listens.
+* ``--exit-on-stdin-eof``: the gateway stops (and stops its kernels) when its
+  standard input closes, i.e. when the process that started it goes away.
+
+The auth token is read from ``KG_AUTH_TOKEN`` in the environment, never argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+PORT_LINE_PREFIX = "ASYNC_MODAL_EXEC_GATEWAY_PORT="
+
+
+def _gateway_argv(args: argparse.Namespace) -> list[str]:
+    return [
+        f"--KernelGatewayApp.ip={args.ip}",
+        f"--KernelGatewayApp.port={args.port}",
+        "--KernelGatewayApp.port_retries=0",
+        "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit=0",
+        "--ZMQChannelsWebsocketConnection.iopub_msg_rate_limit=0",
+        "--KernelManager.transport=ipc",
+        f"--KernelRestarter.time_to_dead={args.restarter_interval}",
+        f"--KernelGatewayApp.log_level={args.log_level}",
+    ]
+
+
+def _no_delay_connection_class() -> type[Any]:
+    from jupyter_server.services.kernels.connection.channels import (
+        ZMQChannelsWebsocketConnection,
+    )
+
+    class NoDelayWebsocketConnection(ZMQChannelsWebsocketConnection):  # type: ignore[misc]
+        """Kernel websocket connection that disables Nagle's algorithm."""
+
+        def connect(self) -> Any:
+            # The handler's stream exists once the websocket is open, which is
+            # when the handler calls connect(); before that set_nodelay fails.
+            self.websocket_handler.set_nodelay(True)
+            return super().connect()
+
+    return NoDelayWebsocketConnection
+
+
+def _watch_stdin(app: Any) -> None:
+    """Stop the gateway when stdin reaches end of file (the parent went away)."""
+    from tornado.ioloop import IOLoop
+
+    loop = IOLoop.current()
+    fd = sys.stdin.fileno()
+
+    def on_readable(fd: int, events: int) -> None:
+        if not os.read(fd, 4096):
+            loop.remove_handler(fd)
+            app.stop()
+
+    loop.add_handler(fd, on_readable, IOLoop.READ | IOLoop.ERROR)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--ip", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8888)
+    parser.add_argument("--restarter-interval", type=float, default=0.5)
+    parser.add_argument("--log-level", default="WARN")
+    parser.add_argument("--exit-on-stdin-eof", action="store_true")
+    args = parser.parse_args(argv)
+    # Inherited by kernels: silences debugpy's frozen-modules warning on stderr.
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+
+    from kernel_gateway.gatewayapp import KernelGatewayApp
+    from traitlets.config import Config
+
+    config = Config()
+    config.KernelGatewayApp.kernel_websocket_connection_class = _no_delay_connection_class()
+    app = KernelGatewayApp.instance(config=config)
+    app.initialize(_gateway_argv(args))
+    port = next(iter(app.http_server._sockets.values())).getsockname()[1]
+    if args.exit_on_stdin_eof:
+        _watch_stdin(app)
+    # Printed before the loop starts; the socket already listens, so a client
+    # that reads this line can connect at once (the backlog holds it).
+    print(f"{PORT_LINE_PREFIX}{port}", flush=True)
+    if args.exit_on_stdin_eof:
+        # Whoever started us read the port line and will not read stdout again:
+        # send later writes (ours, and kernels' inherited fd 1) to stderr so a
+        # full pipe can never block them.
+        os.dup2(2, 1)
+    app.start()
+
+
+if __name__ == "__main__":
+    main()

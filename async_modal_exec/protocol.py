@@ -1,0 +1,287 @@
+"""Sans-I/O Jupyter messaging: build requests, fold replies into a result.
+
+Nothing here touches a socket. :func:`execute_request` and friends build message
+dicts in the websocket JSON format of Jupyter Server / Kernel Gateway;
+:class:`ExecutionFold` consumes the messages that arrive afterwards, one at a
+time, and turns those belonging to its request into events and a final
+:class:`~async_modal_exec.ExecutionResult`.
+
+Rules the fold follows (after jupyter_client's ``execute_interactive``):
+
+* a message belongs to the request when ``parent_header.msg_id`` equals the
+  request's ``msg_id``; anything else (other requests, restarts of other
+  clients, malformed dicts) is ignored;
+* the request is done when its ``status`` goes ``idle``; messages for it that
+  arrive afterwards (a late ``execute_reply``) are ignored;
+* a ``status`` of ``dead`` or ``restarting`` from the kernel itself (no parent)
+  means the kernel died.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from .results import (
+    DisplayEvent,
+    ErrorEvent,
+    Event,
+    ExecutionResult,
+    RemoteError,
+    ResultEvent,
+    RichOutput,
+    StderrEvent,
+    StdoutEvent,
+    decode_mime_bundle,
+)
+
+PROTOCOL_VERSION = "5.3"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def strip_ansi(text: str) -> str:
+    """Remove ANSI escape sequences (colours, cursor moves) from ``text``."""
+    return _ANSI_ESCAPE.sub("", text)
+
+
+def new_session_id() -> str:
+    """A fresh Jupyter session id."""
+    return uuid.uuid4().hex
+
+
+def _message(msg_type: str, content: dict[str, Any], *, session: str, channel: str) -> dict[str, Any]:
+    return {
+        "header": {
+            "msg_id": uuid.uuid4().hex,
+            "msg_type": msg_type,
+            "username": "async_modal_exec",
+            "session": session,
+            "date": datetime.now(timezone.utc).isoformat(),
+            "version": PROTOCOL_VERSION,
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": content,
+        "channel": channel,
+        "buffers": [],
+    }
+
+
+def execute_request(
+    code: str,
+    *,
+    session: str,
+    store_history: bool = False,
+    allow_stdin: bool = False,
+    silent: bool = False,
+) -> dict[str, Any]:
+    """Build an ``execute_request`` for the shell channel."""
+    return _message(
+        "execute_request",
+        {
+            "code": code,
+            "silent": silent,
+            "store_history": store_history,
+            "user_expressions": {},
+            "allow_stdin": allow_stdin,
+            "stop_on_error": True,
+        },
+        session=session,
+        channel="shell",
+    )
+
+
+def interrupt_request(*, session: str) -> dict[str, Any]:
+    """Build an ``interrupt_request`` for the control channel."""
+    return _message("interrupt_request", {}, session=session, channel="control")
+
+
+def input_reply(value: str, *, session: str, parent: Mapping[str, Any]) -> dict[str, Any]:
+    """Build an ``input_reply`` answering the ``input_request`` message ``parent``."""
+    message = _message("input_reply", {"value": value}, session=session, channel="stdin")
+    message["parent_header"] = dict(parent.get("header") or {})
+    return message
+
+
+def msg_id_of(message: Mapping[str, Any]) -> str:
+    """The ``msg_id`` of a message built here."""
+    return str(message["header"]["msg_id"])
+
+
+def parent_msg_id(message: Mapping[str, Any]) -> str | None:
+    """The ``parent_header.msg_id`` of a received message, or None if malformed."""
+    parent = message.get("parent_header")
+    if isinstance(parent, Mapping):
+        value = parent.get("msg_id")
+        return value if isinstance(value, str) else None
+    return None
+
+
+def msg_type_of(message: Mapping[str, Any]) -> str | None:
+    """The ``header.msg_type`` of a message (or its top-level ``msg_type``)."""
+    header = message.get("header")
+    if isinstance(header, Mapping) and isinstance(header.get("msg_type"), str):
+        return str(header["msg_type"])
+    value = message.get("msg_type")
+    return value if isinstance(value, str) else None
+
+
+def kernel_died(message: Mapping[str, Any]) -> bool:
+    """True if ``message`` is the kernel's own ``dead`` / ``restarting`` status."""
+    if msg_type_of(message) != "status":
+        return False
+    content = message.get("content")
+    return isinstance(content, Mapping) and content.get("execution_state") in {"dead", "restarting"}
+
+
+@dataclass
+class OutputCap:
+    """Caps the stdout + stderr text kept for one execution.
+
+    Text past ``max_chars`` is dropped and counted; the result then ends with a
+    visible marker saying how much was dropped.
+    """
+
+    max_chars: int | None
+    kept: int = 0
+    dropped: int = 0
+
+    def take(self, text: str) -> str:
+        if self.max_chars is None:
+            return text
+        room = max(self.max_chars - self.kept, 0)
+        kept = text[:room]
+        self.kept += len(kept)
+        self.dropped += len(text) - len(kept)
+        return kept
+
+
+def truncation_marker(dropped: int) -> str:
+    """The line appended to stdout when the output cap dropped ``dropped`` characters."""
+    return f"\n[async_modal_exec: output truncated, {dropped} characters dropped]\n"
+
+
+class ExecutionFold:
+    """Folds the messages of one ``execute_request`` into events and a result.
+
+    Feed every received message to :meth:`feed`; it returns the events the
+    message produced (none for foreign or malformed messages). :attr:`done` turns
+    true when the request's status goes idle. :meth:`result` can be called at any
+    time: before ``done`` it is the partial result.
+    """
+
+    def __init__(self, msg_id: str, *, max_output_chars: int | None = None) -> None:
+        self.msg_id = msg_id
+        self.done = False
+        self._stdout: list[str] = []
+        self._stderr: list[str] = []
+        self._value: RichOutput | None = None
+        self._displays: list[RichOutput] = []
+        self._error: RemoteError | None = None
+        self._execution_count: int | None = None
+        self._cap = OutputCap(max_output_chars)
+
+    def belongs(self, message: Mapping[str, Any]) -> bool:
+        """True if ``message`` answers this request."""
+        return parent_msg_id(message) == self.msg_id
+
+    def feed(self, message: Mapping[str, Any]) -> list[Event]:
+        """Consume one received message; return the events it produced."""
+        if self.done or not self.belongs(message):
+            return []
+        content = message.get("content")
+        if not isinstance(content, Mapping):
+            return []
+        handler = getattr(self, f"_on_{msg_type_of(message)}", None)
+        if handler is None:
+            return []
+        events: list[Event] = handler(content)
+        return events
+
+    def _on_status(self, content: Mapping[str, Any]) -> list[Event]:
+        if content.get("execution_state") == "idle":
+            self.done = True
+        return []
+
+    def _on_stream(self, content: Mapping[str, Any]) -> list[Event]:
+        text = content.get("text")
+        if not isinstance(text, str):
+            return []
+        text = self._cap.take(text)
+        if not text:
+            return []
+        if content.get("name") == "stderr":
+            self._stderr.append(text)
+            return [StderrEvent(text)]
+        self._stdout.append(text)
+        return [StdoutEvent(text)]
+
+    def _rich(self, content: Mapping[str, Any]) -> RichOutput | None:
+        data = content.get("data")
+        if not isinstance(data, Mapping):
+            return None
+        metadata = content.get("metadata")
+        return RichOutput(decode_mime_bundle(data), dict(metadata) if isinstance(metadata, Mapping) else {})
+
+    def _on_display_data(self, content: Mapping[str, Any]) -> list[Event]:
+        output = self._rich(content)
+        if output is None:
+            return []
+        self._displays.append(output)
+        return [DisplayEvent(output)]
+
+    _on_update_display_data = _on_display_data
+
+    def _on_execute_result(self, content: Mapping[str, Any]) -> list[Event]:
+        output = self._rich(content)
+        if output is None:
+            return []
+        self._take_count(content)
+        self._value = output
+        return [ResultEvent(output, self._execution_count)]
+
+    def _on_error(self, content: Mapping[str, Any]) -> list[Event]:
+        if self._error is not None:
+            return []
+        traceback = content.get("traceback")
+        lines = tuple(strip_ansi(str(line)) for line in traceback) if isinstance(traceback, list) else ()
+        self._error = RemoteError(
+            ename=str(content.get("ename", "Error")),
+            evalue=str(content.get("evalue", "")),
+            traceback=lines,
+        )
+        return [ErrorEvent(self._error)]
+
+    def _on_execute_input(self, content: Mapping[str, Any]) -> list[Event]:
+        self._take_count(content)
+        return []
+
+    def _on_execute_reply(self, content: Mapping[str, Any]) -> list[Event]:
+        self._take_count(content)
+        if content.get("status") == "error" and self._error is None:
+            return self._on_error(content)
+        return []
+
+    def _take_count(self, content: Mapping[str, Any]) -> None:
+        count = content.get("execution_count")
+        if isinstance(count, int) and not isinstance(count, bool):
+            self._execution_count = count
+
+    def result(self) -> ExecutionResult:
+        """The result so far (the final one once :attr:`done`)."""
+        stdout = "".join(self._stdout)
+        if self._cap.dropped:
+            stdout += truncation_marker(self._cap.dropped)
+        return ExecutionResult(
+            stdout=stdout,
+            stderr="".join(self._stderr),
+            value=self._value,
+            displays=tuple(self._displays),
+            error=self._error,
+            execution_count=self._execution_count,
+            truncated_chars=self._cap.dropped,
+        )

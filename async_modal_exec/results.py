@@ -1,0 +1,221 @@
+"""Results and streamed events of one execution (plain data, no I/O)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import CodeError
+
+__all__ = [
+    "DisplayEvent",
+    "ErrorEvent",
+    "Event",
+    "ExecutionResult",
+    "RemoteError",
+    "ResultEvent",
+    "RichOutput",
+    "StderrEvent",
+    "StdoutEvent",
+]
+
+# Mime types the kernel sends base64-encoded; they are decoded to bytes.
+BINARY_MIME_TYPES = frozenset(
+    {"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "application/pdf"}
+)
+
+
+def decode_mime_bundle(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Decode a Jupyter mime bundle: base64 images to bytes, the rest as sent.
+
+    A value that is not valid base64 for a binary type is kept as sent rather
+    than dropped, so nothing the kernel produced is lost.
+    """
+    decoded: dict[str, Any] = {}
+    for mime, value in data.items():
+        if mime in BINARY_MIME_TYPES and isinstance(value, str):
+            try:
+                decoded[mime] = base64.b64decode(value, validate=False)
+            except (binascii.Error, ValueError):
+                decoded[mime] = value
+        elif isinstance(value, list) and mime.startswith("text/"):
+            decoded[mime] = "".join(str(part) for part in value)
+        else:
+            decoded[mime] = value
+    return decoded
+
+
+@dataclass(frozen=True)
+class RichOutput:
+    """One rich value: an ``execute_result`` or a ``display_data``.
+
+    Attributes:
+        data: mime type -> value. Images (``image/png``, ``image/jpeg`` ...) are
+            ``bytes``; ``application/json`` is the decoded object; text types are ``str``.
+        metadata: the kernel's metadata for the value (sizes, ...).
+    """
+
+    data: Mapping[str, Any]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str | None:
+        """The ``text/plain`` representation, if any."""
+        value = self.data.get("text/plain")
+        return value if isinstance(value, str) else None
+
+    @property
+    def images(self) -> list[tuple[str, bytes]]:
+        """Every image in the bundle as ``(mime_type, bytes)``."""
+        return [
+            (mime, value)
+            for mime, value in self.data.items()
+            if mime.startswith("image/") and isinstance(value, bytes)
+        ]
+
+    def to_jsonable(self) -> dict[str, Any]:
+        """A JSON-ready dict (binary values base64-encoded again)."""
+        data = {
+            mime: base64.b64encode(value).decode() if isinstance(value, bytes) else value
+            for mime, value in self.data.items()
+        }
+        return {"data": data, "metadata": dict(self.metadata)}
+
+
+@dataclass(frozen=True)
+class RemoteError:
+    """An exception raised by the user's code in the kernel.
+
+    Attributes:
+        ename: the exception's type name, e.g. ``"ZeroDivisionError"``.
+        evalue: its message.
+        traceback: the traceback lines, ANSI colour codes stripped.
+    """
+
+    ename: str
+    evalue: str
+    traceback: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        if self.traceback:
+            return "\n".join(self.traceback)
+        return f"{self.ename}: {self.evalue}"
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """Everything one execution produced.
+
+    The user's code raising is data, not an exception: see ``error``, and
+    :meth:`raise_for_error` to turn it into :class:`~async_modal_exec.CodeError`.
+
+    Attributes:
+        stdout: all stdout text, in order.
+        stderr: all stderr text, in order.
+        value: the ``execute_result`` (the value of the last expression), if any.
+        displays: every ``display_data`` output, in order.
+        error: the exception the code raised, if any.
+        execution_count: the kernel's execution counter for this request.
+        truncated_chars: characters of stdout/stderr dropped by the output cap.
+    """
+
+    stdout: str = ""
+    stderr: str = ""
+    value: RichOutput | None = None
+    displays: tuple[RichOutput, ...] = ()
+    error: RemoteError | None = None
+    execution_count: int | None = None
+    truncated_chars: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when the code did not raise."""
+        return self.error is None
+
+    @property
+    def images(self) -> list[tuple[str, bytes]]:
+        """Every image displayed or returned, in order, as ``(mime_type, bytes)``."""
+        outputs = [*self.displays, *([self.value] if self.value is not None else [])]
+        return [image for output in outputs for image in output.images]
+
+    def raise_for_error(self) -> ExecutionResult:
+        """Return ``self``, or raise :class:`CodeError` if the code raised.
+
+        Raises:
+            CodeError: carrying this result (so output printed before the error is kept).
+        """
+        if self.error is not None:
+            raise CodeError(f"{self.error.ename}: {self.error.evalue}", self)
+        return self
+
+    def to_jsonable(self) -> dict[str, Any]:
+        """A JSON-ready dict of the whole result."""
+        return json.loads(
+            json.dumps(
+                {
+                    "stdout": self.stdout,
+                    "stderr": self.stderr,
+                    "value": self.value.to_jsonable() if self.value else None,
+                    "displays": [d.to_jsonable() for d in self.displays],
+                    "error": None
+                    if self.error is None
+                    else {
+                        "ename": self.error.ename,
+                        "evalue": self.error.evalue,
+                        "traceback": list(self.error.traceback),
+                    },
+                    "execution_count": self.execution_count,
+                    "truncated_chars": self.truncated_chars,
+                },
+                default=repr,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class StdoutEvent:
+    """Text the code wrote to stdout."""
+
+    text: str
+    kind: Literal["stdout"] = "stdout"
+
+
+@dataclass(frozen=True)
+class StderrEvent:
+    """Text the code wrote to stderr."""
+
+    text: str
+    kind: Literal["stderr"] = "stderr"
+
+
+@dataclass(frozen=True)
+class DisplayEvent:
+    """A ``display_data`` output (a figure, an image, HTML ...)."""
+
+    output: RichOutput
+    kind: Literal["display"] = "display"
+
+
+@dataclass(frozen=True)
+class ResultEvent:
+    """The value of the last expression (``execute_result``)."""
+
+    output: RichOutput
+    execution_count: int | None = None
+    kind: Literal["result"] = "result"
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The code raised."""
+
+    error: RemoteError
+    kind: Literal["error"] = "error"
+
+
+Event = StdoutEvent | StderrEvent | DisplayEvent | ResultEvent | ErrorEvent
+"""One streamed event; match on ``event.kind`` or on the class."""

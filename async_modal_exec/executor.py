@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -69,6 +70,9 @@ class AsyncExecutor:
         ready_timeout: how long the gateway may take to answer after the backend started.
         kernel_name: kernel spec to start (None: the gateway's default).
         max_message_bytes: largest websocket message accepted (None: unlimited).
+        liveness_interval: after this many seconds without a message during an
+            execution, the kernel is checked over REST (a deleted kernel is
+            reported as :class:`~async_modal_exec.KernelDied` this soon).
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class AsyncExecutor:
         ready_timeout: float = 120.0,
         kernel_name: str | None = None,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        liveness_interval: float = 2.0,
     ) -> None:
         if backend is None:
             from .backends.local import LocalBackend
@@ -101,6 +106,7 @@ class AsyncExecutor:
         self.ready_timeout = ready_timeout
         self.kernel_name = kernel_name
         self._max_message_bytes = max_message_bytes
+        self.liveness_interval = liveness_interval
         self._state = _State.UNOPENED
         self._lock = anyio.Lock()
         self._gateway: GatewayClient | None = None
@@ -249,8 +255,9 @@ class AsyncExecutor:
         async with self._lock:
             channel = await self._ensure_kernel()
             request, fold = self._request(code)
-            async for _ in self._drive(channel, request, fold, self._timeout(timeout)):
-                pass
+            async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:
+                async for _ in events:
+                    pass
         return fold
 
     async def stream(self, code: str, *, timeout: float | None = None) -> AsyncIterator[Event]:
@@ -264,8 +271,9 @@ class AsyncExecutor:
         async with self._lock:
             channel = await self._ensure_kernel()
             request, fold = self._request(code)
-            async for event in self._drive(channel, request, fold, self._timeout(timeout)):
-                yield event
+            async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:
+                async for event in events:
+                    yield event
 
     def _timeout(self, timeout: float | None) -> float | None:
         value = self.default_timeout if timeout is None else timeout
@@ -316,35 +324,51 @@ class AsyncExecutor:
     async def _receive(
         self, channel: KernelChannel, fold: ExecutionFold, deadline: float
     ) -> dict[str, Any] | None:
-        """The next message, or None at the deadline; reconnects a dropped websocket."""
-        for attempt in range(_RECONNECT_ATTEMPTS + 1):
+        """The next message, or None at the deadline.
+
+        Reconnects a dropped websocket (same session: the gateway replays what
+        was missed), and checks the kernel over REST whenever the websocket has
+        been silent for ``liveness_interval``: a deleted or dead kernel does not
+        always say so on the websocket.
+        """
+        reconnects = 0
+        while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
+            wait = min(remaining, self.liveness_interval)
             message: dict[str, Any] | None = None
             try:
-                with anyio.move_on_after(remaining):
+                with anyio.move_on_after(wait):
                     message = await channel.receive()
             except ChannelLost:
-                await self._reconnect_or_die(channel, fold, attempt)
+                reconnects += 1
+                await self._reconnect_or_die(channel, fold, reconnects)
                 continue
             if message is None:
-                return None
+                if wait < remaining:
+                    await self._check_alive(fold)
+                continue
             if kernel_died(message):
                 self._kernel_suspect = True
                 raise KernelDied("the kernel died during the execution; the next run uses a fresh kernel", fold.result())
             return message
-        raise AssertionError("unreachable")
 
-    async def _reconnect_or_die(self, channel: KernelChannel, fold: ExecutionFold, attempt: int) -> None:
+    async def _check_alive(self, fold: ExecutionFold) -> None:
         gateway = self._open_gateway()
         assert self._kernel_id is not None
-        self._kernel_suspect = True
         try:
-            await gateway.get_kernel(self._kernel_id)
+            model = await gateway.get_kernel(self._kernel_id)
         except GatewayNotFound:
+            self._kernel_suspect = True
             raise KernelDied("the kernel is gone (the gateway no longer knows it)", fold.result()) from None
-        if attempt >= _RECONNECT_ATTEMPTS:
+        if model.get("execution_state") == "dead":
+            self._kernel_suspect = True
+            raise KernelDied("the gateway reports the kernel dead", fold.result())
+
+    async def _reconnect_or_die(self, channel: KernelChannel, fold: ExecutionFold, attempt: int) -> None:
+        await self._check_alive(fold)
+        if attempt > _RECONNECT_ATTEMPTS:
             raise KernelDied("lost the kernel websocket and could not reconnect", fold.result())
         await anyio.sleep(0.05 * 2**attempt)
         logger.info("kernel websocket dropped; reconnecting with the same session to replay")

@@ -43,6 +43,8 @@ def _gateway_argv(args: argparse.Namespace) -> list[str]:
         "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit=0",
         "--ZMQChannelsWebsocketConnection.iopub_msg_rate_limit=0",
         "--KernelManager.transport=ipc",
+        # Token-protected anyway; lets owners see (and reap) what runs.
+        "--JupyterWebsocketPersonality.list_kernels=True",
         f"--KernelRestarter.time_to_dead={args.restarter_interval}",
         f"--KernelGatewayApp.log_level={args.log_level}",
     ]

@@ -264,6 +264,11 @@ class ExecutionFold:
         self._take_count(content)
         if content.get("status") == "error" and self._error is None:
             return self._on_error(content)
+        if content.get("status") == "aborted" and self._error is None:
+            # The kernel drops requests queued behind one that failed.
+            return self._on_error(
+                {"ename": "ExecutionAborted", "evalue": "the kernel aborted this request after an earlier error"}
+            )
         return []
 
     def _take_count(self, content: Mapping[str, Any]) -> None:

@@ -1,0 +1,78 @@
+"""Fixtures: one real Kernel Gateway on loopback for the session, leak checks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint, LocalBackend
+from async_modal_exec.gateway import GatewayClient
+
+from .helpers import descendants, wait_gone
+
+# Import-time cost of modal + smolagents makes the first full GC slow; tests that
+# measure loop lag should not pay for objects created while importing.
+import gc  # noqa: E402  isort: skip
+
+gc.collect()
+gc.freeze()
+
+
+@pytest.fixture(scope="session")
+async def gateway() -> AsyncIterator[GatewayEndpoint]:
+    """A real Kernel Gateway (our launcher) on 127.0.0.1, shared by the session."""
+    backend = LocalBackend()
+    endpoint = await backend.start()
+    pid = backend.pid
+    try:
+        yield endpoint
+    finally:
+        tree = descendants()
+        await backend.aclose()
+        assert pid is not None
+        assert await wait_gone([pid, *tree]) == [], "the session gateway left processes behind"
+
+
+@pytest.fixture
+async def make_executor(gateway: GatewayEndpoint) -> AsyncIterator[Callable[..., Awaitable[AsyncExecutor]]]:
+    """Factory of started executors on the session gateway; all closed after the test.
+
+    Also checks that the test left no kernel running on the gateway.
+    """
+    made: list[AsyncExecutor] = []
+
+    async def make(**options: Any) -> AsyncExecutor:
+        executor = AsyncExecutor(GatewayBackend(gateway.base_url, gateway.token), **options)
+        made.append(executor)
+        return await executor.start()
+
+    yield make
+    for executor in made:
+        await executor.aclose()
+    client = GatewayClient(gateway)
+    try:
+        kernels = await client._json("GET", "/api/kernels")
+    finally:
+        await client.aclose()
+    assert kernels == [], f"kernels left running: {kernels}"
+
+
+@pytest.fixture
+async def executor(make_executor: Callable[..., Awaitable[AsyncExecutor]]) -> AsyncExecutor:
+    """A started executor on the session gateway."""
+    return await make_executor()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_leaked_processes() -> Any:
+    """After the whole session, nothing this process started may still run."""
+    yield
+    leftover = descendants()
+    assert leftover == [], f"processes left running after the test session: {leftover}"
+
+
+def pytest_report_header() -> str:
+    return f"async_modal_exec tests; pid {os.getpid()}"

@@ -1,0 +1,289 @@
+"""AsyncExecutor against a real Kernel Gateway on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from async_modal_exec import (
+    AsyncExecutor,
+    CodeError,
+    DisplayEvent,
+    ErrorEvent,
+    ExecutionTimeout,
+    ExecutorStateError,
+    GatewayBackend,
+    GatewayEndpoint,
+    KernelDied,
+    ResultEvent,
+    StderrEvent,
+    StdoutEvent,
+)
+
+MakeExecutor = Callable[..., Awaitable[AsyncExecutor]]
+
+
+async def test_run_returns_output_and_value(executor: AsyncExecutor) -> None:
+    result = await executor.run("import sys\nx = 41\nprint('hi')\nprint('warn', file=sys.stderr)\nx + 1")
+    assert result.ok
+    assert result.stdout == "hi\n"
+    assert result.stderr == "warn\n"
+    assert result.value is not None and result.value.text == "42"
+    # State persists between runs on the same kernel.
+    assert (await executor.run("x")).value.text == "41"  # type: ignore[union-attr]
+
+
+async def test_rich_outputs_all_mime_types_and_images(executor: AsyncExecutor) -> None:
+    code = """
+import io
+from IPython.display import display, HTML
+from PIL import Image
+buf = io.BytesIO()
+Image.new("RGB", (4, 3), "red").save(buf, format="PNG")
+display(Image.open(io.BytesIO(buf.getvalue())))
+display(HTML("<b>bold</b>"))
+class Both:
+    def _repr_html_(self): return "<i>html</i>"
+    def _repr_json_(self): return {"k": [1, 2]}
+    def __repr__(self): return "Both()"
+Both()
+"""
+    result = await executor.run(code)
+    assert result.ok, result.error
+    images = dict(result.displays[0].images)
+    png = images["image/png"]
+    assert png.startswith(b"\x89PNG")
+    assert result.displays[1].data["text/html"] == "<b>bold</b>"
+    assert result.value is not None
+    assert result.value.data["text/html"] == "<i>html</i>"
+    assert result.value.data["application/json"] == {"k": [1, 2]}
+    assert result.value.text == "Both()"
+    assert ("image/png", png) in result.images
+
+
+async def test_matplotlib_figure_comes_back_as_png(executor: AsyncExecutor) -> None:
+    result = await executor.run(
+        "import matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')\n"
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()"
+    )
+    assert result.ok, result.error
+    assert result.images and result.images[0][0] == "image/png"
+
+
+async def test_user_error_keeps_output_printed_before(executor: AsyncExecutor) -> None:
+    result = await executor.run("print('step 1 done')\n1/0")
+    assert not result.ok
+    assert result.stdout == "step 1 done\n"
+    assert result.error is not None
+    assert result.error.ename == "ZeroDivisionError"
+    assert result.error.evalue == "division by zero"
+    assert any("1/0" in line for line in result.error.traceback)
+    assert not any("\x1b[" in line for line in result.error.traceback)
+    with pytest.raises(CodeError) as caught:
+        result.raise_for_error()
+    assert caught.value.result.stdout == "step 1 done\n"
+
+
+async def test_syntax_error_is_a_clear_error(executor: AsyncExecutor) -> None:
+    result = await executor.run("def broken(:\n    pass")
+    assert result.error is not None and result.error.ename == "SyntaxError"
+
+
+async def test_huge_print_is_capped_with_visible_marker(make_executor: MakeExecutor) -> None:
+    executor = await make_executor(max_output_chars=1_000_000)
+    result = await executor.run("print('x' * 20_000_000)", timeout=60)
+    assert "IOPub data rate" not in result.stdout + result.stderr
+    assert result.truncated_chars == 20_000_001 - 1_000_000
+    assert result.stdout.startswith("x" * 1_000_000)
+    assert f"output truncated, {20_000_001 - 1_000_000} characters dropped" in result.stdout
+
+
+async def test_huge_print_arrives_whole_without_cap(make_executor: MakeExecutor) -> None:
+    executor = await make_executor(max_output_chars=None)
+    result = await executor.run("print('y' * 20_000_000)", timeout=60)
+    assert result.stdout == "y" * 20_000_000 + "\n"
+    assert result.truncated_chars == 0
+
+
+async def test_large_image_over_one_mebibyte(executor: AsyncExecutor) -> None:
+    # websockets' default max_size (1 MiB) would close the connection (1009).
+    result = await executor.run(
+        "import base64, os\nfrom IPython.display import display\n"
+        "blob = b'\\x89PNG' + os.urandom(3_000_000)\n"
+        "display({'image/png': base64.b64encode(blob).decode()}, raw=True)\nlen(blob)"
+    )
+    assert result.ok, result.error
+    assert len(result.images[0][1]) == 3_000_004
+    assert (await executor.run("1 + 1")).value.text == "2"  # type: ignore[union-attr]
+
+
+async def test_non_utf8_bytes_on_stdout(executor: AsyncExecutor) -> None:
+    # Lone surrogates cannot be encoded as UTF-8: the kernel must replace them,
+    # not break the JSON on the websocket. Raw writes to fd 1 must not break anything.
+    result = await executor.run(
+        "import os, sys\nos.write(1, b'raw \\xff\\xfe end\\n')\n"
+        "sys.stdout.write('start ' + b'\\xc3\\x28'.decode('utf-8', 'surrogateescape') + ' end')\nsys.stdout.flush()"
+    )
+    assert result.ok, result.error
+    assert result.stdout.startswith("start ") and result.stdout.endswith(" end")
+    assert "\ufffd" in result.stdout
+    assert (await executor.run("'still fine'")).value.text == "'still fine'"  # type: ignore[union-attr]
+
+
+async def test_timeout_interrupts_and_keeps_state(executor: AsyncExecutor) -> None:
+    await executor.run("kept = 'yes'")
+    started = time.monotonic()
+    with pytest.raises(ExecutionTimeout) as caught:
+        await executor.run("print('looping', flush=True)\nwhile True: pass", timeout=1.0)
+    assert isinstance(caught.value, TimeoutError)
+    assert caught.value.restarted is False
+    assert "looping" in caught.value.result.stdout
+    assert time.monotonic() - started < 10
+    assert (await executor.run("kept")).value.text == "'yes'"  # type: ignore[union-attr]
+
+
+async def test_timeout_restarts_a_kernel_that_ignores_interrupts(make_executor: MakeExecutor) -> None:
+    executor = await make_executor(interrupt_grace=1.0)
+    await executor.run("lost = 1")
+    code = "import time\nwhile True:\n    try:\n        time.sleep(0.05)\n    except KeyboardInterrupt:\n        pass"
+    with pytest.raises(ExecutionTimeout) as caught:
+        await executor.run(code, timeout=1.0)
+    assert caught.value.restarted is True
+    assert "restarted" in str(caught.value)
+    after = await executor.run("'lost' in dir()")
+    assert after.value is not None and after.value.text == "False"
+
+
+async def test_cancelling_run_interrupts_the_kernel(executor: AsyncExecutor) -> None:
+    await executor.run("kept = 7")
+    task = asyncio.create_task(executor.run("import time\ntime.sleep(30)"))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.monotonic()
+    result = await executor.run("kept")
+    assert time.monotonic() - started < 2, "the kernel was still busy with the cancelled code"
+    assert result.value is not None and result.value.text == "7"
+
+
+async def test_kernel_death_is_reported_and_next_run_gets_fresh_kernel(executor: AsyncExecutor) -> None:
+    await executor.run("gone = 1")
+    started = time.monotonic()
+    with pytest.raises(KernelDied) as caught:
+        await executor.run("import os, sys, time\nprint('last words', flush=True)\ntime.sleep(0.3)\nos._exit(1)")
+    assert time.monotonic() - started < 5
+    assert "last words" in caught.value.result.stdout
+    result = await executor.run("'gone' in dir()")
+    assert result.value is not None and result.value.text == "False"
+
+
+async def test_kernel_deleted_behind_our_back_gets_replaced(executor: AsyncExecutor, gateway: GatewayEndpoint) -> None:
+    from async_modal_exec.gateway import GatewayClient
+
+    old = executor.kernel_id
+    assert old is not None
+    client = GatewayClient(gateway)
+    try:
+        await client.delete_kernel(old)
+    finally:
+        await client.aclose()
+    started = time.monotonic()
+    with pytest.raises(KernelDied):
+        await executor.run("1", timeout=30)
+    assert time.monotonic() - started < 10
+    result = await executor.run("'new'", timeout=30)
+    assert result.value is not None and result.value.text == "'new'"
+    assert executor.kernel_id != old
+
+
+async def test_concurrent_runs_take_turns_in_call_order(executor: AsyncExecutor) -> None:
+    await executor.run("order = []")
+    codes = [f"import time\ntime.sleep(0.05)\norder.append({i})\n{i}" for i in range(6)]
+    results = await asyncio.gather(*(executor.run(code) for code in codes))
+    assert [r.value.text for r in results] == [str(i) for i in range(6)]  # type: ignore[union-attr]
+    assert (await executor.run("order")).value.text == str(list(range(6)))  # type: ignore[union-attr]
+
+
+async def test_stream_yields_events_as_they_arrive(executor: AsyncExecutor) -> None:
+    code = (
+        "import sys, time\nprint('first', flush=True)\ntime.sleep(0.8)\n"
+        "print('oops', file=sys.stderr, flush=True)\n"
+        "from IPython.display import display, Markdown\ndisplay(Markdown('**md**'))\n'done'"
+    )
+    started = time.monotonic()
+    seen: list[tuple[float, object]] = []
+    async for event in executor.stream(code):
+        seen.append((time.monotonic() - started, event))
+    kinds = [event.kind for _, event in seen]  # type: ignore[attr-defined]
+    assert kinds == ["stdout", "stderr", "display", "result"]
+    assert isinstance(seen[0][1], StdoutEvent) and seen[0][1].text == "first\n"
+    assert isinstance(seen[1][1], StderrEvent)
+    assert isinstance(seen[2][1], DisplayEvent) and seen[2][1].output.data["text/markdown"] == "**md**"
+    assert isinstance(seen[3][1], ResultEvent) and seen[3][1].output.text == "'done'"
+    # The first line arrived long before the execution ended.
+    assert seen[-1][0] - seen[0][0] > 0.5
+
+
+async def test_stream_error_event(executor: AsyncExecutor) -> None:
+    events = [event async for event in executor.stream("print('a')\nraise ValueError('bad')")]
+    assert isinstance(events[-1], ErrorEvent)
+    assert events[-1].error.ename == "ValueError"
+
+
+async def test_leaving_stream_early_interrupts(executor: AsyncExecutor) -> None:
+    await executor.run("kept = 3")
+    code = "import time\nfor i in range(100):\n    print(i, flush=True)\n    time.sleep(0.1)"
+    async with contextlib.aclosing(executor.stream(code)) as events:  # type: ignore[type-var]
+        async for event in events:
+            assert isinstance(event, StdoutEvent)
+            break
+    started = time.monotonic()
+    result = await executor.run("kept")
+    assert time.monotonic() - started < 2
+    assert result.value is not None and result.value.text == "3"
+
+
+async def test_interrupt_from_another_task(executor: AsyncExecutor) -> None:
+    task = asyncio.create_task(executor.run("import time\ntime.sleep(30)"))
+    await asyncio.sleep(0.5)
+    await executor.interrupt()
+    result = await asyncio.wait_for(task, 10)
+    assert result.error is not None and result.error.ename == "KeyboardInterrupt"
+
+
+async def test_restart_loses_state(executor: AsyncExecutor) -> None:
+    await executor.run("state = 1")
+    await executor.restart()
+    result = await executor.run("'state' in dir()")
+    assert result.value is not None and result.value.text == "False"
+
+
+async def test_state_errors(gateway: GatewayEndpoint) -> None:
+    executor = AsyncExecutor(GatewayBackend(gateway.base_url, gateway.token))
+    assert executor.state == "unopened"
+    with pytest.raises(ExecutorStateError, match="not started"):
+        await executor.run("1")
+    async with executor:
+        assert executor.state == "open"
+        with pytest.raises(ExecutorStateError):
+            await executor.start()
+        with pytest.raises(TypeError):
+            await executor.run(b"1")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout"):
+            await executor.run("1", timeout=0)
+    assert executor.state == "closed"
+    with pytest.raises(ExecutorStateError, match="closed"):
+        await executor.run("1")
+    await executor.aclose()  # twice is harmless
+
+
+def test_bad_constructor_arguments() -> None:
+    with pytest.raises(ValueError):
+        AsyncExecutor(GatewayBackend("http://127.0.0.1:1"), timeout=-1)
+    with pytest.raises(ValueError):
+        AsyncExecutor(GatewayBackend("http://127.0.0.1:1"), interrupt_grace=0)

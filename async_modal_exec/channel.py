@@ -81,6 +81,9 @@ class KernelChannel:
                 open_timeout=self._open_timeout,
                 close_timeout=2,
                 compression=None,
+                # Like aiohttp (trust_env=False), ignore proxy variables; looking
+                # them up also costs a millisecond of loop time per connect.
+                proxy=None,
                 **kwargs,
             )
         except InvalidStatus as exc:

@@ -42,6 +42,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="environment variable holding the gateway token (default: %(default)s)",
     )
     run.add_argument("--timeout", type=float, default=None, help="seconds before the run is interrupted")
+    run.add_argument(
+        "--ready-timeout", type=float, default=120.0, help="seconds to wait for the gateway (default: %(default)s)"
+    )
     return parser
 
 
@@ -74,13 +77,13 @@ def _describe(output: RichOutput) -> str:
     )
 
 
-async def _run(code: str, backend: Backend, timeout: float | None) -> int:
+async def _run(code: str, backend: Backend, timeout: float | None, ready_timeout: float) -> int:
     out, err = sys.stdout, sys.stderr
     started = time.monotonic()
     err.write(f"starting {type(backend).__name__}...\n")
     err.flush()
     status = 0
-    async with AsyncExecutor(backend, timeout=timeout) as executor:
+    async with AsyncExecutor(backend, timeout=timeout, ready_timeout=ready_timeout) as executor:
         err.write(f"kernel ready in {time.monotonic() - started:.1f} s\n")
         err.flush()
         try:
@@ -113,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"cannot read {args.file}: {exc}")
     backend = _make_backend(args, parser)
     try:
-        return anyio.run(_run, code, backend, args.timeout)
+        return anyio.run(_run, code, backend, args.timeout, args.ready_timeout)
     except AsyncModalExecError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_BACKEND

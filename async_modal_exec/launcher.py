@@ -19,6 +19,10 @@ What it changes compared with ``jupyter kernelgateway``:
 * The kernel restarter polls faster, so a kernel that dies is reported sooner.
 * ``--port 0`` binds a free port; the bound port is printed on stdout as
   ``ASYNC_MODAL_EXEC_GATEWAY_PORT=<port>`` once the gateway listens.
+* On Linux the gateway becomes a child subreaper: processes that kernels start
+  and abandon (even in new sessions) stay in the gateway's process tree, so
+  whoever stops the gateway can find and stop them too. Abandoned processes
+  that exit are reaped once a second.
 * ``--exit-on-stdin-eof``: the gateway stops (and stops its kernels) when its
   standard input closes, i.e. when the process that started it goes away.
 
@@ -82,6 +86,45 @@ def _watch_stdin(app: Any) -> None:
     loop.add_handler(fd, on_readable, IOLoop.READ | IOLoop.ERROR)
 
 
+def _become_subreaper(app: Any) -> None:
+    """Adopt orphaned descendants (Linux), and reap those that exit."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    from tornado.ioloop import PeriodicCallback
+
+    pr_set_child_subreaper = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) != 0:
+        return
+    me = os.getpid()
+
+    def reap_adopted() -> None:
+        # Kernels are our own children too, and jupyter_client waits for them:
+        # leave their pids alone, reap only zombies we adopted.
+        kernel_pids = set()
+        for manager in getattr(app.kernel_manager, "_kernels", {}).values():
+            pid = getattr(getattr(manager, "provisioner", None), "pid", None)
+            if pid is not None:
+                kernel_pids.add(pid)
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in kernel_pids:
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == "Z" and int(fields[1]) == me:
+                try:
+                    os.waitpid(int(entry), os.WNOHANG)
+                except ChildProcessError:
+                    pass
+
+    PeriodicCallback(reap_adopted, 1000).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--ip", default="127.0.0.1")
@@ -101,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     app = KernelGatewayApp.instance(config=config)
     app.initialize(_gateway_argv(args))
     port = next(iter(app.http_server._sockets.values())).getsockname()[1]
+    _become_subreaper(app)
     if args.exit_on_stdin_eof:
         _watch_stdin(app)
     # Printed before the loop starts; the socket already listens, so a client

@@ -1,0 +1,160 @@
+"""Backends and the gateway client: lifecycle, cleanup, clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from async_modal_exec import (
+    AsyncExecutor,
+    BackendStartError,
+    ExecutorStateError,
+    GatewayAuthError,
+    GatewayBackend,
+    GatewayEndpoint,
+    GatewayNotFound,
+    GatewayUnreachable,
+    LocalBackend,
+)
+from async_modal_exec.backends.local import _process_tree
+from async_modal_exec.gateway import GatewayClient
+
+from .helpers import pid_alive, wait_gone
+
+
+async def test_local_backend_close_leaves_nothing() -> None:
+    backend = LocalBackend()
+    async with AsyncExecutor(backend) as executor:
+        result = await executor.run("import os\nos.getpid()")
+        kernel_pid = int(result.value.text)  # type: ignore[union-attr]
+        gateway_pid = backend.pid
+        assert gateway_pid is not None
+        runtime_dir = backend._runtime_dir
+        assert runtime_dir is not None and os.path.isdir(runtime_dir)
+        # The kernel runs in its own session, so killing the gateway's group would miss it.
+        assert os.getsid(kernel_pid) != os.getsid(gateway_pid)
+        tree = [pid for pid, _ in _process_tree(gateway_pid)]
+        assert kernel_pid in tree
+    assert await wait_gone([gateway_pid, kernel_pid, *tree], timeout=5) == []
+    assert not os.path.exists(runtime_dir)
+    await backend.aclose()  # twice is harmless
+
+
+async def test_local_backend_kills_kernels_that_survive_the_gateway() -> None:
+    backend = LocalBackend()
+    executor = AsyncExecutor(backend)
+    await executor.start()
+    # A kernel child that ignores SIGTERM and detaches into its own session.
+    result = await executor.run(
+        "import subprocess, sys\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'], start_new_session=True)\n"
+        "p.pid"
+    )
+    stubborn = int(result.value.text)  # type: ignore[union-attr]
+    assert pid_alive(stubborn)
+    await executor.aclose()
+    assert await wait_gone([stubborn], timeout=5) == []
+
+
+async def test_gateway_stops_when_its_parent_dies() -> None:
+    # A parent process starts a local executor and is then SIGKILLed without
+    # cleanup: the gateway sees stdin close and stops itself and its kernels.
+    script = textwrap.dedent(
+        """
+        import asyncio, os, sys
+        from async_modal_exec import AsyncExecutor, LocalBackend
+        async def main():
+            backend = LocalBackend()
+            executor = await AsyncExecutor(backend).start()
+            kernel = (await executor.run("import os; os.getpid()")).value.text
+            print(backend.pid, kernel, flush=True)
+            await asyncio.sleep(600)
+        asyncio.run(main())
+        """
+    )
+    parent = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    line = await asyncio.wait_for(parent.stdout.readline(), 60)
+    gateway_pid, kernel_pid = (int(x) for x in line.split())
+    parent.send_signal(signal.SIGKILL)
+    await parent.wait()
+    assert await wait_gone([gateway_pid, kernel_pid], timeout=15) == []
+
+
+async def test_local_backend_start_failure_is_clear() -> None:
+    backend = LocalBackend(python=sys.executable, env={"PYTHONPATH": "/nonexistent"}, cwd="/")
+    backend.python = "/bin/false"
+    with pytest.raises(BackendStartError, match="exited with status 1"):
+        await backend.start()
+    with pytest.raises(ExecutorStateError):
+        await backend.start()
+    await backend.aclose()
+
+
+async def test_cancelled_local_start_leaves_nothing() -> None:
+    backend = LocalBackend()
+    task = asyncio.create_task(backend.start())
+    await asyncio.sleep(0.5)
+    pid = backend.pid
+    assert pid is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await wait_gone([pid], timeout=5) == []
+
+
+async def test_wrong_token_is_a_clear_auth_error(gateway: GatewayEndpoint) -> None:
+    executor = AsyncExecutor(GatewayBackend(gateway.base_url, "wrong-token"))
+    with pytest.raises(GatewayAuthError) as caught:
+        await executor.start()
+    assert caught.value.status in (401, 403)
+    assert "wrong-token" not in str(caught.value)
+    assert executor.state == "closed"
+
+
+async def test_refused_connection_is_a_clear_error() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    executor = AsyncExecutor(GatewayBackend(f"http://127.0.0.1:{port}", "t"), ready_timeout=0.5)
+    with pytest.raises(GatewayUnreachable, match="not ready") as caught:
+        await executor.start()
+    assert isinstance(caught.value, ConnectionError)
+
+
+async def test_unknown_kernel_is_not_found(gateway: GatewayEndpoint) -> None:
+    client = GatewayClient(gateway)
+    try:
+        with pytest.raises(GatewayNotFound):
+            await client.interrupt_kernel("00000000-0000-0000-0000-000000000000")
+        await client.delete_kernel("00000000-0000-0000-0000-000000000000")  # already gone: fine
+    finally:
+        await client.aclose()
+
+
+def test_gateway_backend_rejects_bad_urls() -> None:
+    with pytest.raises(ValueError):
+        GatewayBackend("localhost:8888")
+    with pytest.raises(ValueError, match="token"):
+        GatewayBackend("http://user:secret@host:8888")
+    with pytest.raises(ValueError, match="token"):
+        GatewayBackend("http://host:8888/?token=abc")
+    assert "secret" not in repr(GatewayBackend("http://host:1", "secret"))
+    assert "secret" not in repr(GatewayEndpoint("http://host:1", "secret"))
+
+
+async def test_websocket_url_has_no_token(gateway: GatewayEndpoint) -> None:
+    client = GatewayClient(gateway)
+    try:
+        url = client.websocket_url("k", "s")
+    finally:
+        await client.aclose()
+    assert url.startswith("ws://127.0.0.1:") and gateway.token is not None and gateway.token not in url

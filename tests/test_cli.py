@@ -1,0 +1,81 @@
+"""The command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import descendants, wait_gone
+
+
+async def run_cli(*args: str, stdin: bytes | None = None, timeout: float = 120) -> tuple[int, str, str]:
+    before = set(descendants())
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "async_modal_exec",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    started = [pid for pid in descendants() if pid not in before]
+    assert await wait_gone(started) == [], "the CLI left processes behind"
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.slow
+async def test_run_code_prints_output_and_value() -> None:
+    status, out, err = await run_cli("run", "--backend", "local", "-c", "import sys\nprint('hello')\nprint('e', file=sys.stderr)\n6 * 7")
+    assert status == 0, err
+    assert out == "hello\n42\n"
+    assert "starting LocalBackend" in err and "kernel ready" in err
+    assert "e\n" in err
+
+
+@pytest.mark.slow
+async def test_failing_code_exits_1_with_traceback_after_its_output() -> None:
+    status, out, err = await run_cli("run", "-c", "print('partial')\n1/0")
+    assert status == 1
+    assert out == "partial\n"
+    assert "ZeroDivisionError" in err and "\x1b[" not in err
+
+
+@pytest.mark.slow
+async def test_code_from_stdin_and_from_a_file(tmp_path: Path) -> None:
+    status, out, _ = await run_cli("run", "-", stdin=b"print(1 + 1)\n")
+    assert (status, out) == (0, "2\n")
+    script = tmp_path / "job.py"
+    script.write_text("print('from file')\n")
+    status, out, _ = await run_cli("run", str(script))
+    assert (status, out) == (0, "from file\n")
+
+
+@pytest.mark.slow
+async def test_timeout_exits_124() -> None:
+    status, out, err = await run_cli("run", "--timeout", "1", "-c", "print('spin', flush=True)\nwhile True: pass")
+    assert status == 124
+    assert "spin" in out and "timed out" in err
+
+
+async def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    status, _, err = await run_cli("run", str(tmp_path / "missing.py"))
+    assert status == 2 and "cannot read" in err
+    status, _, err = await run_cli("run", "--backend", "gateway", "-c", "1")
+    assert status == 2 and "--gateway-url" in err
+
+
+async def test_unreachable_gateway_exits_3() -> None:
+    status, _, err = await run_cli("run", "--backend", "gateway", "--gateway-url", "http://127.0.0.1:1", "-c", "1", "--ready-timeout", "1")
+    assert status == 3
+    assert "cannot reach" in err or "not ready" in err

@@ -89,9 +89,13 @@ class KernelChannel:
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
-                raise GatewayAuthError(f"gateway refused the token for the kernel websocket (HTTP {status})", status=status) from exc
+                raise GatewayAuthError(
+                    f"gateway refused the token for the kernel websocket (HTTP {status})", status=status
+                ) from exc
             if status == 404:
-                raise GatewayNotFound("the kernel of this websocket does not exist (HTTP 404)", status=404) from exc
+                raise GatewayNotFound(
+                    "the kernel of this websocket does not exist (HTTP 404)", status=404
+                ) from exc
             raise GatewayUnreachable(f"kernel websocket refused with HTTP {status}", status=status) from exc
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise GatewayUnreachable(f"cannot open the kernel websocket: {exc!r}") from exc

@@ -7,7 +7,6 @@ Exit status: 0 success; 1 the code raised (traceback on stderr); 2 bad usage;
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
@@ -43,7 +42,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--timeout", type=float, default=None, help="seconds before the run is interrupted")
     run.add_argument(
-        "--ready-timeout", type=float, default=120.0, help="seconds to wait for the gateway (default: %(default)s)"
+        "--ready-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the gateway (default: %(default)s)",
     )
     return parser
 

@@ -319,7 +319,9 @@ class AsyncExecutor:
                 how = "the kernel ignored the interrupt and was restarted (its state is lost)"
             else:
                 how = "the kernel was interrupted (its state is kept)"
-            raise ExecutionTimeout(f"execution timed out after {timeout} s; {how}", fold.result(), restarted=restarted)
+            raise ExecutionTimeout(
+                f"execution timed out after {timeout} s; {how}", fold.result(), restarted=restarted
+            )
 
     async def _receive(
         self, channel: KernelChannel, fold: ExecutionFold, deadline: float
@@ -351,7 +353,9 @@ class AsyncExecutor:
                 continue
             if kernel_died(message):
                 self._kernel_suspect = True
-                raise KernelDied("the kernel died during the execution; the next run uses a fresh kernel", fold.result())
+                raise KernelDied(
+                    "the kernel died during the execution; the next run uses a fresh kernel", fold.result()
+                )
             return message
 
     async def _check_alive(self, fold: ExecutionFold) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -118,10 +119,8 @@ class GatewayClient:
 
     async def delete_kernel(self, kernel_id: str) -> None:
         """Shut a kernel down; a kernel already gone is not an error."""
-        try:
+        with contextlib.suppress(GatewayNotFound):
             await self._json("DELETE", f"/api/kernels/{kernel_id}")
-        except GatewayNotFound:
-            pass
 
     async def interrupt_kernel(self, kernel_id: str) -> None:
         """Send the kernel an interrupt (SIGINT for ipykernel)."""

@@ -32,6 +32,7 @@ The auth token is read from ``KG_AUTH_TOKEN`` in the environment, never argv.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -59,7 +60,7 @@ def _no_delay_connection_class() -> type[Any]:
         ZMQChannelsWebsocketConnection,
     )
 
-    class NoDelayWebsocketConnection(ZMQChannelsWebsocketConnection):  # type: ignore[misc]
+    class NoDelayWebsocketConnection(ZMQChannelsWebsocketConnection):
         """Kernel websocket connection that disables Nagle's algorithm."""
 
         def connect(self) -> Any:
@@ -117,10 +118,8 @@ def _become_subreaper(app: Any) -> None:
             except OSError:
                 continue
             if fields[0] == "Z" and int(fields[1]) == me:
-                try:
+                with contextlib.suppress(ChildProcessError):
                     os.waitpid(int(entry), os.WNOHANG)
-                except ChildProcessError:
-                    pass
 
     PeriodicCallback(reap_adopted, 1000).start()
 

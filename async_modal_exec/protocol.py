@@ -267,7 +267,10 @@ class ExecutionFold:
         if content.get("status") == "aborted" and self._error is None:
             # The kernel drops requests queued behind one that failed.
             return self._on_error(
-                {"ename": "ExecutionAborted", "evalue": "the kernel aborted this request after an earlier error"}
+                {
+                    "ename": "ExecutionAborted",
+                    "evalue": "the kernel aborted this request after an earlier error",
+                }
             )
         return []
 

@@ -154,7 +154,7 @@ class ExecutionResult:
 
     def to_jsonable(self) -> dict[str, Any]:
         """A JSON-ready dict of the whole result."""
-        return json.loads(
+        jsonable: dict[str, Any] = json.loads(
             json.dumps(
                 {
                     "stdout": self.stdout,
@@ -174,6 +174,7 @@ class ExecutionResult:
                 default=repr,
             )
         )
+        return jsonable
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Import-time cost of modal + smolagents makes the first full GC slow; tests that
+# measure loop lag should not pay for objects created while importing.
+import gc
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -12,10 +15,6 @@ from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint, Loc
 from async_modal_exec.gateway import GatewayClient
 
 from .helpers import descendants, wait_gone
-
-# Import-time cost of modal + smolagents makes the first full GC slow; tests that
-# measure loop lag should not pay for objects created while importing.
-import gc  # noqa: E402  isort: skip
 
 gc.collect()
 gc.freeze()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -40,10 +41,8 @@ async def measure_loop_lag(interval: float = 0.005) -> AsyncIterator[LagProbe]:
         yield probe
     finally:
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
 
 
 def descendants() -> list[int]:

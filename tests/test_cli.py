@@ -36,7 +36,9 @@ async def run_cli(*args: str, stdin: bytes | None = None, timeout: float = 120) 
 
 @pytest.mark.slow
 async def test_run_code_prints_output_and_value() -> None:
-    status, out, err = await run_cli("run", "--backend", "local", "-c", "import sys\nprint('hello')\nprint('e', file=sys.stderr)\n6 * 7")
+    status, out, err = await run_cli(
+        "run", "--backend", "local", "-c", "import sys\nprint('hello')\nprint('e', file=sys.stderr)\n6 * 7"
+    )
     assert status == 0, err
     assert out == "hello\n42\n"
     assert "starting LocalBackend" in err and "kernel ready" in err
@@ -63,7 +65,9 @@ async def test_code_from_stdin_and_from_a_file(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_timeout_exits_124() -> None:
-    status, out, err = await run_cli("run", "--timeout", "1", "-c", "print('spin', flush=True)\nwhile True: pass")
+    status, out, err = await run_cli(
+        "run", "--timeout", "1", "-c", "print('spin', flush=True)\nwhile True: pass"
+    )
     assert status == 124
     assert "spin" in out and "timed out" in err
 
@@ -76,6 +80,16 @@ async def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 
 async def test_unreachable_gateway_exits_3() -> None:
-    status, _, err = await run_cli("run", "--backend", "gateway", "--gateway-url", "http://127.0.0.1:1", "-c", "1", "--ready-timeout", "1")
+    status, _, err = await run_cli(
+        "run",
+        "--backend",
+        "gateway",
+        "--gateway-url",
+        "http://127.0.0.1:1",
+        "-c",
+        "1",
+        "--ready-timeout",
+        "1",
+    )
     assert status == 3
     assert "cannot reach" in err or "not ready" in err

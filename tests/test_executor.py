@@ -175,14 +175,18 @@ async def test_kernel_death_is_reported_and_next_run_gets_fresh_kernel(executor:
     await executor.run("gone = 1")
     started = time.monotonic()
     with pytest.raises(KernelDied) as caught:
-        await executor.run("import os, sys, time\nprint('last words', flush=True)\ntime.sleep(0.3)\nos._exit(1)")
+        await executor.run(
+            "import os, sys, time\nprint('last words', flush=True)\ntime.sleep(0.3)\nos._exit(1)"
+        )
     assert time.monotonic() - started < 5
     assert "last words" in caught.value.result.stdout
     result = await executor.run("'gone' in dir()")
     assert result.value is not None and result.value.text == "False"
 
 
-async def test_kernel_deleted_behind_our_back_gets_replaced(executor: AsyncExecutor, gateway: GatewayEndpoint) -> None:
+async def test_kernel_deleted_behind_our_back_gets_replaced(
+    executor: AsyncExecutor, gateway: GatewayEndpoint
+) -> None:
     from async_modal_exec.gateway import GatewayClient
 
     old = executor.kernel_id

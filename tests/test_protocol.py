@@ -66,10 +66,23 @@ def test_fold_collects_everything_in_order() -> None:
         reply("stream", {"name": "stdout", "text": "a"}),
         reply("stream", {"name": "stderr", "text": "warn"}),
         reply("stream", {"name": "stdout", "text": "b\n"}),
-        reply("display_data", {"data": {"image/png": base64.b64encode(png).decode(), "text/plain": "<Fig>"}, "metadata": {"w": 1}}),
+        reply(
+            "display_data",
+            {
+                "data": {"image/png": base64.b64encode(png).decode(), "text/plain": "<Fig>"},
+                "metadata": {"w": 1},
+            },
+        ),
         reply(
             "execute_result",
-            {"data": {"text/plain": "{'a': 1}", "application/json": {"a": 1}, "text/html": ["<b>", "x</b>"]}, "execution_count": 3},
+            {
+                "data": {
+                    "text/plain": "{'a': 1}",
+                    "application/json": {"a": 1},
+                    "text/html": ["<b>", "x</b>"],
+                },
+                "execution_count": 3,
+            },
         ),
         reply("execute_reply", {"status": "ok", "execution_count": 3}, channel="shell"),
         status("idle"),
@@ -120,12 +133,25 @@ def test_error_keeps_earlier_output_and_strips_ansi() -> None:
     events = fold.feed(
         reply(
             "error",
-            {"ename": "ZeroDivisionError", "evalue": "division by zero", "traceback": ["\x1b[0;31mZeroDivisionError\x1b[0m: boom"]},
+            {
+                "ename": "ZeroDivisionError",
+                "evalue": "division by zero",
+                "traceback": ["\x1b[0;31mZeroDivisionError\x1b[0m: boom"],
+            },
         )
     )
     assert isinstance(events[0], ErrorEvent)
     # The shell reply repeats the error: it must not be reported twice.
-    assert fold.feed(reply("execute_reply", {"status": "error", "ename": "ZeroDivisionError", "evalue": "x"}, channel="shell")) == []
+    assert (
+        fold.feed(
+            reply(
+                "execute_reply",
+                {"status": "error", "ename": "ZeroDivisionError", "evalue": "x"},
+                channel="shell",
+            )
+        )
+        == []
+    )
     fold.feed(status("idle"))
     result = fold.result()
     assert result.stdout == "before\n"
@@ -139,7 +165,13 @@ def test_error_keeps_earlier_output_and_strips_ansi() -> None:
 
 def test_error_only_in_reply_is_reported() -> None:
     fold = ExecutionFold(MSG)
-    fold.feed(reply("execute_reply", {"status": "error", "ename": "X", "evalue": "y", "traceback": []}, channel="shell"))
+    fold.feed(
+        reply(
+            "execute_reply",
+            {"status": "error", "ename": "X", "evalue": "y", "traceback": []},
+            channel="shell",
+        )
+    )
     assert fold.result().error is not None
 
 

@@ -144,7 +144,12 @@ class LocalBackend(Backend):
         token = secrets.token_urlsafe(32)
         try:
             self._runtime_dir, self._log = await anyio.to_thread.run_sync(_make_private_dir)
-            env = {**os.environ, **self.env, "KG_AUTH_TOKEN": token, "JUPYTER_RUNTIME_DIR": self._runtime_dir}
+            env = {
+                **os.environ,
+                **self.env,
+                "KG_AUTH_TOKEN": token,
+                "JUPYTER_RUNTIME_DIR": str(self._runtime_dir),
+            }
             self._process = await asyncio.create_subprocess_exec(
                 self.python,
                 "-m",
@@ -165,7 +170,12 @@ class LocalBackend(Backend):
             raise
         self._endpoint = GatewayEndpoint(f"http://127.0.0.1:{port}", token)
         self.startup_seconds = time.monotonic() - begin
-        logger.info("local gateway (pid %s) listening on port %s after %.2f s", self._process.pid, port, self.startup_seconds)
+        logger.info(
+            "local gateway (pid %s) listening on port %s after %.2f s",
+            self._process.pid,
+            port,
+            self.startup_seconds,
+        )
         return self._endpoint
 
     async def _read_port(self) -> int:
@@ -175,8 +185,9 @@ class LocalBackend(Backend):
                 line = await self._process.stdout.readline()
                 if not line:
                     await self._process.wait()
+                    status = self._process.returncode
                     raise BackendStartError(
-                        f"the gateway exited with status {self._process.returncode} before listening:\n{await self._log_tail()}"
+                        f"the gateway exited with status {status} before listening:\n{await self._log_tail()}"
                     )
                 text = line.decode(errors="replace").strip()
                 if text.startswith(PORT_LINE_PREFIX):

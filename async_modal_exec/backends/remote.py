@@ -27,7 +27,9 @@ class GatewayBackend(Backend):
         ValueError: the URL is not an absolute http(s) URL, or carries credentials.
     """
 
-    def __init__(self, url: str, token: str | None = None, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, url: str, token: str | None = None, *, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"gateway url must look like http(s)://host:port, got {url!r}")

@@ -1,4 +1,10 @@
-"""async_modal_exec: run model-written Python in remote Jupyter kernels, asyncio-native."""
+"""async_modal_exec: run model-written Python in remote Jupyter kernels, asyncio-native.
+
+``ModalBackend`` and ``reap`` are imported on first use: importing ``modal``
+takes seconds, and users of the local or URL backends need not pay for it.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from .backends import Backend, GatewayBackend, GatewayEndpoint, LocalBackend
 from .errors import (
@@ -29,7 +35,26 @@ from .results import (
     StdoutEvent,
 )
 
+if TYPE_CHECKING:
+    from .backends.modal_sandbox import ModalBackend, reap
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "ModalBackend": ".backends.modal_sandbox",
+    "reap": ".backends.modal_sandbox",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AsyncExecutor",
@@ -53,6 +78,7 @@ __all__ = [
     "GatewayUnreachable",
     "KernelDied",
     "LocalBackend",
+    "ModalBackend",
     "ProtocolError",
     "RemoteError",
     "ResultEvent",
@@ -60,4 +86,5 @@ __all__ = [
     "StderrEvent",
     "StdoutEvent",
     "__version__",
+    "reap",
 ]

@@ -1,5 +1,8 @@
 """Command line: ``python -m async_modal_exec run ...``.
 
+Commands: ``run`` (code in a fresh kernel), ``reap`` (terminate Modal
+sandboxes this package left running).
+
 Exit status: 0 success; 1 the code raised (traceback on stderr); 2 bad usage;
 3 the backend or gateway failed; 124 the timeout expired; 130 interrupted.
 """
@@ -7,6 +10,7 @@ Exit status: 0 success; 1 the code raised (traceback on stderr); 2 bad usage;
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -33,7 +37,8 @@ def _build_parser() -> argparse.ArgumentParser:
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("-c", dest="code", help="code to run")
     source.add_argument("file", nargs="?", help="a file of code to run, or - for stdin")
-    run.add_argument("--backend", choices=["local", "gateway"], default="local")
+    run.add_argument("--backend", choices=["local", "gateway", "modal"], default="local")
+    run.add_argument("--app", default="smolagent-executor", help="with --backend modal: the Modal app name")
     run.add_argument("--gateway-url", help="with --backend gateway: http(s)://host:port of a running gateway")
     run.add_argument(
         "--token-env",
@@ -48,6 +53,18 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the gateway (default: %(default)s)",
     )
     return parser
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 90s, 15m, 2h, 1d)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a duration cannot be negative")
+    return value
 
 
 def _read_code(args: argparse.Namespace) -> str:
@@ -67,7 +84,32 @@ def _make_backend(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             return GatewayBackend(args.gateway_url, os.environ.get(args.token_env))
         except ValueError as exc:
             parser.error(str(exc))
+    if args.backend == "modal":
+        from .backends.modal_sandbox import ModalBackend
+
+        return ModalBackend(app_name=args.app)
     return LocalBackend()
+
+
+def _show_startup_progress() -> None:
+    """Startup phases (logged by backends and the executor) as short stderr lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    startup = logging.getLogger("async_modal_exec.startup")
+    startup.addHandler(handler)
+    startup.setLevel(logging.INFO)
+
+
+async def _reap(app: str, older_than: float | None, dry_run: bool) -> int:
+    from .backends.modal_sandbox import reap
+
+    found = await reap(app, older_than=older_than, dry_run=dry_run)
+    for sandbox in found:
+        age = "unknown age" if sandbox.age_seconds is None else f"{sandbox.age_seconds:.0f} s old"
+        action = "terminated" if sandbox.terminated else "would terminate"
+        print(f"{action} {sandbox.sandbox_id} ({age})")
+    print(f"{len(found)} sandbox(es) {'found' if dry_run else 'terminated'} in app {app!r}")
+    return 0
 
 
 def _describe(output: RichOutput) -> str:
@@ -112,11 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the command line; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.command == "reap":
+        try:
+            return anyio.run(_reap, args.app, args.older_than, args.dry_run)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
     try:
         code = _read_code(args)
     except OSError as exc:
         parser.error(f"cannot read {args.file}: {exc}")
     backend = _make_backend(args, parser)
+    _show_startup_progress()
     try:
         return anyio.run(_run, code, backend, args.timeout, args.ready_timeout)
     except AsyncModalExecError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 import math
@@ -12,6 +14,7 @@ from typing import Any
 
 import anyio
 
+from ._shield import run_shielded
 from .backends.base import Backend
 from .channel import ChannelLost, KernelChannel
 from .errors import (
@@ -27,6 +30,7 @@ from .protocol import ExecutionFold, execute_request, kernel_died, msg_id_of, ne
 from .results import Event, ExecutionResult
 
 logger = logging.getLogger("async_modal_exec.executor")
+startup_logger = logging.getLogger("async_modal_exec.startup")
 
 __all__ = ["AsyncExecutor"]
 
@@ -114,6 +118,9 @@ class AsyncExecutor:
         self._kernel_id: str | None = None
         self._session_id = new_session_id()
         self._kernel_suspect = False
+        self._idle_watch: asyncio.Task[None] | None = None
+        self._last_activity = time.monotonic()
+        self.startup_timings: dict[str, float] = {}
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -141,15 +148,40 @@ class AsyncExecutor:
             raise ExecutorStateError(f"cannot start an executor that is {self._state.value}")
         self._state = _State.STARTING
         try:
+            began = time.monotonic()
             endpoint = await self.backend.start()
+            self._phase("backend", began)
+            began = time.monotonic()
             self._gateway = GatewayClient(endpoint)
             await self._gateway.wait_ready(self.ready_timeout)
+            self._phase("gateway_ready", began)
+            began = time.monotonic()
             await self._new_kernel()
+            self._phase("kernel_created", began)
         except BaseException:
             await self._teardown()
             raise
         self._state = _State.OPEN
+        if self.backend.idle_disconnect is not None:
+            self._idle_watch = asyncio.create_task(self._close_when_idle(self.backend.idle_disconnect))
         return self
+
+    def _phase(self, name: str, began: float) -> None:
+        self.startup_timings[name] = time.monotonic() - began
+        startup_logger.info("%s: %.2f s", name.replace("_", " "), self.startup_timings[name])
+
+    async def _close_when_idle(self, idle: float) -> None:
+        """Close the websocket after ``idle`` quiet seconds; the next run reopens it."""
+        while True:
+            quiet = time.monotonic() - self._last_activity
+            channel = self._channel
+            if quiet < idle or channel is None or not channel.is_open:
+                await anyio.sleep(idle - quiet if quiet < idle else idle)
+                continue
+            async with self._lock:
+                if time.monotonic() - self._last_activity >= idle and channel.is_open:
+                    logger.debug("closing the idle kernel websocket of kernel %s", self._kernel_id)
+                    await channel.aclose()
 
     async def aclose(self) -> None:
         """Delete the kernel, close the websocket, close the backend if owned.
@@ -171,7 +203,15 @@ class AsyncExecutor:
 
     async def _teardown(self) -> None:
         self._state = _State.CLOSED
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
+        await run_shielded(self._teardown_unshielded())
+
+    async def _teardown_unshielded(self) -> None:
+        watch, self._idle_watch = self._idle_watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        with anyio.move_on_after(_CLEANUP_TIMEOUT):
             channel, self._channel = self._channel, None
             if channel is not None:
                 await channel.aclose()
@@ -184,8 +224,7 @@ class AsyncExecutor:
                         logger.debug("could not delete kernel %s: %s", self._kernel_id, exc)
                 await gateway.aclose()
         if self._owns_backend:
-            with anyio.CancelScope(shield=True):
-                await self.backend.aclose()
+            await self.backend.aclose()
 
     def _open_gateway(self) -> GatewayClient:
         if self._state is not _State.OPEN or self._gateway is None:
@@ -255,9 +294,12 @@ class AsyncExecutor:
         async with self._lock:
             channel = await self._ensure_kernel()
             request, fold = self._request(code)
-            async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:
-                async for _ in events:
-                    pass
+            try:
+                async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:
+                    async for _ in events:
+                        pass
+            finally:
+                self._last_activity = time.monotonic()
         return fold
 
     async def stream(self, code: str, *, timeout: float | None = None) -> AsyncIterator[Event]:
@@ -271,9 +313,12 @@ class AsyncExecutor:
         async with self._lock:
             channel = await self._ensure_kernel()
             request, fold = self._request(code)
-            async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:
-                async for event in events:
-                    yield event
+            try:
+                async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:
+                    async for event in events:
+                        yield event
+            finally:
+                self._last_activity = time.monotonic()
 
     def _timeout(self, timeout: float | None) -> float | None:
         value = self.default_timeout if timeout is None else timeout
@@ -309,12 +354,10 @@ class AsyncExecutor:
         except BaseException:
             # Cancelled, the consumer left early, or the connection failed:
             # bring the kernel back to idle before anyone else uses it.
-            with anyio.CancelScope(shield=True):
-                await self._recover(channel, fold)
+            await run_shielded(self._recover(channel, fold))
             raise
         if not fold.done:
-            with anyio.CancelScope(shield=True):
-                restarted = await self._recover(channel, fold)
+            restarted = await run_shielded(self._recover(channel, fold))
             if restarted:
                 how = "the kernel ignored the interrupt and was restarted (its state is lost)"
             else:

@@ -23,6 +23,8 @@ What it changes compared with ``jupyter kernelgateway``:
   and abandon (even in new sessions) stay in the gateway's process tree, so
   whoever stops the gateway can find and stop them too. Abandoned processes
   that exit are reaped once a second.
+* ``--nice N`` lowers the CPU priority of the gateway and its kernels, so
+  busy sandboxed code cannot starve the host's event loop of CPU.
 * ``--exit-on-stdin-eof``: the gateway stops (and stops its kernels) when its
   standard input closes, i.e. when the process that started it goes away.
 
@@ -131,7 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restarter-interval", type=float, default=0.5)
     parser.add_argument("--log-level", default="WARN")
     parser.add_argument("--exit-on-stdin-eof", action="store_true")
+    parser.add_argument(
+        "--nice", type=int, default=0, help="lower the CPU priority of the gateway and kernels"
+    )
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
     # Inherited by kernels: silences debugpy's frozen-modules warning on stderr.
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 

@@ -35,7 +35,17 @@ class Backend(abc.ABC):
     A backend owns its sandbox, not its kernels: executors create kernels on the
     gateway it provides. ``start()`` may be called once; ``aclose()`` any number
     of times, also after a failed or cancelled start.
+
+    Attributes:
+        idle_disconnect: executors on this backend close their kernel
+            websocket after this many idle seconds and reopen it on the next
+            run (None: keep it open). Tunnels that bill for open connections
+            (Modal) set it.
+        timings: seconds each startup phase took, filled by ``start()``.
     """
+
+    idle_disconnect: float | None = None
+    timings: dict[str, float]
 
     @abc.abstractmethod
     async def start(self) -> GatewayEndpoint:

@@ -22,6 +22,7 @@ from typing import IO
 
 import anyio
 
+from .._shield import run_shielded
 from ..errors import BackendStartError, ExecutorStateError
 from ..launcher import PORT_LINE_PREFIX
 from .base import Backend, GatewayEndpoint
@@ -101,6 +102,9 @@ class LocalBackend(Backend):
         cwd: working directory of the gateway and its kernels.
         env: extra environment variables for the gateway and its kernels.
         startup_timeout: seconds to wait for the gateway to listen.
+        nice: niceness added to the gateway and its kernels (default 5): code in
+            the kernels gets less CPU than the host process when both want it,
+            so a busy kernel cannot starve the host's event loop. 0 disables it.
     """
 
     def __init__(
@@ -110,12 +114,15 @@ class LocalBackend(Backend):
         cwd: str | os.PathLike[str] | None = None,
         env: dict[str, str] | None = None,
         startup_timeout: float = 60.0,
+        nice: int = 5,
     ) -> None:
         self.python = python or sys.executable
         self.cwd = cwd
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
+        self.nice = nice
         self.startup_seconds: float | None = None
+        self.timings: dict[str, float] = {}
         self._process: asyncio.subprocess.Process | None = None
         self._runtime_dir: str | None = None
         self._log: IO[bytes] | None = None
@@ -157,6 +164,7 @@ class LocalBackend(Backend):
                 "--ip=127.0.0.1",
                 "--port=0",
                 "--exit-on-stdin-eof",
+                f"--nice={self.nice}",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=self._log,
@@ -169,7 +177,7 @@ class LocalBackend(Backend):
             await self.aclose()
             raise
         self._endpoint = GatewayEndpoint(f"http://127.0.0.1:{port}", token)
-        self.startup_seconds = time.monotonic() - begin
+        self.startup_seconds = self.timings["gateway_process"] = time.monotonic() - begin
         logger.info(
             "local gateway (pid %s) listening on port %s after %.2f s",
             self._process.pid,
@@ -205,30 +213,32 @@ class LocalBackend(Backend):
     async def aclose(self) -> None:
         """Stop the gateway and all its kernels, remove the runtime dir. Safe to call twice.
 
-        Runs to completion when cancelled (shielded); the cancellation is re-raised after.
+        Runs to completion when cancelled; the cancellation is re-raised after.
         """
-        with anyio.CancelScope(shield=True):
-            process, self._process = self._process, None
-            if process is not None and process.returncode is None:
-                tree = await anyio.to_thread.run_sync(_process_tree, process.pid)
-                process.send_signal(signal.SIGTERM)
-                with anyio.move_on_after(_TERM_GRACE):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
-                await anyio.to_thread.run_sync(_kill_if_same, tree)
-            if process is not None:
-                if process.stdin is not None:
-                    process.stdin.close()
-                # Let the transport notice the exit and close its pipes now.
+        await run_shielded(self._stop())
+
+    async def _stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            tree = await anyio.to_thread.run_sync(_process_tree, process.pid)
+            process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(_TERM_GRACE):
                 await process.wait()
-            log, self._log = self._log, None
-            runtime_dir, self._runtime_dir = self._runtime_dir, None
-            if log is not None:
-                log.close()
-            if runtime_dir is not None:
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(runtime_dir, ignore_errors=True))
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await anyio.to_thread.run_sync(_kill_if_same, tree)
+        if process is not None:
+            if process.stdin is not None:
+                process.stdin.close()
+            # Let the transport notice the exit and close its pipes now.
+            await process.wait()
+        log, self._log = self._log, None
+        runtime_dir, self._runtime_dir = self._runtime_dir, None
+        if log is not None:
+            log.close()
+        if runtime_dir is not None:
+            await anyio.to_thread.run_sync(lambda: shutil.rmtree(runtime_dir, ignore_errors=True))
 
     def __repr__(self) -> str:
         return f"LocalBackend(pid={self.pid})"

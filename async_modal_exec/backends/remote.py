@@ -36,6 +36,7 @@ class GatewayBackend(Backend):
         if parts.username or parts.password or parts.query:
             raise ValueError("put the token in token=, not in the URL (URLs end up in logs)")
         self.endpoint = GatewayEndpoint(url.rstrip("/"), token, ssl_context)
+        self.timings: dict[str, float] = {}
 
     async def start(self) -> GatewayEndpoint:
         """Return the endpoint; readiness is checked by the executor."""

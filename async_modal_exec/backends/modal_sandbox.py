@@ -1,0 +1,285 @@
+"""ModalBackend: a Kernel Gateway in a Modal Sandbox, driven only through ``.aio`` calls.
+
+Every Modal call here is the ``.aio`` form, so no ``AsyncUsageWarning`` can fire
+and the event loop never stalls on Modal's synchronous wrappers.
+
+Cost safety: each sandbox is tagged (package, app, executor id, creation time),
+is terminated if starting fails or is cancelled at any point (including while
+``Sandbox.create`` is in flight: the create is allowed to finish and what it
+returns is terminated), and is terminated by :meth:`ModalBackend.aclose`.
+:func:`reap` finds and terminates tagged sandboxes left by crashed processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import ssl
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import modal
+
+from .. import launcher
+from .._shield import run_shielded
+from ..errors import BackendStartError, ExecutorStateError
+from .base import Backend, GatewayEndpoint
+
+logger = logging.getLogger("async_modal_exec.startup")
+
+__all__ = ["TAG_PACKAGE", "ModalBackend", "ReapedSandbox", "default_image", "reap"]
+
+TAG_PACKAGE = "ame.package"
+TAG_APP = "ame.app"
+TAG_EXECUTOR = "ame.executor"
+TAG_CREATED = "ame.created"
+PACKAGE_TAG_VALUE = "async_modal_exec"
+
+
+def default_image() -> modal.Image:
+    """The default sandbox image: Debian slim with Kernel Gateway and ipykernel.
+
+    The launcher needs nothing more: it is sent as ``python -c`` source.
+    """
+    return modal.Image.debian_slim().uv_pip_install("jupyter_kernel_gateway", "ipykernel")
+
+
+class ModalBackend(Backend):
+    """Starts a Jupyter Kernel Gateway in a new Modal Sandbox.
+
+    ``create_kwargs`` are merged into the ``Sandbox.create`` call like this:
+
+    * ``image`` defaults to :func:`default_image`; ``timeout`` to 300 s; ``app``
+      to ``await modal.App.lookup.aio(app_name, create_if_missing=True)``;
+    * the gateway ``port`` is appended to the ``encrypted_ports`` you give;
+    * a ``modal.Secret.from_dict({"KG_AUTH_TOKEN": <fresh token>})`` is appended
+      to your ``secrets`` (yours are kept);
+    * this package's tags are added to your ``tags``; ``readiness_probe``
+      defaults to a TCP probe of the port;
+    * everything else (gpu, cpu, memory, volumes, block_network, region,
+      idle_timeout, ...) is passed through untouched.
+
+    The sandbox runs this package's gateway launcher (``TCP_NODELAY``, IOPub
+    limit lifted, IPC kernels), so executions are as fast as local ones plus
+    the network.
+
+    Args:
+        app_name: Modal app to create sandboxes in.
+        port: container port of the gateway.
+        create_kwargs: keyword arguments for ``modal.Sandbox.create`` (see above).
+        ssl_context: TLS context for the tunnel (None: the system's trust store).
+        ready_timeout: seconds for the sandbox's readiness probe.
+        idle_disconnect: executors on this backend close their kernel websocket
+            after this many idle seconds (Modal counts an open tunnel
+            connection as activity, which would defeat ``idle_timeout``).
+    """
+
+    def __init__(
+        self,
+        *,
+        app_name: str = "smolagent-executor",
+        port: int = 8888,
+        create_kwargs: Mapping[str, Any] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        ready_timeout: int = 300,
+        idle_disconnect: float | None = 60.0,
+    ) -> None:
+        if not 0 < port < 65536:
+            raise ValueError(f"port must be a TCP port number, got {port}")
+        if ready_timeout <= 0:
+            raise ValueError("ready_timeout must be a positive number of seconds")
+        self.app_name = app_name
+        self.port = port
+        self.create_kwargs = dict(create_kwargs or {})
+        self.ssl_context = ssl_context
+        self.ready_timeout = int(ready_timeout)
+        self.idle_disconnect = idle_disconnect
+        self.executor_id = uuid.uuid4().hex[:16]
+        self.timings: dict[str, float] = {}
+        self.sandbox: modal.Sandbox | None = None
+        self.token: str | None = None
+        self._attach_id: str | None = None
+        self._terminate_on_close = True
+        self._started = False
+
+    @classmethod
+    def attach(
+        cls,
+        sandbox_id: str,
+        token: str,
+        *,
+        port: int = 8888,
+        ssl_context: ssl.SSLContext | None = None,
+        terminate_on_close: bool = False,
+    ) -> ModalBackend:
+        """A backend for a sandbox that already runs (e.g. started by another process).
+
+        Args:
+            sandbox_id: the sandbox's id (``backend.sandbox.object_id`` where it was created).
+            token: the gateway token of that sandbox (``backend.token`` where it was created).
+            terminate_on_close: terminate the sandbox in :meth:`aclose` (default: leave it running).
+        """
+        backend = cls(port=port, ssl_context=ssl_context)
+        backend._attach_id = sandbox_id
+        backend.token = token
+        backend._terminate_on_close = terminate_on_close
+        return backend
+
+    def _phase(self, name: str, began: float) -> None:
+        self.timings[name] = time.monotonic() - began
+        logger.info("modal %s: %.2f s", name.replace("_", " "), self.timings[name])
+
+    async def start(self) -> GatewayEndpoint:
+        """Create (or attach to) the sandbox and return its gateway endpoint via the tunnel.
+
+        Raises:
+            ExecutorStateError: started before.
+            BackendStartError: the sandbox has no tunnel for the port, or is not running.
+            modal.exception.Error: Modal refused a call (auth, quota, bad argument).
+
+        Cancelling the call, or any failure, terminates the sandbox created so
+        far (shielded); a cancellation that lands during ``Sandbox.create``
+        waits for the create to return, then terminates the new sandbox.
+        """
+        if self._started:
+            raise ExecutorStateError("a ModalBackend can be started once")
+        self._started = True
+        try:
+            if self._attach_id is not None:
+                began = time.monotonic()
+                self.sandbox = await modal.Sandbox.from_id.aio(self._attach_id)
+                self._phase("attach", began)
+            else:
+                await self._create()
+            return await self._endpoint()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _create(self) -> None:
+        kwargs = dict(self.create_kwargs)
+        self.token = secrets.token_urlsafe(32)
+        began = time.monotonic()
+        app = kwargs.pop("app", None)
+        if app is None:
+            app = await modal.App.lookup.aio(self.app_name, create_if_missing=True)
+        self._phase("app_lookup", began)
+        image = kwargs.pop("image", None) or default_image()
+        ports = list(kwargs.pop("encrypted_ports", None) or [])
+        if self.port not in ports:
+            ports.append(self.port)
+        user_secrets = list(kwargs.pop("secrets", None) or [])
+        token_secret = modal.Secret.from_dict({"KG_AUTH_TOKEN": self.token})
+        tags = {
+            **dict(kwargs.pop("tags", None) or {}),
+            TAG_PACKAGE: PACKAGE_TAG_VALUE,
+            TAG_APP: self.app_name,
+            TAG_EXECUTOR: self.executor_id,
+            TAG_CREATED: str(int(time.time())),
+        }
+        source = await anyio.Path(launcher.__file__).read_text()
+        command = ("python", "-c", source, "--ip=0.0.0.0", f"--port={self.port}")
+        began = time.monotonic()
+        # Shielded: a sandbox is created even if we stop waiting, so let the
+        # call return and terminate what it returns (start() does, on error).
+        self.sandbox = await run_shielded(
+            modal.Sandbox.create.aio(
+                *command,
+                app=app,
+                image=image,
+                timeout=kwargs.pop("timeout", 300),
+                encrypted_ports=ports,
+                secrets=[*user_secrets, token_secret],
+                tags=tags,
+                readiness_probe=kwargs.pop("readiness_probe", None) or modal.Probe.with_tcp(self.port),
+                **kwargs,
+            )
+        )
+        self._phase("create", began)
+        logger.info("modal sandbox %s created", self.sandbox.object_id)
+        began = time.monotonic()
+        await self.sandbox.wait_until_ready.aio(timeout=self.ready_timeout)
+        self._phase("ready", began)
+
+    async def _endpoint(self) -> GatewayEndpoint:
+        assert self.sandbox is not None
+        began = time.monotonic()
+        tunnels = await self.sandbox.tunnels.aio()
+        tunnel = tunnels.get(self.port)
+        if tunnel is None:
+            code = await self.sandbox.poll.aio()
+            state = "running" if code is None else f"exited with {code}"
+            raise BackendStartError(
+                f"sandbox {self.sandbox.object_id} ({state}) has no encrypted tunnel for port {self.port}"
+            )
+        self._phase("tunnel", began)
+        return GatewayEndpoint(tunnel.url, self.token, self.ssl_context)
+
+    async def aclose(self) -> None:
+        """Terminate the sandbox (unless attached without ``terminate_on_close``) and wait.
+
+        Safe to call twice. Runs to completion when cancelled; the cancellation
+        is re-raised afterwards.
+        """
+        sandbox, self.sandbox = self.sandbox, None
+        if sandbox is None or not self._terminate_on_close:
+            return
+        await run_shielded(self._terminate(sandbox))
+
+    @staticmethod
+    async def _terminate(sandbox: modal.Sandbox) -> None:
+        try:
+            await sandbox.terminate.aio(wait=True)
+        except modal.exception.Error as exc:
+            logger.warning("terminating sandbox %s failed: %s", sandbox.object_id, exc)
+
+    def __repr__(self) -> str:
+        sandbox_id = self.sandbox.object_id if self.sandbox else self._attach_id
+        return f"ModalBackend(app_name={self.app_name!r}, sandbox={sandbox_id!r})"
+
+
+@dataclass(frozen=True)
+class ReapedSandbox:
+    """One sandbox found by :func:`reap`."""
+
+    sandbox_id: str
+    tags: Mapping[str, str]
+    age_seconds: float | None
+    terminated: bool
+
+
+async def reap(
+    app_name: str, *, older_than: float | None = None, dry_run: bool = False
+) -> list[ReapedSandbox]:
+    """Find and terminate sandboxes this package created in ``app_name``.
+
+    Only sandboxes tagged by this package are touched.
+
+    Args:
+        app_name: the Modal app.
+        older_than: only sandboxes created more than this many seconds ago.
+        dry_run: list only; terminate nothing.
+
+    Returns:
+        The sandboxes found, and whether each was terminated.
+    """
+    try:
+        app = await modal.App.lookup.aio(app_name)
+    except modal.exception.NotFoundError:
+        return []
+    found: list[ReapedSandbox] = []
+    now = time.time()
+    async for sandbox in modal.Sandbox.list.aio(app_id=app.app_id, tags={TAG_PACKAGE: PACKAGE_TAG_VALUE}):
+        tags = await sandbox.get_tags.aio()
+        created = tags.get(TAG_CREATED, "")
+        age = now - int(created) if created.isdigit() else None
+        if older_than is not None and (age is None or age < older_than):
+            continue
+        if not dry_run:
+            await run_shielded(ModalBackend._terminate(sandbox))
+        found.append(ReapedSandbox(sandbox.object_id, tags, age, terminated=not dry_run))
+    return found

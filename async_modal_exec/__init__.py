@@ -1,7 +1,8 @@
 """async_modal_exec: run model-written Python in remote Jupyter kernels, asyncio-native.
 
-``ModalBackend`` and ``reap`` are imported on first use: importing ``modal``
-takes seconds, and users of the local or URL backends need not pay for it.
+``ModalBackend``, ``reap`` and the smolagents integration (``Executor``,
+``create_*_executor``, ``run_agent``) are imported on first use: importing
+``modal`` and ``smolagents`` takes seconds that core users need not pay.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from .errors import (
     GatewayNotFound,
     GatewayUnreachable,
     KernelDied,
+    PackageInstallError,
     ProtocolError,
 )
 from .executor import AsyncExecutor
@@ -36,6 +38,13 @@ from .results import (
 )
 
 if TYPE_CHECKING:
+    from .agent import (
+        Executor,
+        create_gateway_executor,
+        create_local_executor,
+        create_modal_executor,
+        run_agent,
+    )
     from .backends.modal_sandbox import ModalBackend, reap
 
 __version__ = "0.1.0"
@@ -43,6 +52,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "ModalBackend": ".backends.modal_sandbox",
     "reap": ".backends.modal_sandbox",
+    "Executor": ".agent",
+    "create_modal_executor": ".agent",
+    "create_local_executor": ".agent",
+    "create_gateway_executor": ".agent",
+    "run_agent": ".agent",
 }
 
 
@@ -68,6 +82,7 @@ __all__ = [
     "Event",
     "ExecutionError",
     "ExecutionResult",
+    "Executor",
     "ExecutionTimeout",
     "ExecutorStateError",
     "GatewayAuthError",
@@ -79,6 +94,7 @@ __all__ = [
     "KernelDied",
     "LocalBackend",
     "ModalBackend",
+    "PackageInstallError",
     "ProtocolError",
     "RemoteError",
     "ResultEvent",
@@ -86,5 +102,9 @@ __all__ = [
     "StderrEvent",
     "StdoutEvent",
     "__version__",
+    "create_gateway_executor",
+    "create_local_executor",
+    "create_modal_executor",
+    "run_agent",
     "reap",
 ]

@@ -16,6 +16,7 @@ Everything this package raises derives from one root::
     │   ├── GatewayAuthError                     401 / 403: wrong or missing token
     │   └── GatewayNotFound                      404: no such kernel or route
     ├── ProtocolError                            a message that breaks the Jupyter protocol
+    ├── PackageInstallError                      installing a tool's packages in the sandbox failed
     └── ExecutionError                           one execution did not complete normally;
         │                                        ``.result`` holds the output received so far
         ├── CodeError                            the user's code raised (from raise_for_error())
@@ -46,6 +47,7 @@ __all__ = [
     "GatewayNotFound",
     "GatewayUnreachable",
     "KernelDied",
+    "PackageInstallError",
     "ProtocolError",
 ]
 
@@ -92,6 +94,20 @@ class GatewayNotFound(GatewayError):
 
 class ProtocolError(AsyncModalExecError):
     """A message broke the Jupyter messaging protocol."""
+
+
+class PackageInstallError(AsyncModalExecError):
+    """Installing packages in the sandbox failed.
+
+    Attributes:
+        packages: the installer specs that failed (named in the message too).
+        output: the end of the installer's output.
+    """
+
+    def __init__(self, message: str, *, packages: list[str], output: str) -> None:
+        super().__init__(message)
+        self.packages = packages
+        self.output = output
 
 
 class ExecutionError(AsyncModalExecError):

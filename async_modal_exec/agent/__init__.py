@@ -1,0 +1,16 @@
+"""smolagents integration: a synchronous executor facade, factories, and run_agent."""
+
+from .facade import Executor
+from .factories import create_gateway_executor, create_local_executor, create_modal_executor
+from .requirements import IMPORT_TO_DISTRIBUTION, Requirement
+from .run import run_agent
+
+__all__ = [
+    "IMPORT_TO_DISTRIBUTION",
+    "Executor",
+    "Requirement",
+    "create_gateway_executor",
+    "create_local_executor",
+    "create_modal_executor",
+    "run_agent",
+]

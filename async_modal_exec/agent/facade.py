@@ -1,0 +1,299 @@
+"""Executor: smolagents' synchronous executor interface over the async core.
+
+``CodeAgent`` calls its executor synchronously (``send_variables``,
+``send_tools``, then ``executor(code)`` every step). :class:`Executor` runs the
+one async core (:class:`~async_modal_exec.AsyncExecutor`) on an event loop and
+hands each call to it through an anyio blocking portal: its own background
+loop thread by default, or a portal you pass in so your app's loop owns the
+sandbox. No Modal or HTTP call ever blocks a running event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+import anyio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from smolagents.local_python_executor import CodeOutput
+from smolagents.monitoring import AgentLogger, LogLevel
+from smolagents.remote_executors import RemotePythonExecutor
+from smolagents.tools import Tool, get_tools_definition_code
+from smolagents.utils import AgentError
+
+from ..backends.base import Backend
+from ..errors import ExecutionError, ExecutorStateError
+from ..executor import AsyncExecutor
+from ..results import ExecutionResult
+from .outputs import code_output, error_message, is_final_answer
+from .packages import InstallPolicy, PackageInstaller
+from .requirements import Requirement, requirement_from_spec, requirements_of_tool, shipping_problem
+
+logger = logging.getLogger("async_modal_exec.agent")
+
+__all__ = ["Executor"]
+
+T = TypeVar("T")
+_CANCEL_WAIT = 30.0
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _unshippable_stub(name: str, reason: str) -> str:
+    message = f"tool {name!r} could not be sent to the sandbox: {reason}"
+    return f"def {name}(*args, **kwargs):\n    raise RuntimeError({message!r})\n"
+
+
+class Executor(RemotePythonExecutor):  # type: ignore[misc]
+    """A smolagents ``PythonExecutor`` running code in a remote kernel.
+
+    Pass it to ``CodeAgent(..., executor=Executor(backend))``. Nothing starts
+    in the constructor (it is often called on an app's event-loop thread): the
+    sandbox starts on first use, or call :meth:`start`.
+
+    Args:
+        backend: where kernels run (default: a new ``LocalBackend``).
+        additional_imports: import names the code needs; installed if missing.
+        logger: smolagents ``AgentLogger`` (default: INFO level).
+        allow_pickle: as in smolagents: pickle only if you trust the sandbox.
+        portal: an anyio ``BlockingPortal`` on your app's loop; the sandbox then
+            lives on that loop. Default: a background loop thread owned by this executor.
+        requirements: packages every tool needs (skips discovery).
+        tool_requirements: ``{tool_name: [packages]}``, per tool (skips discovery for it).
+        install_packages: ``"auto"`` (install what is missing) or ``"never"``.
+        install_timeout: seconds the installer may run.
+        timeout: default per-step timeout in seconds (None: no limit).
+        **executor_options: passed to :class:`~async_modal_exec.AsyncExecutor`.
+
+    Ctrl-C during a call cancels the work on the loop, lets its cleanup run
+    (the kernel is interrupted), then re-raises ``KeyboardInterrupt``. If the
+    process exits without :meth:`cleanup`, the sandbox is still terminated.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        *,
+        additional_imports: Sequence[str] = (),
+        logger: AgentLogger | None = None,
+        allow_pickle: bool = False,
+        portal: BlockingPortal | None = None,
+        requirements: Sequence[str] | None = None,
+        tool_requirements: Mapping[str, Sequence[str]] | None = None,
+        install_packages: InstallPolicy = "auto",
+        install_timeout: float = 600.0,
+        timeout: float | None = None,
+        **executor_options: Any,
+    ) -> None:
+        super().__init__(list(additional_imports), logger or AgentLogger(level=LogLevel.INFO), allow_pickle)
+        self.core = AsyncExecutor(backend, timeout=timeout, **executor_options)
+        self.requirements = list(requirements) if requirements is not None else None
+        self.tool_requirements = {name: list(specs) for name, specs in (tool_requirements or {}).items()}
+        self.installer = PackageInstaller(install_packages, install_timeout)
+        self.unshippable_tools: dict[str, str] = {}
+        self._portal = portal
+        self._owned_portal: AbstractContextManager[BlockingPortal] | None = None
+        self._core_loop: asyncio.AbstractEventLoop | None = None
+        self._start_lock = threading.Lock()
+        self._closed = False
+
+    # -- the bridge ------------------------------------------------------------------
+
+    def _get_portal(self) -> BlockingPortal:
+        if self._closed:
+            raise ExecutorStateError("the executor is cleaned up")
+        if self._portal is None:
+            if self._core_loop is not None:
+                raise ExecutorStateError(
+                    "this executor's sandbox lives on another event loop; call it through "
+                    "run_agent() on that loop, or construct it with portal="
+                )
+            self._owned_portal = start_blocking_portal()
+            self._portal = self._owned_portal.__enter__()
+            # Runs before the interpreter joins non-daemon threads (the portal's
+            # loop thread among them), so an executor never cleaned up still
+            # terminates its sandbox and lets the process exit.
+            threading._register_atexit(self._cleanup_at_exit)  # type: ignore[attr-defined]
+        return self._portal
+
+    def _call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``func(*args)`` on the core's loop and wait; Ctrl-C cancels it cleanly."""
+        portal = self._get_portal()
+        loop = _running_loop()
+        if loop is not None and loop is self._core_loop:
+            raise ExecutorStateError(
+                "Executor called synchronously from the event-loop thread that runs its sandbox: "
+                "that would deadlock. From async code use `await run_agent(agent, task)`."
+            )
+        finished = threading.Event()
+
+        async def call() -> T:
+            try:
+                return await func(*args)
+            finally:
+                finished.set()
+
+        try:
+            future = portal.start_task_soon(call)
+        except RuntimeError as exc:
+            raise ExecutorStateError(f"cannot reach the executor's event loop: {exc}") from exc
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            finished.wait(_CANCEL_WAIT)
+            raise
+
+    def _attach_portal(self, portal: BlockingPortal, loop: asyncio.AbstractEventLoop) -> bool:
+        """Use ``portal`` (on ``loop``) unless the sandbox already lives on another loop."""
+        if self._core_loop not in (None, loop) or self._owned_portal is not None:
+            return False
+        self._portal = portal
+        return True
+
+    def _detach_portal(self, portal: BlockingPortal) -> None:
+        if self._portal is portal:
+            self._portal = None
+
+    # -- async side (runs on the core's loop) ------------------------------------------
+
+    async def _ensure_started(self) -> AsyncExecutor:
+        if self.core.state == "unopened":
+            self._core_loop = asyncio.get_running_loop()
+            self.logger.log("Starting the sandbox...", level=LogLevel.INFO)
+            await self.core.start()
+            if self.additional_imports:
+                await self._install([requirement_from_spec(name) for name in self.additional_imports])
+        return self.core
+
+    async def _install(self, requirements: Sequence[Requirement]) -> list[str]:
+        installed = await self.installer.ensure(self.core, requirements)
+        if installed:
+            self.installed_packages += installed
+            self.logger.log(f"Installed in the sandbox: {' '.join(installed)}", level=LogLevel.INFO)
+        return installed
+
+    async def _run(self, code: str) -> ExecutionResult:
+        executor = await self._ensure_started()
+        return await executor.run(code)
+
+    async def _send_tools(self, tools: Mapping[str, Any]) -> ExecutionResult | None:
+        await self._ensure_started()
+        shippable: dict[str, Tool] = {}
+        stubs: list[str] = []
+        needed: list[Requirement] = []
+        for name, tool in tools.items():
+            problem = shipping_problem(tool)
+            if problem is not None:
+                self.unshippable_tools[name] = problem
+                stubs.append(_unshippable_stub(name, problem))
+                message = f"Tool {name!r} is not sent to the sandbox: {problem}"
+                self.logger.log(message, level=LogLevel.INFO)
+                logger.warning(message)
+                continue
+            shippable[name] = tool
+            explicit = self.tool_requirements.get(name, self.requirements)
+            requirements, origin = requirements_of_tool(tool, explicit)
+            logger.debug("requirements of tool %s (%s): %s", name, origin, [r.spec for r in requirements])
+            needed += requirements
+        await self._install(needed)
+        code = "\n".join([get_tools_definition_code(shippable) if shippable else "", *stubs])
+        return await self.core.run(code) if code.strip() else None
+
+    # -- smolagents' interface ---------------------------------------------------------
+
+    def start(self) -> Executor:
+        """Start the sandbox now instead of on first use."""
+        self._call(self._ensure_started)
+        return self
+
+    def run_code_raise_errors(self, code: str) -> CodeOutput:
+        """Run one step's code.
+
+        Returns:
+            ``CodeOutput``: the value (an image as ``PIL.Image``), the printed
+            logs, and whether ``final_answer`` was called.
+
+        Raises:
+            AgentError: the code raised, timed out, or the kernel died; the
+                message holds the output printed before the error, then the
+                error's name, value and traceback.
+        """
+        try:
+            result = self._call(self._run, code)
+        except ExecutionError as exc:
+            raise AgentError(error_message(exc.result, f"Executing code failed: {exc}"), self.logger) from exc
+        if result.error is not None and not is_final_answer(result):
+            raise AgentError(error_message(result), self.logger)
+        return code_output(result, allow_pickle=self.allow_pickle)
+
+    def send_tools(self, tools: dict[str, Any]) -> None:
+        """Define the tools in the kernel, installing only the packages it is missing.
+
+        Tools that cannot be sent as source (constructor arguments, closures,
+        managed agents) are listed in ``unshippable_tools`` and defined as stubs
+        that raise a clear error when called; they never break the agent's start.
+        """
+        if "final_answer" in tools:
+            self._patch_final_answer_with_exception(tools["final_answer"])
+        result = self._call(self._send_tools, tools)
+        if result is not None:
+            if result.error is not None:
+                raise AgentError(error_message(result, "Defining the tools failed:"), self.logger)
+            if result.stdout:
+                self.logger.log(result.stdout)
+
+    def install_packages(self, additional_imports: list[str]) -> list[str]:
+        """Install what is missing among ``additional_imports`` (import names or specs)."""
+        requirements = [requirement_from_spec(name) for name in additional_imports]
+        return self._call(self._install_after_start, requirements)
+
+    async def _install_after_start(self, requirements: Sequence[Requirement]) -> list[str]:
+        await self._ensure_started()
+        return await self._install(requirements)
+
+    def cleanup(self) -> None:
+        """Terminate the sandbox and stop the background loop; safe to call twice."""
+        if self._closed:
+            return
+        try:
+            if self.core.state != "unopened" and self._portal is not None:
+                self._call(self.core.aclose)
+        finally:
+            self._closed = True
+            owned, self._owned_portal = self._owned_portal, None
+            if owned is not None:
+                owned.__exit__(None, None, None)
+
+    def delete(self) -> None:
+        """Same as :meth:`cleanup` (smolagents' name)."""
+        self.cleanup()
+
+    async def aclose(self) -> None:
+        """Close from async code: on the sandbox's own loop, or via a worker thread."""
+        if self._core_loop is not None and _running_loop() is self._core_loop:
+            self._closed = True
+            await self.core.aclose()
+        else:
+            await anyio.to_thread.run_sync(self.cleanup)
+
+    def _cleanup_at_exit(self) -> None:
+        try:
+            self.cleanup()
+        except Exception as exc:  # interpreter exit: report, never raise
+            logger.warning("cleanup at exit failed: %s", exc)
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()

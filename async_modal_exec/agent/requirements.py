@@ -1,0 +1,173 @@
+"""Which packages a tool needs, and whether it can be sent to a sandbox as source.
+
+Pure functions: nothing here talks to a kernel.
+
+Requirements of a tool come from, in order:
+
+1. an explicit list (``tool_requirements={name: [...]}``, or the executor-wide
+   ``requirements=[...]``);
+2. ``tool.to_dict()["requirements"]`` when ``to_dict()`` works;
+3. a scan of the imports in the tool's source when it does not.
+
+A tool whose ``to_dict()`` raises is never fatal by itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from smolagents.tools import Tool, validate_tool_attributes
+from smolagents.utils import get_source, instance_to_source
+
+__all__ = [
+    "IMPORT_TO_DISTRIBUTION",
+    "Requirement",
+    "requirement_for_import",
+    "requirement_from_spec",
+    "requirements_of_tool",
+    "shipping_problem",
+]
+
+# Import names whose distribution is named differently (smolagents maps only PIL).
+IMPORT_TO_DISTRIBUTION: Mapping[str, str] = {
+    "PIL": "pillow",
+    "sklearn": "scikit-learn",
+    "skimage": "scikit-image",
+    "cv2": "opencv-python",
+    "yaml": "pyyaml",
+    "bs4": "beautifulsoup4",
+    "dateutil": "python-dateutil",
+    "dotenv": "python-dotenv",
+    "docx": "python-docx",
+    "pptx": "python-pptx",
+    "fitz": "pymupdf",
+    "Crypto": "pycryptodome",
+    "jwt": "pyjwt",
+    "jose": "python-jose",
+    "magic": "python-magic",
+    "multipart": "python-multipart",
+    "serial": "pyserial",
+    "usb": "pyusb",
+    "OpenSSL": "pyopenssl",
+    "MySQLdb": "mysqlclient",
+    "psycopg2": "psycopg2-binary",
+    "zmq": "pyzmq",
+    "git": "gitpython",
+    "Bio": "biopython",
+    "faiss": "faiss-cpu",
+    "slugify": "python-slugify",
+    "attr": "attrs",
+    "google.protobuf": "protobuf",
+    "telegram": "python-telegram-bot",
+    "duckduckgo_search": "duckduckgo-search",
+    "ddgs": "ddgs",
+    "markdownify": "markdownify",
+    "tiktoken": "tiktoken",
+    "Levenshtein": "python-levenshtein",
+    "mpl_toolkits": "matplotlib",
+    "pkg_resources": "setuptools",
+}
+
+# Never installed: provided by the sandbox's own environment or meaningless there.
+_NEVER_INSTALL = frozenset({"smolagents", "__future__"})
+_IMPORT_LINE = re.compile(r"^\s*(?:import\s+([\w.]+(?:\s*,\s*[\w.]+)*)|from\s+([\w.]+)\s+import)", re.M)
+_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One package a tool needs.
+
+    Attributes:
+        spec: what to give the installer (``"pillow"``, ``"boto3>=1.34"``, a URL ...).
+        distribution: the distribution name, to check if it is installed (None if unknown).
+        import_name: the module it provides, to check if it is importable (None if unknown).
+    """
+
+    spec: str
+    distribution: str | None
+    import_name: str | None = None
+
+
+def requirement_for_import(module: str) -> Requirement:
+    """The requirement that provides top-level module ``module``."""
+    distribution = IMPORT_TO_DISTRIBUTION.get(module, module.replace("_", "-"))
+    return Requirement(spec=distribution, distribution=distribution, import_name=module)
+
+
+def requirement_from_spec(spec: str) -> Requirement:
+    """A requirement given as an installer spec (``"pkg"``, ``"pkg>=1"``, ``"pkg @ url"``).
+
+    A bare import name with a known distribution (``"PIL"``, ``"sklearn"``) is
+    mapped, since ``additional_imports`` are import names.
+    """
+    spec = spec.strip()
+    if spec in IMPORT_TO_DISTRIBUTION:
+        return requirement_for_import(spec)
+    match = _NAME.match(spec)
+    name = match.group(1) if match and "/" not in spec.split("@")[0] else None
+    import_name = name.replace("-", "_") if name and name == spec else None
+    return Requirement(spec=spec, distribution=name, import_name=import_name)
+
+
+def _imports_of(source: str) -> list[str]:
+    names: set[str] = set()
+    for match in _IMPORT_LINE.finditer(source):
+        found = match.group(1) or match.group(2)
+        for part in found.split(","):
+            module = part.strip().split(" ")[0]
+            if module and not module.startswith("."):
+                names.add(module.split(".")[0])
+    wanted = names - set(sys.stdlib_module_names) - _NEVER_INSTALL
+    return sorted(wanted)
+
+
+def _tool_source(tool: Any) -> str:
+    """Best-effort source of a tool for scanning (class, or the @tool function)."""
+    try:
+        if type(tool).__name__ == "SimpleTool":
+            return str(get_source(tool.forward))
+        return textwrap.dedent(inspect.getsource(type(tool)))
+    except (OSError, TypeError):
+        return ""
+
+
+def requirements_of_tool(tool: Any, explicit: Sequence[str] | None = None) -> tuple[list[Requirement], str]:
+    """The requirements of ``tool`` and where they came from (``explicit``, ``to_dict``, ``scan``)."""
+    if explicit is not None:
+        return [requirement_from_spec(spec) for spec in explicit], "explicit"
+    try:
+        names = tool.to_dict()["requirements"]
+        origin = "to_dict"
+    except Exception:  # to_dict() raises for many real tools; never fatal by itself
+        names = _imports_of(_tool_source(tool))
+        origin = "scan"
+    return [requirement_for_import(name) for name in names if name not in _NEVER_INSTALL], origin
+
+
+def shipping_problem(tool: Any) -> str | None:
+    """Why ``tool`` cannot be sent to the sandbox as source, or None if it can."""
+    if not isinstance(tool, Tool):
+        return f"it is a {type(tool).__name__}, not a Tool (managed agents run on the host)"
+    try:
+        validate_tool_attributes(type(tool), check_imports=False)
+        instance_to_source(tool, base_cls=Tool)
+    except Exception as exc:
+        lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip()]
+        detail = " ".join(lines) or type(exc).__name__
+        return f"its source cannot be rebuilt in the sandbox ({detail[:300]})"
+    return None
+
+
+def unique(requirements: Iterable[Requirement]) -> list[Requirement]:
+    """Requirements without duplicates (same spec), in order."""
+    seen: dict[str, Requirement] = {}
+    for requirement in requirements:
+        seen.setdefault(requirement.spec, requirement)
+    return list(seen.values())

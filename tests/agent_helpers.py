@@ -1,0 +1,63 @@
+"""A scripted smolagents model and tools for agent tests (no network, no LLM)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from smolagents import Tool
+from smolagents.models import ChatMessage, MessageRole, Model
+
+
+class ScriptedModel(Model):
+    """Answers each agent step with the next canned code action.
+
+    It records the messages it was shown, so tests can check what the agent
+    observed (logs, errors) between steps.
+    """
+
+    def __init__(self, actions: Sequence[str]) -> None:
+        super().__init__(model_id="scripted")
+        self.actions = list(actions)
+        self.seen: list[str] = []
+
+    def generate(
+        self, messages: list[Any], stop_sequences: list[str] | None = None, **kwargs: Any
+    ) -> ChatMessage:
+        self.seen.append(str(messages[-1].content if hasattr(messages[-1], "content") else messages[-1]))
+        if not self.actions:
+            raise RuntimeError("the scripted model ran out of actions")
+        code = self.actions.pop(0)
+        return ChatMessage(
+            role=MessageRole.ASSISTANT, content=f"Thought: next step.\n<code>\n{code}\n</code>"
+        )
+
+
+class YamlTool(Tool):
+    """A custom tool with a third-party import (pyyaml ships with the test environment)."""
+
+    name = "to_yaml"
+    description = "Render a mapping as YAML text."
+    inputs = {"data": {"type": "object", "description": "the mapping"}}
+    output_type = "string"
+
+    def forward(self, data: dict) -> str:  # type: ignore[type-arg]
+        import yaml
+
+        return yaml.safe_dump(data, sort_keys=True)
+
+
+class KeyedTool(Tool):
+    """A tool with a constructor argument: its to_dict() raises, it cannot be shipped as source."""
+
+    name = "keyed"
+    description = "Uses a key given at construction."
+    inputs = {"x": {"type": "string", "description": "input"}}
+    output_type = "string"
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+
+    def forward(self, x: str) -> str:
+        return f"{x}:{self.key}"

@@ -1,0 +1,240 @@
+"""The smolagents facade with a real CodeAgent, a scripted model and a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import PIL.Image
+import pytest
+from anyio.from_thread import BlockingPortal
+from smolagents import CodeAgent
+from smolagents.memory import ActionStep
+from smolagents.monitoring import AgentLogger, LogLevel
+from smolagents.utils import AgentError
+
+from async_modal_exec import ExecutorStateError, GatewayBackend, GatewayEndpoint
+from async_modal_exec.agent import Executor, run_agent
+
+from .agent_helpers import KeyedTool, ScriptedModel, YamlTool
+from .helpers import measure_loop_lag, wait_gone
+
+QUIET = AgentLogger(level=LogLevel.OFF)
+
+
+@pytest.fixture
+def agent_executor(gateway: GatewayEndpoint) -> Iterator[Executor]:
+    executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET, timeout=60)
+    yield executor
+    executor.cleanup()
+
+
+def steps(agent: CodeAgent) -> list[ActionStep]:
+    return [step for step in agent.memory.steps if isinstance(step, ActionStep)]
+
+
+def test_code_agent_multi_step_task(agent_executor: Executor) -> None:
+    model = ScriptedModel(
+        [
+            "print('numbers are', numbers)\ntotal = sum(numbers)\nprint(to_yaml({'total': total}))",
+            "print('about to fail')\nprint(undefined_name)",
+            "import matplotlib.pyplot as plt\nplt.plot(numbers)\nplt.show()",
+            "final_answer({'total': total, 'count': len(numbers)})",
+        ]
+    )
+    agent = CodeAgent(
+        tools=[YamlTool()], model=model, executor=agent_executor, max_steps=6, verbosity_level=0
+    )
+    answer = agent.run("Sum the numbers.", additional_args={"numbers": [1, 2, 3]})
+    assert answer == {"total": 6, "count": 3}
+    first, failing, plotting, final = steps(agent)
+    # Variables sent with send_variables and a custom tool with a third-party import.
+    assert "numbers are [1, 2, 3]" in first.observations
+    assert "total: 6" in first.observations
+    # The failing step: its printed output comes before the error, and the agent saw it.
+    assert failing.error is not None
+    message = str(failing.error)
+    assert message.index("about to fail") < message.index("NameError")
+    assert "undefined_name" in message
+    assert "about to fail" in model.seen[2]
+    # The step that plotted returns the figure as a PIL image.
+    assert isinstance(plotting.action_output, PIL.Image.Image)
+    assert final.is_final_answer
+
+
+def test_tools_that_cannot_be_shipped_do_not_crash_the_agent(agent_executor: Executor) -> None:
+    from smolagents import tool
+
+    def make_closure_tool():  # type: ignore[no-untyped-def]
+        suffix = "!"
+
+        @tool
+        def shout(text: str) -> str:
+            """Shout a text.
+
+            Args:
+                text: what to shout
+            """
+            return text.upper() + suffix
+
+        return shout
+
+    model = ScriptedModel(["print(keyed('x'))", "print(shout('hi'))", "final_answer('done')"])
+    agent = CodeAgent(
+        tools=[KeyedTool("secret-key"), make_closure_tool()],
+        model=model,
+        executor=agent_executor,
+        max_steps=5,
+        verbosity_level=0,
+    )
+    assert agent.run("use the tools") == "done"
+    assert set(agent_executor.unshippable_tools) == {"keyed", "shout"}
+    assert "__init__" in agent_executor.unshippable_tools["keyed"]
+    keyed_step, shout_step, _ = steps(agent)
+    assert "tool 'keyed' could not be sent to the sandbox" in str(keyed_step.error)
+    assert "tool 'shout' could not be sent to the sandbox" in str(shout_step.error)
+
+
+def test_packages_already_present_are_never_reinstalled(gateway: GatewayEndpoint) -> None:
+    executor = Executor(
+        GatewayBackend(gateway.base_url, gateway.token),
+        logger=QUIET,
+        additional_imports=["json", "PIL", "yaml"],
+    )
+    try:
+        executor.start()
+        assert executor.installer.installed == []
+        assert executor.installed_packages == []
+        assert {"pillow", "pyyaml", "json"} <= set(executor.installer.already_present)
+        executor.send_tools({"to_yaml": YamlTool()})
+        assert executor.installer.installed == []
+        # Asking again probes nothing: the answer is remembered.
+        assert executor.install_packages(["PIL"]) == []
+    finally:
+        executor.cleanup()
+
+
+def _dummy_wheel(directory: Path) -> Path:
+    """A minimal pure-Python wheel, so installing needs no network."""
+    name, version = "ame_dummy_pkg", "0.1.0"
+    files = {
+        f"{name}/__init__.py": b"VALUE = 42\n",
+        f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{name}-{version}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
+        for path, data in files.items()
+    ]
+    record.append(f"{name}-{version}.dist-info/RECORD,,")
+    files[f"{name}-{version}.dist-info/RECORD"] = "\n".join(record).encode()
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, data in files.items():
+            archive.writestr(path, data)
+    return wheel
+
+
+def test_missing_packages_are_installed_once(gateway: GatewayEndpoint, tmp_path: Path) -> None:
+    wheel = _dummy_wheel(tmp_path)
+    spec = f"ame_dummy_pkg @ {wheel.as_uri()}"
+    executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET, install_timeout=120)
+    try:
+        assert executor.install_packages([spec]) == [spec]
+        assert executor("import ame_dummy_pkg\name_dummy_pkg.VALUE").output == "42"
+        assert executor.install_packages([spec]) == []
+    finally:
+        executor(
+            "import subprocess, sys\nsubprocess.run([sys.executable, '-m', 'pip', 'uninstall', '-y', '-q', 'ame_dummy_pkg'])"
+        )
+        executor.cleanup()
+
+
+def test_failed_install_names_the_package(agent_executor: Executor, tmp_path: Path) -> None:
+    from async_modal_exec import PackageInstallError
+
+    missing = tmp_path / "no_such_pkg-1.0-py3-none-any.whl"
+    with pytest.raises(PackageInstallError) as caught:
+        agent_executor.install_packages([f"no_such_pkg @ {missing.as_uri()}"])
+    assert "no_such_pkg" in str(caught.value)
+
+
+def test_timeout_and_dead_kernel_become_agent_errors(gateway: GatewayEndpoint) -> None:
+    executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET, timeout=1)
+    try:
+        with pytest.raises(AgentError, match="timed out") as caught:
+            executor("print('working', flush=True)\nwhile True: pass")
+        assert "working" in str(caught.value)
+        assert executor("1 + 1").output == "2"
+    finally:
+        executor.cleanup()
+
+
+def test_ctrl_c_interrupts_the_kernel_and_keeps_the_executor_usable(agent_executor: Executor) -> None:
+    agent_executor("kept = 'still here'")
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
+    timer = threading.Timer(0.5, signal.pthread_kill, args=(main, signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        agent_executor("import time\ntime.sleep(30)")
+    assert time.monotonic() - started < 10
+    started = time.monotonic()
+    assert agent_executor("kept").output == "'still here'"
+    assert time.monotonic() - started < 2
+
+
+async def test_constructor_does_not_block_and_loop_thread_calls_fail_clearly(
+    gateway: GatewayEndpoint,
+) -> None:
+    started = time.perf_counter()
+    executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET)
+    assert time.perf_counter() - started < 0.05
+    assert executor._portal is None  # nothing started yet
+    async with BlockingPortal() as portal:
+        bound = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET, portal=portal)
+        with pytest.raises(ExecutorStateError, match="event loop"):
+            bound("1")
+    executor.cleanup()
+
+
+async def test_run_agent_keeps_the_loop_free(gateway: GatewayEndpoint) -> None:
+    executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET)
+    model = ScriptedModel(["import time\ntime.sleep(0.3)\nx = 21", "final_answer(x * 2)"])
+    agent = CodeAgent(tools=[], model=model, executor=executor, max_steps=4, verbosity_level=0)
+    try:
+        async with measure_loop_lag() as probe:
+            answer = await run_agent(agent, "compute")
+        assert answer == 42
+        # The sandbox lives on this loop: it was started through run_agent's portal.
+        assert executor._core_loop is asyncio.get_running_loop()
+        assert probe.max_lag < 0.05, f"loop lagged {probe.max_lag * 1000:.1f} ms"
+    finally:
+        await executor.aclose()
+
+
+def test_process_exit_without_cleanup_stops_everything() -> None:
+    script = textwrap.dedent(
+        """
+        from smolagents.monitoring import AgentLogger, LogLevel
+        from async_modal_exec import create_local_executor
+        executor = create_local_executor(logger=AgentLogger(level=LogLevel.OFF))
+        print(executor("import os\\nos.getpid()").output, executor.core.backend.pid, flush=True)
+        # no cleanup(): the interpreter exits with the portal thread still running
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    kernel_pid, gateway_pid = (int(x) for x in done.stdout.split())
+    assert asyncio.run(wait_gone([kernel_pid, gateway_pid], timeout=10)) == []

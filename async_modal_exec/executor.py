@@ -14,6 +14,10 @@ from typing import Any
 
 import anyio
 
+# anyio imports its asyncio backend on first use: a ~40 ms import that would
+# otherwise run inside the event loop when the first executor is created.
+import anyio._backends._asyncio  # isort: skip
+
 from ._shield import run_shielded
 from .backends.base import Backend
 from .channel import ChannelLost, KernelChannel

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-# Import-time cost of modal + smolagents makes the first full GC slow; tests that
-# measure loop lag should not pay for objects created while importing.
 import gc
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,8 +14,15 @@ from async_modal_exec.gateway import GatewayClient
 
 from .helpers import descendants, wait_gone
 
-gc.collect()
-gc.freeze()
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what imports created (modal, smolagents, ...) out of the GC's reach.
+
+    A full collection over those objects holds the GIL for 60-100 ms; tests
+    that measure event-loop lag should measure the package, not that.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")

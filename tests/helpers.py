@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,14 +16,37 @@ from async_modal_exec.backends.local import _process_tree
 
 @dataclass
 class LagProbe:
-    """Measures how late the event loop wakes a task that sleeps ``interval`` seconds."""
+    """Watches the running event loop for blocking.
+
+    Two measures:
+
+    * ``max_callback``: the longest single callback or task step run by this
+      loop's thread (wall time). Code that blocks the loop (a synchronous HTTP
+      call, ``time.sleep``, a blocking Modal call) shows up here directly.
+    * ``max_lag``: how late a task sleeping ``interval`` seconds wakes up. It
+      includes the above, plus time the operating system did not run this
+      process at all (on a 2-core machine, eight kernels starting at once keep
+      both cores busy), which no asyncio code can prevent.
+    """
 
     interval: float = 0.005
     samples: list[float] = field(default_factory=list)
+    callbacks: list[float] = field(default_factory=list)
+    slowest: str = ""
 
     @property
     def max_lag(self) -> float:
         return max(self.samples, default=0.0)
+
+    @property
+    def max_callback(self) -> float:
+        return max(self.callbacks, default=0.0)
+
+    def summary(self) -> str:
+        return (
+            f"longest callback {self.max_callback * 1000:.1f} ms ({self.slowest}), "
+            f"wake-up lag {self.max_lag * 1000:.1f} ms"
+        )
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -34,12 +58,31 @@ class LagProbe:
 
 @asynccontextmanager
 async def measure_loop_lag(interval: float = 0.005) -> AsyncIterator[LagProbe]:
-    """Run a lag probe for the duration of the block."""
+    """Run a lag probe, and time every callback of this loop, for the duration of the block."""
     probe = LagProbe(interval)
+    loop_thread = threading.get_ident()
+    original = asyncio.events.Handle._run
+
+    def timed_run(handle: asyncio.events.Handle) -> None:
+        if threading.get_ident() != loop_thread:
+            original(handle)
+            return
+        started = time.perf_counter()
+        try:
+            original(handle)
+        finally:
+            took = time.perf_counter() - started
+            if took > probe.max_callback:
+                callback = handle._callback  # type: ignore[attr-defined]
+                probe.slowest = repr(getattr(callback, "__self__", callback))[:300]
+            probe.callbacks.append(took)
+
+    asyncio.events.Handle._run = timed_run  # type: ignore[method-assign]
     task = asyncio.create_task(probe._run())
     try:
         yield probe
     finally:
+        asyncio.events.Handle._run = original  # type: ignore[method-assign]
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -219,7 +219,9 @@ async def test_run_agent_keeps_the_loop_free(gateway: GatewayEndpoint) -> None:
         assert answer == 42
         # The sandbox lives on this loop: it was started through run_agent's portal.
         assert executor._core_loop is asyncio.get_running_loop()
-        assert probe.max_lag < 0.05, f"loop lagged {probe.max_lag * 1000:.1f} ms"
+        # A full GC in the agent's thread can hold the GIL for tens of ms: the
+        # bound is on what the loop itself runs.
+        assert probe.max_callback < 0.05, probe.summary()
     finally:
         await executor.aclose()
 

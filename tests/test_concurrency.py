@@ -13,7 +13,10 @@ from async_modal_exec import AsyncExecutor, LocalBackend
 from .helpers import descendants, measure_loop_lag, wait_gone
 
 MakeExecutor = Callable[..., Awaitable[AsyncExecutor]]
-MAX_LAG = 0.020
+# Nothing the package runs may hold the loop for 20 ms. Wake-up lag also counts
+# time the OS gave both cores to the kernels starting: a generous bound only.
+MAX_BLOCK = 0.020
+MAX_WAKEUP_LAG = 0.250
 
 
 @pytest.mark.slow
@@ -29,7 +32,8 @@ async def test_eight_local_backends_start_together_without_blocking_the_loop() -
             elapsed = time.monotonic() - started
         assert [r.value.text for r in results] == [str(i * 2) for i in range(8)]  # type: ignore[union-attr]
         assert elapsed < 2.0, f"8 concurrent 0.5 s sleeps took {elapsed:.2f} s"
-        assert probe.max_lag < MAX_LAG, f"event loop lagged {probe.max_lag * 1000:.1f} ms"
+        assert probe.max_callback < MAX_BLOCK, probe.summary()
+        assert probe.max_lag < MAX_WAKEUP_LAG, probe.summary()
     finally:
         await asyncio.gather(*(executor.aclose() for executor in executors))
     started_here = [pid for pid in descendants() if pid not in before]
@@ -44,4 +48,15 @@ async def test_eight_kernels_start_together_on_one_gateway(make_executor: MakeEx
         executors = await asyncio.wait_for(asyncio.gather(*(make_executor() for _ in range(8))), 60)
         results = await asyncio.gather(*(ex.run("'up'", timeout=30) for ex in executors))
     assert all(r.value is not None and r.value.text == "'up'" for r in results)
-    assert probe.max_lag < MAX_LAG, f"event loop lagged {probe.max_lag * 1000:.1f} ms"
+    assert probe.max_callback < MAX_BLOCK, probe.summary()
+    assert probe.max_lag < MAX_WAKEUP_LAG, probe.summary()
+
+
+async def test_the_probe_sees_a_blocking_call() -> None:
+    # The probe must be able to fail: a blocking sleep inside a task step is caught.
+    async with measure_loop_lag() as probe:
+        await asyncio.sleep(0.02)
+        time.sleep(0.03)  # noqa: ASYNC251 - blocking on purpose
+        await asyncio.sleep(0.02)
+    assert probe.max_callback >= 0.025
+    assert probe.max_lag >= 0.02

@@ -25,6 +25,8 @@ What it changes compared with ``jupyter kernelgateway``:
   that exit are reaped once a second.
 * ``--nice N`` lowers the CPU priority of the gateway and its kernels, so
   busy sandboxed code cannot starve the host's event loop of CPU.
+* ``--remove-runtime-dir`` deletes ``$JUPYTER_RUNTIME_DIR`` when the gateway
+  stops, also when it stops because its parent died.
 * ``--exit-on-stdin-eof``: the gateway stops (and stops its kernels) when its
   standard input closes, i.e. when the process that started it goes away.
 
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="WARN")
     parser.add_argument("--exit-on-stdin-eof", action="store_true")
     parser.add_argument(
+        "--remove-runtime-dir", action="store_true", help="delete $JUPYTER_RUNTIME_DIR when the gateway stops"
+    )
+    parser.add_argument(
         "--nice", type=int, default=0, help="lower the CPU priority of the gateway and kernels"
     )
     args = parser.parse_args(argv)
@@ -161,7 +166,14 @@ def main(argv: list[str] | None = None) -> None:
         # send later writes (ours, and kernels' inherited fd 1) to stderr so a
         # full pipe can never block them.
         os.dup2(2, 1)
-    app.start()
+    try:
+        app.start()
+    finally:
+        runtime_dir = os.environ.get("JUPYTER_RUNTIME_DIR")
+        if args.remove_runtime_dir and runtime_dir:
+            import shutil
+
+            shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ async def test_gateway_stops_when_its_parent_dies() -> None:
             backend = LocalBackend()
             executor = await AsyncExecutor(backend).start()
             kernel = (await executor.run("import os; os.getpid()")).value.text
-            print(backend.pid, kernel, flush=True)
+            print(backend.pid, kernel, backend._runtime_dir, flush=True)
             await asyncio.sleep(600)
         asyncio.run(main())
         """
@@ -81,10 +81,11 @@ async def test_gateway_stops_when_its_parent_dies() -> None:
     parent = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=subprocess.PIPE)
     assert parent.stdout is not None
     line = await asyncio.wait_for(parent.stdout.readline(), 60)
-    gateway_pid, kernel_pid = (int(x) for x in line.split())
+    gateway, kernel, runtime_dir = line.decode().split()
     parent.send_signal(signal.SIGKILL)
     await parent.wait()
-    assert await wait_gone([gateway_pid, kernel_pid], timeout=15) == []
+    assert await wait_gone([int(gateway), int(kernel)], timeout=15) == []
+    assert not os.path.exists(runtime_dir), "the gateway's runtime dir was left behind"
 
 
 async def test_local_backend_start_failure_is_clear() -> None:

@@ -164,6 +164,7 @@ class LocalBackend(Backend):
                 "--ip=127.0.0.1",
                 "--port=0",
                 "--exit-on-stdin-eof",
+                "--remove-runtime-dir",
                 f"--nice={self.nice}",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import glob
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -71,11 +72,14 @@ async def executor(make_executor: Callable[..., Awaitable[AsyncExecutor]]) -> As
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _no_leaked_processes() -> Any:
-    """After the whole session, nothing this process started may still run."""
+def _nothing_leaked() -> Any:
+    """After the whole session, nothing this process started may still run or lie around."""
+    runtime_dirs_before = set(glob.glob("/tmp/ame-*"))
     yield
     leftover = descendants()
     assert leftover == [], f"processes left running after the test session: {leftover}"
+    runtime_dirs = set(glob.glob("/tmp/ame-*")) - runtime_dirs_before
+    assert not runtime_dirs, f"gateway runtime directories left behind: {sorted(runtime_dirs)}"
 
 
 def pytest_report_header() -> str:

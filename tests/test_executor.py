@@ -291,3 +291,16 @@ def test_bad_constructor_arguments() -> None:
         AsyncExecutor(GatewayBackend("http://127.0.0.1:1"), timeout=-1)
     with pytest.raises(ValueError):
         AsyncExecutor(GatewayBackend("http://127.0.0.1:1"), interrupt_grace=0)
+
+
+async def test_dropped_websocket_reconnects_and_replays_missed_output(executor: AsyncExecutor) -> None:
+    code = "import time\nfor i in range(6):\n    print(i, flush=True)\n    time.sleep(0.25)\n'end'"
+    task = asyncio.create_task(executor.run(code))
+    await asyncio.sleep(0.6)
+    channel = executor._channel
+    assert channel is not None and channel._ws is not None
+    channel._ws.transport.abort()  # the connection drops mid-execution
+    result = await asyncio.wait_for(task, 30)
+    # Same session id on reconnect: the gateway replays what was sent meanwhile.
+    assert result.stdout == "".join(f"{i}\n" for i in range(6))
+    assert result.value is not None and result.value.text == "'end'"

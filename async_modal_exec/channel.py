@@ -13,6 +13,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .errors import GatewayAuthError, GatewayNotFound, GatewayUnreachable, ProtocolError
+from .protocol import V1_SUBPROTOCOL, decode_v1, encode_v1
 
 logger = logging.getLogger("async_modal_exec.channel")
 
@@ -30,6 +31,10 @@ class KernelChannel:
     messages sent while the connection was down. Keepalive pings are sent by
     the ``websockets`` library; messages may be as large as ``max_message_bytes``
     (a big PNG or a long print would break the library's 1 MiB default).
+
+    The binary ``v1.kernel.websocket.jupyter.org`` subprotocol is offered (the
+    gateway then forwards message parts without re-encoding them); gateways
+    that do not speak it get the JSON protocol.
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class KernelChannel:
         self._ping_interval = ping_interval
         self._open_timeout = open_timeout
         self._ws: ClientConnection | None = None
+        self._binary = False
 
     @property
     def is_open(self) -> bool:
@@ -84,6 +90,7 @@ class KernelChannel:
                 # Like aiohttp (trust_env=False), ignore proxy variables; looking
                 # them up also costs a millisecond of loop time per connect.
                 proxy=None,
+                subprotocols=[websockets.Subprotocol(V1_SUBPROTOCOL)],
                 **kwargs,
             )
         except InvalidStatus as exc:
@@ -99,6 +106,7 @@ class KernelChannel:
             raise GatewayUnreachable(f"kernel websocket refused with HTTP {status}", status=status) from exc
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise GatewayUnreachable(f"cannot open the kernel websocket: {exc!r}") from exc
+        self._binary = self._ws.subprotocol == V1_SUBPROTOCOL
 
     async def send(self, message: Mapping[str, Any]) -> None:
         """Send one message.
@@ -109,7 +117,7 @@ class KernelChannel:
         if self._ws is None:
             raise ChannelLost("not connected")
         try:
-            await self._ws.send(json.dumps(message))
+            await self._ws.send(encode_v1(message) if self._binary else json.dumps(message))
         except ConnectionClosed as exc:
             raise ChannelLost(str(exc)) from exc
 
@@ -129,9 +137,9 @@ class KernelChannel:
         except ConnectionClosed as exc:
             raise ChannelLost(str(exc)) from exc
         try:
-            message = json.loads(frame)
-        except ValueError as exc:
-            raise ProtocolError(f"kernel websocket sent a frame that is not JSON: {frame[:200]!r}") from exc
+            message = decode_v1(frame) if isinstance(frame, bytes) else json.loads(frame)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"kernel websocket sent a malformed frame: {frame[:200]!r}") from exc
         if not isinstance(message, dict):
             raise ProtocolError(f"kernel websocket sent JSON that is not an object: {message!r:.200}")
         return message

@@ -51,6 +51,8 @@ def _gateway_argv(args: argparse.Namespace) -> list[str]:
         "--KernelGatewayApp.port_retries=0",
         "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit=0",
         "--ZMQChannelsWebsocketConnection.iopub_msg_rate_limit=0",
+        # No limits, so no per-message rate bookkeeping on the hot path either.
+        "--ZMQChannelsWebsocketConnection.limit_rate=False",
         "--KernelManager.transport=ipc",
         # Token-protected anyway; lets owners see (and reap) what runs.
         "--JupyterWebsocketPersonality.list_kernels=True",

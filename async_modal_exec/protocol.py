@@ -19,6 +19,7 @@ Rules the fold follows (after jupyter_client's ``execute_interactive``):
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Mapping
@@ -104,6 +105,51 @@ def input_reply(value: str, *, session: str, parent: Mapping[str, Any]) -> dict[
     """Build an ``input_reply`` answering the ``input_request`` message ``parent``."""
     message = _message("input_reply", {"value": value}, session=session, channel="stdin")
     message["parent_header"] = dict(parent.get("header") or {})
+    return message
+
+
+V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
+_V1_PARTS = ("header", "parent_header", "metadata", "content")
+
+
+def encode_v1(message: Mapping[str, Any]) -> bytes:
+    """Encode a message for the binary ``v1.kernel.websocket.jupyter.org`` subprotocol.
+
+    Layout: the number of offsets, the offsets (little-endian uint64), then the
+    channel name, the four JSON parts and any binary buffers. The gateway
+    forwards the parts to the kernel without re-encoding them.
+    """
+    channel = str(message.get("channel") or "shell").encode()
+    parts = [json.dumps(message.get(name) or {}).encode() for name in _V1_PARTS]
+    parts += [bytes(buffer) for buffer in message.get("buffers") or []]
+    offsets = [8 * (len(parts) + 3)]
+    offsets.append(offsets[-1] + len(channel))
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    head = [len(offsets).to_bytes(8, "little"), *(offset.to_bytes(8, "little") for offset in offsets)]
+    return b"".join([*head, channel, *parts])
+
+
+def decode_v1(frame: bytes) -> dict[str, Any]:
+    """Decode a binary v1 frame into the same dict shape as the JSON protocol.
+
+    Raises:
+        ValueError: the frame is truncated or its parts are not JSON.
+    """
+    count = int.from_bytes(frame[:8], "little")
+    if count < 6 or len(frame) < 8 * (count + 1):
+        raise ValueError("truncated v1 frame")
+    offsets = [int.from_bytes(frame[8 * (i + 1) : 8 * (i + 2)], "little") for i in range(count)]
+    if offsets[-1] > len(frame) or offsets != sorted(offsets):
+        raise ValueError("v1 frame offsets out of range")
+    chunks = [frame[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
+    message: dict[str, Any] = {"channel": chunks[0].decode()}
+    for name, chunk in zip(_V1_PARTS, chunks[1:5], strict=True):
+        # Kernels encode lone surrogates (text decoded with surrogateescape) as
+        # raw bytes; decode like jupyter_client does, replacing what is invalid.
+        message[name] = json.loads(chunk.decode("utf-8", "replace")) if chunk else {}
+    message["buffers"] = chunks[5:]
+    message["msg_type"] = message["header"].get("msg_type") if isinstance(message["header"], dict) else None
     return message
 
 

@@ -231,3 +231,33 @@ def test_aborted_request_is_an_error() -> None:
     fold.feed(status("idle"))
     error = fold.result().error
     assert error is not None and error.ename == "ExecutionAborted"
+
+
+def test_v1_binary_frames_round_trip() -> None:
+    from async_modal_exec.protocol import decode_v1, encode_v1
+
+    message = execute_request("print('é')", session="s")
+    message["buffers"] = [b"\x00\x01raw"]
+    decoded = decode_v1(encode_v1(message))
+    assert decoded["channel"] == "shell"
+    assert decoded["header"] == message["header"]
+    assert decoded["content"] == message["content"]
+    assert decoded["parent_header"] == {} and decoded["metadata"] == {}
+    assert decoded["buffers"] == [b"\x00\x01raw"]
+    assert decoded["msg_type"] == "execute_request"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\x01" + b"\x00" * 7,
+        (6).to_bytes(8, "little") + b"\x00" * 8,
+        (6).to_bytes(8, "little") + (10**9).to_bytes(8, "little") * 6,
+    ],
+)
+def test_v1_malformed_frames_raise_value_error(frame: bytes) -> None:
+    from async_modal_exec.protocol import decode_v1
+
+    with pytest.raises(ValueError):
+        decode_v1(frame)

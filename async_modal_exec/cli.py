@@ -52,6 +52,10 @@ def _build_parser() -> argparse.ArgumentParser:
         default=120.0,
         help="seconds to wait for the gateway (default: %(default)s)",
     )
+    reap = commands.add_parser("reap", help="terminate Modal sandboxes this package left running")
+    reap.add_argument("--app", required=True, help="the Modal app name")
+    reap.add_argument("--older-than", type=_duration, default=None, help="e.g. 30s, 15m, 2h, 1d")
+    reap.add_argument("--dry-run", action="store_true", help="list, terminate nothing")
     return parser
 
 

@@ -14,6 +14,7 @@ from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint, Loc
 from async_modal_exec.gateway import GatewayClient
 
 from .helpers import descendants, wait_gone
+from .modal_double.fixtures import modal_double, modal_sandboxes_checked  # noqa: F401 - fixtures
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

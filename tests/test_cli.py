@@ -93,3 +93,8 @@ async def test_unreachable_gateway_exits_3() -> None:
     )
     assert status == 3
     assert "cannot reach" in err or "not ready" in err
+
+
+async def test_reap_rejects_bad_durations() -> None:
+    status, _, err = await run_cli("reap", "--app", "x", "--older-than", "soon")
+    assert status == 2 and "not a duration" in err

@@ -184,10 +184,11 @@ class ModalBackend(Backend):
         source = await anyio.Path(launcher.__file__).read_text()
         command = ("python", "-c", source, "--ip=0.0.0.0", f"--port={self.port}")
         began = time.monotonic()
-        # Shielded: a sandbox is created even if we stop waiting, so let the
-        # call return and terminate what it returns (start() does, on error).
-        self.sandbox = await run_shielded(
-            modal.Sandbox.create.aio(
+
+        async def create() -> None:
+            # Stores the sandbox itself, so a cancellation that arrives while the
+            # call is in flight still finds it to terminate (start() does, on error).
+            self.sandbox = await modal.Sandbox.create.aio(
                 *command,
                 app=app,
                 image=image,
@@ -198,7 +199,10 @@ class ModalBackend(Backend):
                 readiness_probe=kwargs.pop("readiness_probe", None) or modal.Probe.with_tcp(self.port),
                 **kwargs,
             )
-        )
+
+        # Shielded: the sandbox is created even if we stop waiting for it.
+        await run_shielded(create())
+        assert self.sandbox is not None
         self._phase("create", began)
         logger.info("modal sandbox %s created", self.sandbox.object_id)
         began = time.monotonic()

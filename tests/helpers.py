@@ -7,7 +7,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -21,8 +21,11 @@ class LagProbe:
     Two measures:
 
     * ``max_callback``: the longest single callback or task step run by this
-      loop's thread (wall time). Code that blocks the loop (a synchronous HTTP
-      call, ``time.sleep``, a blocking Modal call) shows up here directly.
+      loop's thread: its wall time minus the time the thread was runnable but
+      waiting for a CPU (Linux ``schedstat``), so preemption on a busy machine
+      does not count but computing or waiting does. Code that blocks the loop
+      (a synchronous HTTP call, ``time.sleep``, a blocking Modal call) shows up
+      here directly.
     * ``max_lag``: how late a task sleeping ``interval`` seconds wakes up. It
       includes the above, plus time the operating system did not run this
       process at all (on a 2-core machine, eight kernels starting at once keep
@@ -32,6 +35,7 @@ class LagProbe:
     interval: float = 0.005
     samples: list[float] = field(default_factory=list)
     callbacks: list[float] = field(default_factory=list)
+    callbacks_wall: list[float] = field(default_factory=list)
     slowest: str = ""
 
     @property
@@ -42,9 +46,14 @@ class LagProbe:
     def max_callback(self) -> float:
         return max(self.callbacks, default=0.0)
 
+    @property
+    def max_callback_wall(self) -> float:
+        return max(self.callbacks_wall, default=0.0)
+
     def summary(self) -> str:
         return (
             f"longest callback {self.max_callback * 1000:.1f} ms ({self.slowest}), "
+            f"longest including preemption {self.max_callback_wall * 1000:.1f} ms, "
             f"wake-up lag {self.max_lag * 1000:.1f} ms"
         )
 
@@ -63,29 +72,48 @@ async def measure_loop_lag(interval: float = 0.005) -> AsyncIterator[LagProbe]:
     loop_thread = threading.get_ident()
     original = asyncio.events.Handle._run
 
-    def timed_run(handle: asyncio.events.Handle) -> None:
-        if threading.get_ident() != loop_thread:
-            original(handle)
-            return
-        started = time.perf_counter()
-        try:
-            original(handle)
-        finally:
-            took = time.perf_counter() - started
-            if took > probe.max_callback:
-                callback = handle._callback  # type: ignore[attr-defined]
-                probe.slowest = repr(getattr(callback, "__self__", callback))[:300]
-            probe.callbacks.append(took)
+    with _runqueue_clock() as waiting_for_cpu:
 
-    asyncio.events.Handle._run = timed_run  # type: ignore[method-assign]
-    task = asyncio.create_task(probe._run())
+        def timed_run(handle: asyncio.events.Handle) -> None:
+            if threading.get_ident() != loop_thread:
+                original(handle)
+                return
+            started = time.perf_counter()
+            queued = waiting_for_cpu()
+            try:
+                original(handle)
+            finally:
+                wall = time.perf_counter() - started
+                took = wall - (waiting_for_cpu() - queued)
+                probe.callbacks_wall.append(wall)
+                if took > probe.max_callback:
+                    callback = handle._callback  # type: ignore[attr-defined]
+                    probe.slowest = repr(getattr(callback, "__self__", callback))[:300]
+                probe.callbacks.append(took)
+
+        asyncio.events.Handle._run = timed_run  # type: ignore[method-assign]
+        task = asyncio.create_task(probe._run())
+        try:
+            yield probe
+        finally:
+            asyncio.events.Handle._run = original  # type: ignore[method-assign]
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@contextlib.contextmanager
+def _runqueue_clock() -> Iterator[Callable[[], float]]:
+    """Seconds this thread has spent runnable but not running (always 0 where unknown)."""
     try:
-        yield probe
+        fd = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
+    except OSError:
+        yield lambda: 0.0
+        return
+    try:
+        yield lambda: int(os.pread(fd, 100, 0).split()[1]) / 1e9
     finally:
-        asyncio.events.Handle._run = original  # type: ignore[method-assign]
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        os.close(fd)
 
 
 def descendants() -> list[int]:

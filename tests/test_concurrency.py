@@ -60,3 +60,14 @@ async def test_the_probe_sees_a_blocking_call() -> None:
         await asyncio.sleep(0.02)
     assert probe.max_callback >= 0.025
     assert probe.max_lag >= 0.02
+
+
+async def test_the_probe_sees_a_busy_computation() -> None:
+    # Computing on the loop counts too; only time spent waiting for a CPU is excluded.
+    async with measure_loop_lag() as probe:
+        await asyncio.sleep(0.02)
+        deadline = time.perf_counter() + 0.03
+        while time.perf_counter() < deadline:
+            pass
+        await asyncio.sleep(0.02)
+    assert probe.max_callback >= 0.025, probe.summary()

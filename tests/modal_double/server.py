@@ -29,6 +29,34 @@ T = TypeVar("T")
 LIST_PAGE_SIZE = 2  # small, so list paging (before_timestamp) is exercised
 
 
+class _ClosingServer(Server):
+    """grpclib's ``Server.close()`` stops listening but leaves accepted
+    connections open (the ``modal`` client keeps its channels): this one closes
+    them too, so the double's loop ends with no socket left behind."""
+
+    def __init__(self, handlers: list[Any]) -> None:
+        super().__init__(handlers)
+        self.transports: set[asyncio.BaseTransport] = set()
+
+    def _protocol_factory(self) -> Any:
+        protocol = super()._protocol_factory()
+        made = protocol.connection_made
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            self.transports.add(transport)
+            made(transport)
+
+        protocol.connection_made = connection_made
+        return protocol
+
+    async def shutdown(self) -> None:
+        self.close()
+        await self.wait_closed()
+        for transport in self.transports:
+            transport.close()
+        await asyncio.sleep(0.05)  # let each transport run its connection_lost and close its socket
+
+
 def fake_jwt(lifetime: float = 3600) -> str:
     """An unsigned JWT with an ``exp`` claim: what the client decodes."""
 
@@ -280,7 +308,7 @@ class ModalDouble:
         self.server_tls.load_cert_chain(self.cert, key)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="modal-double", daemon=True)
-        self._server: Server | None = None
+        self._server: _ClosingServer | None = None
         self.url = ""
 
     async def checkpoint(self, rpc: str) -> None:
@@ -306,7 +334,7 @@ class ModalDouble:
     async def _serve(self) -> None:
         control = _recording_servicer(ModalClientBase, _ControlPlane, self.unimplemented)(self)
         router = _recording_servicer(TaskCommandRouterBase, _Router, self.unimplemented)(self)
-        self._server = Server([control, router])
+        self._server = _ClosingServer([control, router])
         await self._server.start("127.0.0.1", 0)
         port = self._server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}"
@@ -323,8 +351,7 @@ class ModalDouble:
         """Terminate every sandbox, stop serving; return the ids that were still alive."""
         alive = self.call(self._terminate_all())
         if self._server is not None:
-            self._server.close()
-            self.call(self._server.wait_closed())
+            self.call(self._server.shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()

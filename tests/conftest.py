@@ -80,7 +80,8 @@ def _nothing_leaked() -> Any:
     leftover = descendants()
     assert leftover == [], f"processes left running after the test session: {leftover}"
     runtime_dirs = set(glob.glob("/tmp/ame-*")) - runtime_dirs_before
-    assert not runtime_dirs, f"gateway runtime directories left behind: {sorted(runtime_dirs)}"
+    contents = {path: sorted(os.listdir(path)) for path in sorted(runtime_dirs) if os.path.isdir(path)}
+    assert not runtime_dirs, f"gateway runtime directories left behind: {contents}"
 
 
 def pytest_report_header() -> str:

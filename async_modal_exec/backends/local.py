@@ -9,11 +9,15 @@ for model-written code you do not trust.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
+import math
 import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +80,22 @@ def _kill_if_same(processes: list[tuple[int, str]]) -> None:
             continue
 
 
+@functools.cache
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+    """One long-lived thread that starts processes, so the loop never waits for a spawn."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="async-modal-exec-spawn")
+
+
+async def _wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """Poll (non-blocking ``waitpid``) until ``process`` exits; its status, or None at the timeout."""
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while (status := process.poll()) is None and time.monotonic() < deadline:
+        await anyio.sleep(pause)
+        pause = min(pause * 2, 0.1)
+    return status
+
+
 def _make_private_dir() -> tuple[str, IO[bytes]]:
     runtime_dir = tempfile.mkdtemp(prefix="ame-", dir=_short_temp_root())
     log = open(os.path.join(runtime_dir, "gateway.log"), "wb")  # noqa: SIM115 - owned by the backend
@@ -123,7 +143,7 @@ class LocalBackend(Backend):
         self.nice = nice
         self.startup_seconds: float | None = None
         self.timings: dict[str, float] = {}
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._runtime_dir: str | None = None
         self._log: IO[bytes] | None = None
         self._endpoint: GatewayEndpoint | None = None
@@ -150,14 +170,20 @@ class LocalBackend(Backend):
         begin = time.monotonic()
         token = secrets.token_urlsafe(32)
         try:
-            self._runtime_dir, self._log = await anyio.to_thread.run_sync(_make_private_dir)
+            # A few syscalls on /tmp: cheaper than handing them to a worker thread.
+            self._runtime_dir, self._log = _make_private_dir()
             env = {
                 **os.environ,
                 **self.env,
                 "KG_AUTH_TOKEN": token,
                 "JUPYTER_RUNTIME_DIR": str(self._runtime_dir),
             }
-            self._process = await asyncio.create_subprocess_exec(
+            # Spawned on the one spawner thread: Popen waits for the child's
+            # exec (vfork), which takes 10-20 ms when the CPUs are busy, and
+            # asyncio's create_subprocess_exec also waits for a new watcher
+            # thread per process on Python < 3.12. The exit is observed by
+            # polling (see _wait_exit).
+            argv = [
                 self.python,
                 "-m",
                 "async_modal_exec.launcher",
@@ -166,13 +192,25 @@ class LocalBackend(Backend):
                 "--exit-on-stdin-eof",
                 "--remove-runtime-dir",
                 f"--nice={self.nice}",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=self._log,
-                env=env,
-                cwd=self.cwd,
-                start_new_session=True,
-            )
+            ]
+            log = self._log
+
+            def spawn() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    env=env,
+                    cwd=self.cwd,
+                    start_new_session=True,
+                )
+
+            async def spawn_and_keep() -> None:
+                # Kept even when start() is cancelled meanwhile, so aclose() kills it.
+                self._process = await asyncio.wrap_future(_spawner().submit(spawn))
+
+            await run_shielded(spawn_and_keep())
             port = await self._read_port()
         except BaseException:
             await self.aclose()
@@ -181,26 +219,37 @@ class LocalBackend(Backend):
         self.startup_seconds = self.timings["gateway_process"] = time.monotonic() - begin
         logger.info(
             "local gateway (pid %s) listening on port %s after %.2f s",
-            self._process.pid,
+            self.pid,
             port,
             self.startup_seconds,
         )
         return self._endpoint
 
     async def _read_port(self) -> int:
-        assert self._process is not None and self._process.stdout is not None
-        with anyio.move_on_after(self.startup_timeout):
-            while True:
-                line = await self._process.stdout.readline()
-                if not line:
-                    await self._process.wait()
-                    status = self._process.returncode
-                    raise BackendStartError(
-                        f"the gateway exited with status {status} before listening:\n{await self._log_tail()}"
-                    )
-                text = line.decode(errors="replace").strip()
-                if text.startswith(PORT_LINE_PREFIX):
-                    return int(text[len(PORT_LINE_PREFIX) :])
+        """Read the launcher's port line from its stdout (an asyncio pipe reader, no thread)."""
+        process = self._process
+        assert process is not None and process.stdout is not None
+        reader = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), process.stdout
+        )
+        try:
+            with anyio.move_on_after(self.startup_timeout):
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        status = await _wait_exit(process, _TERM_GRACE)
+                        raise BackendStartError(
+                            f"the gateway exited with status {status} before listening:\n"
+                            f"{await self._log_tail()}"
+                        )
+                    text = line.decode(errors="replace").strip()
+                    if text.startswith(PORT_LINE_PREFIX):
+                        return int(text[len(PORT_LINE_PREFIX) :])
+        finally:
+            # The launcher sends nothing more to stdout after the port line.
+            transport.close()
         raise BackendStartError(
             f"the gateway did not listen within {self.startup_timeout} s:\n{await self._log_tail()}"
         )
@@ -220,20 +269,17 @@ class LocalBackend(Backend):
 
     async def _stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.returncode is None:
-            tree = await anyio.to_thread.run_sync(_process_tree, process.pid)
-            process.send_signal(signal.SIGTERM)
-            with anyio.move_on_after(_TERM_GRACE):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await anyio.to_thread.run_sync(_kill_if_same, tree)
         if process is not None:
-            if process.stdin is not None:
-                process.stdin.close()
-            # Let the transport notice the exit and close its pipes now.
-            await process.wait()
+            if process.poll() is None:
+                tree = await anyio.to_thread.run_sync(_process_tree, process.pid)
+                process.send_signal(signal.SIGTERM)
+                if await _wait_exit(process, _TERM_GRACE) is None:
+                    process.kill()
+                    await _wait_exit(process, math.inf)
+                await anyio.to_thread.run_sync(_kill_if_same, tree)
+            for pipe in (process.stdin, process.stdout):
+                if pipe is not None:
+                    pipe.close()
         log, self._log = self._log, None
         runtime_dir, self._runtime_dir = self._runtime_dir, None
         if log is not None:

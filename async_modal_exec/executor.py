@@ -261,6 +261,11 @@ class AsyncExecutor:
         if self._kernel_suspect:
             try:
                 await gateway.get_kernel(self._kernel_id)
+                # The gateway restarted the kernel process. A restart soon
+                # after start can move it to new ports, leaving the gateway's
+                # streams behind our old websocket talking to the dead process:
+                # connect afresh.
+                await self._channel.aclose()
                 self._kernel_suspect = False
             except GatewayNotFound:
                 logger.info("kernel %s is gone; starting a fresh one", self._kernel_id)

@@ -16,7 +16,7 @@ MakeExecutor = Callable[..., Awaitable[AsyncExecutor]]
 # Nothing the package runs may hold the loop for 20 ms. Wake-up lag also counts
 # time the OS gave both cores to the kernels starting: a generous bound only.
 MAX_BLOCK = 0.020
-MAX_WAKEUP_LAG = 0.250
+MAX_WAKEUP_LAG = 0.150
 
 
 @pytest.mark.slow

@@ -176,11 +176,12 @@ async def test_kernel_death_is_reported_and_next_run_gets_fresh_kernel(executor:
     started = time.monotonic()
     with pytest.raises(KernelDied) as caught:
         await executor.run(
-            "import os, sys, time\nprint('last words', flush=True)\ntime.sleep(0.3)\nos._exit(1)"
+            "import os, sys, time\nprint('last words', flush=True)\ntime.sleep(0.3)\nos._exit(1)",
+            timeout=30,
         )
     assert time.monotonic() - started < 5
     assert "last words" in caught.value.result.stdout
-    result = await executor.run("'gone' in dir()")
+    result = await executor.run("'gone' in dir()", timeout=30)
     assert result.value is not None and result.value.text == "False"
 
 

@@ -25,6 +25,7 @@ from .errors import (
     ProtocolError,
 )
 from .executor import AsyncExecutor
+from .host_tools import HostTools
 from .results import (
     DisplayEvent,
     ErrorEvent,
@@ -72,6 +73,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AsyncExecutor",
+    "HostTools",
     "AsyncModalExecError",
     "Backend",
     "BackendError",

@@ -8,7 +8,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -23,6 +23,7 @@ from .backends.base import Backend
 from .channel import ChannelLost, KernelChannel
 from .errors import (
     AsyncModalExecError,
+    ExecutionError,
     ExecutionTimeout,
     ExecutorStateError,
     GatewayError,
@@ -30,7 +31,16 @@ from .errors import (
     KernelDied,
 )
 from .gateway import GatewayClient
-from .protocol import ExecutionFold, execute_request, kernel_died, msg_id_of, new_session_id
+from .host_tools import HostTools
+from .protocol import (
+    ExecutionFold,
+    execute_request,
+    input_reply,
+    kernel_died,
+    msg_id_of,
+    msg_type_of,
+    new_session_id,
+)
 from .results import Event, ExecutionResult
 
 logger = logging.getLogger("async_modal_exec.executor")
@@ -81,6 +91,9 @@ class AsyncExecutor:
         liveness_interval: after this many seconds without a message during an
             execution, the kernel is checked over REST (a deleted kernel is
             reported as :class:`~async_modal_exec.KernelDied` this soon).
+        host_tools: tools that run on the host and are called from the
+            sandboxed code (see :class:`~async_modal_exec.HostTools`): a
+            ``HostTools``, a mapping ``{name: tool}`` or a list of tools.
     """
 
     def __init__(
@@ -96,6 +109,7 @@ class AsyncExecutor:
         kernel_name: str | None = None,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
         liveness_interval: float = 2.0,
+        host_tools: HostTools | Mapping[str, Any] | Iterable[Any] | None = None,
     ) -> None:
         if backend is None:
             from .backends.local import LocalBackend
@@ -125,6 +139,8 @@ class AsyncExecutor:
         self._idle_watch: asyncio.Task[None] | None = None
         self._last_activity = time.monotonic()
         self.startup_timings: dict[str, float] = {}
+        self.host_tools = host_tools if isinstance(host_tools, HostTools) else HostTools(host_tools or ())
+        self._stubbed: set[str] | None = None  # host-tool stubs defined in the current kernel
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -243,6 +259,7 @@ class AsyncExecutor:
             await self._channel.aclose()
             self._channel = None
         self._kernel_id = await self._gateway.create_kernel(self.kernel_name)
+        self._stubbed = None
         self._session_id = new_session_id()
         self._channel = KernelChannel(
             self._gateway.websocket_url(self._kernel_id, self._session_id),
@@ -267,6 +284,7 @@ class AsyncExecutor:
                 # connect afresh.
                 await self._channel.aclose()
                 self._kernel_suspect = False
+                self._stubbed = None
             except GatewayNotFound:
                 logger.info("kernel %s is gone; starting a fresh one", self._kernel_id)
                 await self._new_kernel()
@@ -302,6 +320,7 @@ class AsyncExecutor:
     async def _run_fold(self, code: str, timeout: float | None) -> ExecutionFold:
         async with self._lock:
             channel = await self._ensure_kernel()
+            await self._ensure_host_tools(channel)
             request, fold = self._request(code)
             try:
                 async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:
@@ -321,6 +340,7 @@ class AsyncExecutor:
         """
         async with self._lock:
             channel = await self._ensure_kernel()
+            await self._ensure_host_tools(channel)
             request, fold = self._request(code)
             try:
                 async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:
@@ -335,10 +355,35 @@ class AsyncExecutor:
             raise ValueError("timeout must be positive or None")
         return value
 
+    async def _ensure_host_tools(self, channel: KernelChannel) -> None:
+        """Define the stubs of host tools the current kernel lacks (all of them after a restart)."""
+        missing = [
+            name for name in self.host_tools.names if self._stubbed is None or name not in self._stubbed
+        ]
+        if not missing:
+            return
+        code = self.host_tools.setup_code(missing, install_bridge=self._stubbed is None)
+        request, fold = self._request(code)
+        async with aclosing(self._drive(channel, request, fold, _CLEANUP_TIMEOUT)) as events:
+            async for _ in events:
+                pass
+        result = fold.result()
+        if result.error is not None:
+            raise ExecutionError(
+                f"defining the host tools in the kernel failed: {result.error.ename}: {result.error.evalue}",
+                result,
+            )
+        self._stubbed = (self._stubbed or set()) | set(missing)
+
     def _request(self, code: str) -> tuple[dict[str, Any], ExecutionFold]:
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
-        request = execute_request(code, session=self._session_id, store_history=self.store_history)
+        request = execute_request(
+            code,
+            session=self._session_id,
+            store_history=self.store_history,
+            allow_stdin=bool(self.host_tools),
+        )
         return request, ExecutionFold(msg_id_of(request), max_output_chars=self.max_output_chars)
 
     async def _drive(
@@ -356,6 +401,9 @@ class AsyncExecutor:
                 message = await self._receive(channel, fold, deadline)
                 if message is None:
                     break
+                if msg_type_of(message) == "input_request" and fold.belongs(message):
+                    await self._answer_input(channel, message, deadline)
+                    continue
                 for event in fold.feed(message):
                     yield event
         except KernelDied:
@@ -374,6 +422,18 @@ class AsyncExecutor:
             raise ExecutionTimeout(
                 f"execution timed out after {timeout} s; {how}", fold.result(), restarted=restarted
             )
+
+    async def _answer_input(self, channel: KernelChannel, request: dict[str, Any], deadline: float) -> None:
+        """Answer the kernel's ``input_request``: a host-tool call (or EOF for plain ``input()``).
+
+        The call counts toward the execution's deadline; past it, no answer is
+        sent and the timeout path interrupts the kernel out of ``input()``.
+        """
+        content = request.get("content")
+        prompt = content.get("prompt", "") if isinstance(content, Mapping) else ""
+        with anyio.move_on_after(deadline - time.monotonic()):
+            value = await self.host_tools.answer(str(prompt))
+            await channel.send(input_reply(value, session=self._session_id, parent=request))
 
     async def _receive(
         self, channel: KernelChannel, fold: ExecutionFold, deadline: float
@@ -450,6 +510,7 @@ class AsyncExecutor:
                 return False
             logger.warning("kernel %s ignored the interrupt; restarting it", self._kernel_id)
             await self._gateway.restart_kernel(self._kernel_id)
+            self._stubbed = None
             # The old websocket belongs to the old kernel process: start clean.
             await channel.aclose()
             await channel.open()
@@ -476,6 +537,7 @@ class AsyncExecutor:
             assert self._kernel_id is not None and self._channel is not None
             try:
                 await gateway.restart_kernel(self._kernel_id)
+                self._stubbed = None
             except GatewayNotFound:
                 await self._new_kernel()
                 return

@@ -98,11 +98,13 @@ def test_tools_that_cannot_be_shipped_do_not_crash_the_agent(agent_executor: Exe
         verbosity_level=0,
     )
     assert agent.run("use the tools") == "done"
-    assert set(agent_executor.unshippable_tools) == {"keyed", "shout"}
-    assert "__init__" in agent_executor.unshippable_tools["keyed"]
+    # Neither can be sent as source; by default both run on the host instead.
+    assert set(agent_executor.host_tool_reasons) == {"keyed", "shout"}
+    assert "__init__" in agent_executor.host_tool_reasons["keyed"]
+    assert agent_executor.unshippable_tools == {}
     keyed_step, shout_step, _ = steps(agent)
-    assert "tool 'keyed' could not be sent to the sandbox" in str(keyed_step.error)
-    assert "tool 'shout' could not be sent to the sandbox" in str(shout_step.error)
+    assert keyed_step.error is None and "x:secret-key" in keyed_step.observations
+    assert shout_step.error is None and "HI!" in shout_step.observations
 
 
 def test_packages_already_present_are_never_reinstalled(gateway: GatewayEndpoint) -> None:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+from smolagents.agents import MultiStepAgent
 from smolagents.local_python_executor import CodeOutput
 from smolagents.monitoring import AgentLogger, LogLevel
 from smolagents.remote_executors import RemotePythonExecutor
@@ -28,10 +29,17 @@ from smolagents.utils import AgentError
 from ..backends.base import Backend
 from ..errors import ExecutionError, ExecutorStateError
 from ..executor import AsyncExecutor
+from ..host_tools import HostTools, tool_name
 from ..results import ExecutionResult
 from .outputs import code_output, error_message, is_final_answer
 from .packages import InstallPolicy, PackageInstaller
-from .requirements import Requirement, requirement_from_spec, requirements_of_tool, shipping_problem
+from .requirements import (
+    Requirement,
+    is_mcp_tool,
+    requirement_from_spec,
+    requirements_of_tool,
+    shipping_problem,
+)
 
 logger = logging.getLogger("async_modal_exec.agent")
 
@@ -72,6 +80,13 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         install_packages: ``"auto"`` (install what is missing) or ``"never"``.
         install_timeout: seconds the installer may run.
         timeout: default per-step timeout in seconds (None: no limit).
+        host_tools: tools (or tool names) that always run on the host, called
+            from the sandbox over the kernel's stdin channel. Managed agents,
+            MCP tools and tools that cannot be shipped as source run there too.
+        host_fallback: False: tools that cannot be shipped become stubs that
+            raise a clear error instead of running on the host (managed agents,
+            MCP tools and ``host_tools`` still run on the host).
+        host_tool_timeout: seconds one host-tool call may take.
         **executor_options: passed to :class:`~async_modal_exec.AsyncExecutor`.
 
     Ctrl-C during a call cancels the work on the loop, lets its cleanup run
@@ -92,10 +107,18 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         install_packages: InstallPolicy = "auto",
         install_timeout: float = 600.0,
         timeout: float | None = None,
+        host_tools: Sequence[Any] = (),
+        host_fallback: bool = True,
+        host_tool_timeout: float = 300.0,
         **executor_options: Any,
     ) -> None:
         super().__init__(list(additional_imports), logger or AgentLogger(level=LogLevel.INFO), allow_pickle)
-        self.core = AsyncExecutor(backend, timeout=timeout, **executor_options)
+        self.core = AsyncExecutor(
+            backend, timeout=timeout, host_tools=HostTools(call_timeout=host_tool_timeout), **executor_options
+        )
+        self.forced_host_tools = {item if isinstance(item, str) else tool_name(item) for item in host_tools}
+        self.host_fallback = host_fallback
+        self.host_tool_reasons: dict[str, str] = {}
         self.requirements = list(requirements) if requirements is not None else None
         self.tool_requirements = {name: list(specs) for name, specs in (tool_requirements or {}).items()}
         self.installer = PackageInstaller(install_packages, install_timeout)
@@ -189,10 +212,17 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
     async def _send_tools(self, tools: Mapping[str, Any]) -> ExecutionResult | None:
         await self._ensure_started()
         shippable: dict[str, Tool] = {}
+        on_host: dict[str, Any] = {}
         stubs: list[str] = []
         needed: list[Requirement] = []
         for name, tool in tools.items():
             problem = shipping_problem(tool)
+            reason = self._host_reason(name, tool, problem)
+            if reason is not None:
+                on_host[name] = tool
+                self.host_tool_reasons[name] = reason
+                self.logger.log(f"Tool {name!r} runs on the host: {reason}", level=LogLevel.INFO)
+                continue
             if problem is not None:
                 self.unshippable_tools[name] = problem
                 stubs.append(_unshippable_stub(name, problem))
@@ -205,9 +235,25 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
             requirements, origin = requirements_of_tool(tool, explicit)
             logger.debug("requirements of tool %s (%s): %s", name, origin, [r.spec for r in requirements])
             needed += requirements
+        self.core.host_tools.add(on_host)
         await self._install(needed)
         code = "\n".join([get_tools_definition_code(shippable) if shippable else "", *stubs])
-        return await self.core.run(code) if code.strip() else None
+        # An empty run still defines the host-tool stubs, so the first step finds them.
+        return await self.core.run(code) if code.strip() or on_host else None
+
+    def _host_reason(self, name: str, tool: Any, problem: str | None) -> str | None:
+        """Why ``tool`` runs on the host, or None if it goes into the sandbox."""
+        if name == "final_answer":
+            return None  # patched to raise in the sandbox, as smolagents expects
+        if name in self.forced_host_tools:
+            return "listed in host_tools"
+        if isinstance(tool, MultiStepAgent):
+            return "it is a managed agent"
+        if is_mcp_tool(tool):
+            return "it is an MCP tool (its connection lives on the host)"
+        if problem is not None and self.host_fallback:
+            return problem
+        return None
 
     # -- smolagents' interface ---------------------------------------------------------
 

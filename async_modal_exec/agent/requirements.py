@@ -151,6 +151,12 @@ def requirements_of_tool(tool: Any, explicit: Sequence[str] | None = None) -> tu
     return [requirement_for_import(name) for name in names if name not in _NEVER_INSTALL], origin
 
 
+def is_mcp_tool(tool: Any) -> bool:
+    """True for tools wrapping an MCP server (``ToolCollection.from_mcp``, ``MCPClient``)."""
+    module = type(tool).__module__ or ""
+    return module.startswith(("mcpadapt", "smolagents.mcp_client", "mcp.")) or "MCP" in type(tool).__name__
+
+
 def shipping_problem(tool: Any) -> str | None:
     """Why ``tool`` cannot be sent to the sandbox as source, or None if it can."""
     if not isinstance(tool, Tool):

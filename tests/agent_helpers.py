@@ -61,37 +61,3 @@ class KeyedTool(Tool):
 
     def forward(self, x: str) -> str:
         return f"{x}:{self.key}"
-
-
-class FakeMcpSession:
-    """Host-side state an MCP tool holds (in real life: a client session to an MCP server)."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-
-    def call_tool(self, name: str, arguments: dict[str, Any]) -> str:
-        self.calls.append({"name": name, "arguments": arguments})
-        return f"2 documents about {arguments['query']}"
-
-
-class MCPAdaptTool(Tool):
-    """Shaped like the tools smolagents' ``ToolCollection.from_mcp`` builds (via mcpadapt):
-    name, schema and a session are given at construction, ``forward`` calls the server."""
-
-    skip_forward_signature_validation = True
-
-    def __init__(self, name: str, description: str, inputs: dict[str, Any], session: FakeMcpSession) -> None:
-        self.name = name
-        self.description = description
-        self.inputs = inputs
-        self.output_type = "string"
-        self.session = session
-        super().__init__()
-
-    def forward(self, *args: Any, **kwargs: Any) -> str:
-        return self.session.call_tool(self.name, kwargs)
-
-    @classmethod
-    def search_docs(cls) -> MCPAdaptTool:
-        inputs = {"query": {"type": "string", "description": "what to look for"}}
-        return cls("search_docs", "Search the documentation.", inputs, FakeMcpSession())

@@ -6,8 +6,10 @@ import asyncio
 import hashlib
 import hmac
 import json
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import PIL.Image
@@ -20,7 +22,7 @@ from async_modal_exec import AsyncExecutor, ExecutionTimeout, GatewayBackend, Ga
 from async_modal_exec.agent import Executor, run_agent
 from async_modal_exec.channel import KernelChannel
 
-from .agent_helpers import MCPAdaptTool, ScriptedModel, YamlTool
+from .agent_helpers import ScriptedModel, YamlTool
 from .helpers import measure_loop_lag
 
 MakeExecutor = Callable[..., Awaitable[AsyncExecutor]]
@@ -228,6 +230,20 @@ def check_agent_run(agent: CodeAgent, answer: Any, executor: Executor, sent: lis
 
 
 @pytest.fixture
+def search_docs() -> Iterator[Tool]:
+    """A real MCP tool: smolagents' ToolCollection.from_mcp on a small stdio MCP server."""
+    from mcp import StdioServerParameters
+    from smolagents import ToolCollection
+
+    server = StdioServerParameters(
+        command=sys.executable, args=[str(Path(__file__).with_name("mcp_docs_server.py"))]
+    )
+    with ToolCollection.from_mcp(server, trust_remote_code=True, structured_output=False) as collection:
+        (tool,) = collection.tools
+        yield tool
+
+
+@pytest.fixture
 def host_agent_executor(gateway: GatewayEndpoint) -> Iterator[Executor]:
     executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET, timeout=60)
     yield executor
@@ -235,10 +251,10 @@ def host_agent_executor(gateway: GatewayEndpoint) -> Iterator[Executor]:
 
 
 def test_managed_agent_and_mcp_tool_on_the_local_gateway(
-    host_agent_executor: Executor, sent_to_kernel: list[str]
+    host_agent_executor: Executor, sent_to_kernel: list[str], search_docs: Tool
 ) -> None:
     agent = CodeAgent(
-        tools=[MCPAdaptTool.search_docs(), secret_tool()],
+        tools=[search_docs, secret_tool()],
         managed_agents=[helper_agent()],
         model=ScriptedModel(STEPS),
         executor=host_agent_executor,
@@ -250,14 +266,16 @@ def test_managed_agent_and_mcp_tool_on_the_local_gateway(
 
 
 @pytest.mark.usefixtures("modal_sandboxes_checked")
-async def test_managed_agent_and_mcp_tool_on_modal(modal_double: Any, sent_to_kernel: list[str]) -> None:
+async def test_managed_agent_and_mcp_tool_on_modal(
+    modal_double: Any, sent_to_kernel: list[str], search_docs: Tool
+) -> None:
     from async_modal_exec import ModalBackend
 
     executor = Executor(
         ModalBackend(app_name="host-tools", ssl_context=modal_double.ssl_context()), logger=QUIET
     )
     agent = CodeAgent(
-        tools=[MCPAdaptTool.search_docs(), secret_tool(), YamlTool()],
+        tools=[search_docs, secret_tool(), YamlTool()],
         managed_agents=[helper_agent()],
         model=ScriptedModel(STEPS),
         executor=executor,

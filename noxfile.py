@@ -39,6 +39,7 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Round-trip benchmark: this package vs the ZMQ floor vs smolagents' path."""
+    """Benchmarks: round trip vs the ZMQ floor and smolagents' path; one host-tool call."""
     session.install("-e", ".[test]")
     session.run("python", "benchmarks/roundtrip.py", *session.posargs)
+    session.run("python", "benchmarks/host_tools.py")

@@ -68,7 +68,9 @@ async def main() -> int:
     print(f"{'(h) host tool (kernel -> host -> kernel)':<54} {medians['h']:>20.3f}")
     print(f"{'(k) the same function defined in the kernel':<54} {medians['k']:>20.4f}")
     print(f"{'(x) one plain execution, for scale':<54} {medians['x']:>20.3f}")
-    print(f"\nhost-tool overhead per call: {overhead:.3f} ms ({medians['h'] / medians['x']:.2f} x one execution)")
+    print(
+        f"\nhost-tool overhead per call: {overhead:.3f} ms ({medians['h'] / medians['x']:.2f} x one execution)"
+    )
     if args.json:
         print(json.dumps({"median_ms": medians, "overhead_ms": overhead}, indent=2))
     return 0

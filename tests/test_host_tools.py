@@ -301,3 +301,29 @@ def test_host_fallback_off_keeps_clear_stubs(host_agent_executor: Executor) -> N
     failing = next(step for step in agent.memory.steps if isinstance(step, ActionStep))
     assert "tool 'sign' could not be sent to the sandbox" in str(failing.error)
     assert host_agent_executor.host_tool_reasons == {}
+
+
+def test_forced_host_tool_and_a_hundred_calls_in_one_agent_step(
+    gateway: GatewayEndpoint, sent_to_kernel: list[str]
+) -> None:
+    executor = Executor(
+        GatewayBackend(gateway.base_url, gateway.token), logger=QUIET, timeout=60, host_tools=["to_yaml"]
+    )
+    model = ScriptedModel(
+        [
+            "signatures = [sign(text=str(i)) for i in range(100)]\nprint(len(set(signatures)))",
+            "final_answer(to_yaml({'n': len(signatures)}))",
+        ]
+    )
+    agent = CodeAgent(
+        tools=[YamlTool(), secret_tool()], model=model, executor=executor, max_steps=4, verbosity_level=0
+    )
+    try:
+        assert agent.run("sign a hundred texts") == "n: 100\n"
+        first = next(step for step in agent.memory.steps if isinstance(step, ActionStep))
+        assert first.observations is not None and "100" in first.observations
+        assert executor.host_tool_reasons["to_yaml"] == "listed in host_tools"
+        assert executor.core.host_tools.calls == 101
+        assert not any("safe_dump" in message for message in sent_to_kernel)  # its source stayed here
+    finally:
+        executor.cleanup()

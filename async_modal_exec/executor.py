@@ -276,18 +276,18 @@ class AsyncExecutor:
         gateway = self._open_gateway()
         assert self._channel is not None and self._kernel_id is not None
         if self._kernel_suspect:
+            # The kernel died, vanished or could not be recovered. The gateway
+            # may already have restarted it under the same id, but a restart
+            # soon after start moves it to new ports and can leave the
+            # gateway's streams talking to the dead process (seen as a hung
+            # next run): replace it with a brand-new kernel instead.
+            old = self._kernel_id
             try:
-                await gateway.get_kernel(self._kernel_id)
-                # The gateway restarted the kernel process. A restart soon
-                # after start can move it to new ports, leaving the gateway's
-                # streams behind our old websocket talking to the dead process:
-                # connect afresh.
-                await self._channel.aclose()
-                self._kernel_suspect = False
-                self._stubbed = None
-            except GatewayNotFound:
-                logger.info("kernel %s is gone; starting a fresh one", self._kernel_id)
-                await self._new_kernel()
+                await gateway.delete_kernel(old)
+            except AsyncModalExecError as exc:
+                logger.warning("could not delete the dead kernel %s: %s", old, exc)
+            await self._new_kernel()
+            logger.info("kernel %s replaced by a fresh kernel %s", old, self._kernel_id)
         await self._channel.open()
         return self._channel
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -117,10 +116,26 @@ class GatewayClient:
         reply = await self._json("GET", f"/api/kernels/{kernel_id}")
         return dict(reply) if isinstance(reply, dict) else {}
 
-    async def delete_kernel(self, kernel_id: str) -> None:
-        """Shut a kernel down; a kernel already gone is not an error."""
-        with contextlib.suppress(GatewayNotFound):
-            await self._json("DELETE", f"/api/kernels/{kernel_id}")
+    async def delete_kernel(self, kernel_id: str, *, retry_for: float = 10.0) -> None:
+        """Shut a kernel down; a kernel already gone is not an error.
+
+        While the gateway restarts a dead kernel, jupyter_client answers a
+        delete with HTTP 500 (it inspects a startup future that is not done
+        yet): that is retried with backoff for up to ``retry_for`` seconds.
+        """
+        deadline = time.monotonic() + retry_for
+        pause = 0.05
+        while True:
+            try:
+                await self._json("DELETE", f"/api/kernels/{kernel_id}")
+                return
+            except GatewayNotFound:
+                return
+            except GatewayError as exc:
+                if exc.status != 500 or time.monotonic() + pause > deadline:
+                    raise
+            await anyio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def interrupt_kernel(self, kernel_id: str) -> None:
         """Send the kernel an interrupt (SIGINT for ipykernel)."""

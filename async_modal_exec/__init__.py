@@ -22,10 +22,12 @@ from .errors import (
     GatewayUnreachable,
     KernelDied,
     PackageInstallError,
+    PoolExhausted,
     ProtocolError,
 )
 from .executor import AsyncExecutor
 from .host_tools import HostTools
+from .pool import SandboxPool
 from .results import (
     DisplayEvent,
     ErrorEvent,
@@ -74,6 +76,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AsyncExecutor",
     "HostTools",
+    "PoolExhausted",
+    "SandboxPool",
     "AsyncModalExecError",
     "Backend",
     "BackendError",

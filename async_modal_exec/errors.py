@@ -17,6 +17,7 @@ Everything this package raises derives from one root::
     │   └── GatewayNotFound                      404: no such kernel or route
     ├── ProtocolError                            a message that breaks the Jupyter protocol
     ├── PackageInstallError                      installing a tool's packages in the sandbox failed
+    ├── PoolExhausted (also TimeoutError)        no pooled executor became free in time
     └── ExecutionError                           one execution did not complete normally;
         │                                        ``.result`` holds the output received so far
         ├── CodeError                            the user's code raised (from raise_for_error())
@@ -94,6 +95,10 @@ class GatewayNotFound(GatewayError):
 
 class ProtocolError(AsyncModalExecError):
     """A message broke the Jupyter messaging protocol."""
+
+
+class PoolExhausted(AsyncModalExecError, TimeoutError):
+    """No executor of a :class:`~async_modal_exec.SandboxPool` became free within the timeout."""
 
 
 class PackageInstallError(AsyncModalExecError):

@@ -520,6 +520,16 @@ class AsyncExecutor:
             self._kernel_suspect = True
             return True
 
+    async def ping(self) -> None:
+        """Check over REST that the gateway answers and knows the kernel alive (one request).
+
+        Raises:
+            KernelDied: the kernel is gone or dead (the next run replaces it).
+            GatewayError: the gateway did not answer properly.
+            ExecutorStateError: not started, or closed.
+        """
+        await self._check_alive(ExecutionFold("ping"))
+
     async def interrupt(self) -> None:
         """Interrupt whatever the kernel is running (like Ctrl-C in a notebook).
 

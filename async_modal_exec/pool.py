@@ -1,0 +1,321 @@
+"""SandboxPool: warm sandboxes, a fresh kernel for every session.
+
+Modal's cold start is seconds (create to first command), a local gateway's
+about one; an agent server cannot pay that per request. The pool keeps
+``min_idle`` executors started in the background, each a fresh kernel on a
+running sandbox, so ``async with pool.session() as executor`` costs one health
+check. After a session its kernel is deleted and the sandbox gets a new
+kernel for the next user (no state leaks between sessions); a sandbox is
+retired after ``max_uses`` sessions, after ``max_idle_time`` unused, or when it
+fails a health check.
+
+Every sandbox has one owner, the pool: :meth:`SandboxPool.aclose` (also when
+cancelled) terminates all of them, including those lent to running sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from ._shield import run_shielded
+from .backends.base import Backend, GatewayEndpoint
+from .backends.remote import GatewayBackend
+from .errors import AsyncModalExecError, ExecutorStateError, PoolExhausted
+from .executor import AsyncExecutor
+
+logger = logging.getLogger("async_modal_exec.pool")
+
+__all__ = ["SandboxPool"]
+
+_RETRY_PAUSE = 1.0
+
+
+@dataclass(eq=False)
+class _Sandbox:
+    backend: Backend
+    endpoint: GatewayEndpoint
+    uses: int = 0
+
+
+@dataclass(eq=False)
+class _Warm:
+    sandbox: _Sandbox
+    executor: AsyncExecutor
+    since: float = field(default_factory=time.monotonic)
+
+
+class SandboxPool:
+    """Keeps sandboxes warm and lends each session a fresh kernel.
+
+    Args:
+        backend_factory: makes one unstarted backend per sandbox (default
+            :class:`~async_modal_exec.LocalBackend`; e.g. ``lambda: ModalBackend(...)``).
+        min_idle: executors kept ready in the background.
+        max_size: most sandboxes alive at once (idle, lent or starting).
+        max_uses: sessions per sandbox before it is retired.
+        max_idle_time: seconds a ready executor may wait unused before its
+            sandbox is retired and replaced (None: forever).
+        acquire_timeout: default seconds :meth:`session` waits for a free executor.
+        executor_options: passed to each :class:`~async_modal_exec.AsyncExecutor`
+            (``timeout``, ``host_tools``, ...).
+    """
+
+    def __init__(
+        self,
+        backend_factory: Callable[[], Backend] | None = None,
+        *,
+        min_idle: int = 1,
+        max_size: int = 4,
+        max_uses: int = 100,
+        max_idle_time: float | None = None,
+        acquire_timeout: float = 120.0,
+        executor_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if max_size < 1 or not 0 <= min_idle <= max_size:
+            raise ValueError("need max_size >= 1 and 0 <= min_idle <= max_size")
+        if max_uses < 1:
+            raise ValueError("max_uses must be at least 1")
+        if backend_factory is None:
+            from .backends.local import LocalBackend
+
+            backend_factory = LocalBackend
+        self.backend_factory = backend_factory
+        self.min_idle = min_idle
+        self.max_size = max_size
+        self.max_uses = max_uses
+        self.max_idle_time = max_idle_time
+        self.acquire_timeout = acquire_timeout
+        self.executor_options = dict(executor_options or {})
+        self.retired = 0  # sandboxes terminated so far (for monitoring and tests)
+        self.last_error: Exception | None = None  # why the last sandbox start failed
+        self._sandboxes: set[_Sandbox] = set()
+        self._idle: collections.deque[_Warm] = collections.deque()
+        self._lent: set[AsyncExecutor] = set()
+        self._starting = 0
+        self._waiting = 0
+        self._changed = anyio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._state = "unopened"
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> SandboxPool:
+        """Start the background work that keeps ``min_idle`` executors ready (returns at once)."""
+        if self._state != "unopened":
+            raise ExecutorStateError(f"cannot start a pool that is {self._state}")
+        self._state = "open"
+        if self.max_idle_time is not None:
+            self._spawn(self._expire_idle(self.max_idle_time))
+        self._replenish()
+        return self
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until ``min_idle`` executors are ready (e.g. before serving traffic)."""
+        with anyio.fail_after(timeout):
+            async with self._changed:
+                while len(self._idle) < self.min_idle:
+                    await self._changed.wait()
+
+    async def aclose(self) -> None:
+        """Stop replenishing and terminate every sandbox, lent ones included; safe twice.
+
+        Runs to completion when cancelled; the cancellation is re-raised after.
+        """
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        await run_shielded(self._drain())
+
+    async def _drain(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        async with self._changed:
+            self._changed.notify_all()  # waiters see the pool closed
+        executors = [warm.executor for warm in self._idle] + list(self._lent)
+        self._idle.clear()
+        self._lent.clear()
+        sandboxes = list(self._sandboxes)
+        async with anyio.create_task_group() as group:
+            for executor in executors:
+                group.start_soon(executor.aclose)
+        async with anyio.create_task_group() as group:
+            for sandbox in sandboxes:
+                group.start_soon(self._retire, sandbox)
+
+    async def __aenter__(self) -> SandboxPool:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def size(self) -> int:
+        """Sandboxes alive now (idle, lent or recycling), plus those starting."""
+        return len(self._sandboxes) + self._starting
+
+    @property
+    def idle(self) -> int:
+        """Executors ready to lend."""
+        return len(self._idle)
+
+    # -- sessions ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def session(self, *, timeout: float | None = None) -> AsyncIterator[AsyncExecutor]:
+        """Borrow an executor on a fresh kernel for the block.
+
+        Waits up to ``timeout`` (default ``acquire_timeout``) when ``max_size``
+        sandboxes are busy, then raises :class:`PoolExhausted`. On exit the
+        kernel is deleted and the sandbox gets a new kernel in the background
+        (or is retired). Cancelling the wait leaves nothing behind.
+        """
+        warm = await self._acquire(self.acquire_timeout if timeout is None else timeout)
+        self._lent.add(warm.executor)
+        try:
+            yield warm.executor
+        finally:
+            self._lent.discard(warm.executor)
+            if self._state == "open":
+                self._spawn(self._recycle(warm.sandbox, warm.executor))
+            else:  # the pool closed meanwhile and already closed the executor
+                await run_shielded(warm.executor.aclose())
+
+    async def _acquire(self, timeout: float) -> _Warm:
+        if self._state != "open":
+            raise ExecutorStateError(f"the pool is {self._state}")
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    warm = await self._next_idle()
+                    try:
+                        await warm.executor.ping()
+                    except AsyncModalExecError as exc:
+                        logger.warning("retiring an unhealthy sandbox: %s", exc)
+                        await run_shielded(self._discard(warm.sandbox, warm.executor))
+                        continue
+                    return warm
+        except TimeoutError:
+            why = f"; the last sandbox start failed: {self.last_error}" if self.last_error else ""
+            busy = f"{self.size} of {self.max_size} sandboxes busy"
+            raise PoolExhausted(f"no executor became free within {timeout} s ({busy}){why}") from None
+
+    async def _next_idle(self) -> _Warm:
+        async with self._changed:
+            self._waiting += 1
+            try:
+                while not self._idle:
+                    self._replenish()
+                    await self._changed.wait()
+                    if self._state != "open":
+                        raise ExecutorStateError("the pool closed")
+                warm = self._idle.popleft()
+            finally:
+                self._waiting -= 1
+        self._replenish()
+        return warm
+
+    # -- background work -------------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task the pool owns: aclose() cancels and awaits it."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _replenish(self) -> None:
+        """Start sandboxes while fewer are ready or coming than wanted, within max_size."""
+        if self._state != "open":
+            return
+        wanted = max(self.min_idle, self._waiting)
+        while len(self._idle) + self._starting < wanted and self.size < self.max_size:
+            self._starting += 1
+            self._spawn(self._start_sandbox())
+
+    async def _start_sandbox(self) -> None:
+        backend = self.backend_factory()
+        sandbox: _Sandbox | None = None
+        try:
+            endpoint = await backend.start()
+            sandbox = _Sandbox(backend, endpoint)
+            self._sandboxes.add(sandbox)
+            executor = await self._new_executor(sandbox)
+        except BaseException as exc:
+            if sandbox is not None:
+                await run_shielded(self._retire(sandbox))
+            else:
+                await run_shielded(backend.aclose())
+            if not isinstance(exc, Exception):
+                raise
+            self.last_error = exc
+            logger.warning("starting a sandbox failed: %s", exc)
+        else:
+            await self._put_idle(_Warm(sandbox, executor))
+            return
+        finally:
+            self._starting -= 1
+        await anyio.sleep(_RETRY_PAUSE)  # no hot loop when every start fails
+        self._replenish()
+
+    async def _new_executor(self, sandbox: _Sandbox) -> AsyncExecutor:
+        endpoint = sandbox.endpoint
+        backend = GatewayBackend(endpoint.base_url, endpoint.token, ssl_context=endpoint.ssl)
+        executor = AsyncExecutor(backend, **self.executor_options)
+        return await executor.start()
+
+    async def _put_idle(self, warm: _Warm) -> None:
+        async with self._changed:
+            self._idle.append(warm)
+            self._changed.notify()
+        self._replenish()
+
+    async def _recycle(self, sandbox: _Sandbox, executor: AsyncExecutor) -> None:
+        """Delete the session's kernel; give the sandbox a fresh one, or retire it."""
+        await executor.aclose()
+        sandbox.uses += 1
+        if sandbox.uses >= self.max_uses:
+            await self._retire(sandbox)
+        else:
+            try:
+                fresh = await self._new_executor(sandbox)
+            except Exception as exc:  # a background task: report, never leave it unretrieved
+                logger.warning("retiring a sandbox that could not start a kernel: %s", exc)
+                await self._retire(sandbox)
+            else:
+                await self._put_idle(_Warm(sandbox, fresh))
+                return
+        self._replenish()
+
+    async def _expire_idle(self, max_idle_time: float) -> None:
+        while True:
+            await anyio.sleep(min(max_idle_time, 1.0))
+            now = time.monotonic()
+            for warm in [w for w in self._idle if now - w.since >= max_idle_time]:
+                self._idle.remove(warm)
+                logger.info("retiring a sandbox idle for %.0f s", now - warm.since)
+                await self._discard(warm.sandbox, warm.executor)
+
+    async def _discard(self, sandbox: _Sandbox, executor: AsyncExecutor) -> None:
+        await executor.aclose()
+        await self._retire(sandbox)
+        self._replenish()
+
+    async def _retire(self, sandbox: _Sandbox) -> None:
+        if sandbox not in self._sandboxes:
+            return
+        self._sandboxes.discard(sandbox)
+        self.retired += 1
+        try:
+            await sandbox.backend.aclose()
+        except Exception as exc:
+            logger.warning("terminating a sandbox failed: %s", exc)

@@ -1,0 +1,119 @@
+"""SandboxPool with real local gateways: warm sessions, fresh kernels, retirement, exhaustion, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import anyio
+import pytest
+
+from async_modal_exec import AsyncExecutor, ExecutorStateError, LocalBackend, PoolExhausted, SandboxPool
+from async_modal_exec.gateway import GatewayClient
+
+from .helpers import descendants, measure_loop_lag, wait_gone
+
+
+def gateway_url(executor: AsyncExecutor) -> str:
+    endpoint = executor.backend.endpoint  # type: ignore[attr-defined]
+    return str(endpoint.base_url)
+
+
+async def test_warm_session_runs_code_on_a_fresh_kernel_each_time() -> None:
+    before = set(descendants())
+    async with SandboxPool(min_idle=1, max_size=1) as pool:
+        await pool.wait_ready(60)
+        async with measure_loop_lag() as probe:
+            began = time.perf_counter()
+            async with pool.session() as first:
+                acquired = time.perf_counter() - began
+                await first.run("secret = 'user A'")
+                url = gateway_url(first)
+        assert acquired < 1.0, f"a warm acquire took {acquired:.3f} s"
+        async with pool.session(timeout=60) as second:
+            result = await second.run("'secret' in dir()")
+            assert result.value is not None and result.value.text == "False"  # no state leaks
+            assert gateway_url(second) == url  # same sandbox, new kernel
+            assert second.kernel_id != first.kernel_id
+        assert pool.retired == 0
+        assert probe.max_callback < 0.02, probe.summary()
+    assert pool.size == 0
+    assert await wait_gone([pid for pid in descendants() if pid not in before]) == []
+
+
+async def test_sandbox_retired_after_max_uses() -> None:
+    async with SandboxPool(min_idle=1, max_size=1, max_uses=2) as pool:
+        urls = []
+        for _ in range(3):
+            async with pool.session(timeout=60) as executor:
+                urls.append(gateway_url(executor))
+                assert (await executor.run("1 + 1")).value.text == "2"  # type: ignore[union-attr]
+        assert urls[0] == urls[1] != urls[2]
+        assert pool.retired == 1
+
+
+async def test_unhealthy_sandboxes_are_replaced() -> None:
+    async with SandboxPool(min_idle=1, max_size=2) as pool:
+        await pool.wait_ready(60)
+        # A kernel deleted behind the pool's back fails the health check on acquire.
+        warm = pool._idle[0]
+        client = GatewayClient(warm.sandbox.endpoint)
+        try:
+            await client.delete_kernel(warm.executor.kernel_id or "")
+        finally:
+            await client.aclose()
+        async with pool.session(timeout=60) as executor:
+            assert executor is not warm.executor
+            assert (await executor.run("'ok'")).value.text == "'ok'"  # type: ignore[union-attr]
+        assert pool.retired == 1
+        # A dead gateway too.
+        await pool.wait_ready(60)
+        warm = pool._idle[0]
+        backend = warm.sandbox.backend
+        assert isinstance(backend, LocalBackend) and backend.pid is not None
+        pid = backend.pid
+        os.kill(pid, signal.SIGTERM)
+        assert await wait_gone([pid]) == []
+        async with pool.session(timeout=60) as executor:
+            assert (await executor.run("'ok again'")).value.text == "'ok again'"  # type: ignore[union-attr]
+        assert pool.retired == 2
+
+
+async def test_exhaustion_waits_then_times_out_clearly() -> None:
+    async with SandboxPool(min_idle=0, max_size=1) as pool:
+        async with pool.session(timeout=60) as held:
+            with pytest.raises(PoolExhausted, match=r"1 of 1 sandboxes busy"):
+                async with pool.session(timeout=0.5):
+                    pass
+            waiter = asyncio.create_task(_run_in_session(pool, "'second'"))
+            await asyncio.sleep(0.3)
+            assert not waiter.done()  # waiting for the held one
+            await held.run("1")
+        assert await asyncio.wait_for(waiter, 60) == "'second'"
+
+
+async def _run_in_session(pool: SandboxPool, code: str) -> str:
+    async with pool.session(timeout=60) as executor:
+        value = (await executor.run(code)).value
+        assert value is not None
+        return value.text
+
+
+async def test_cancelled_close_still_terminates_everything_lent_ones_too() -> None:
+    before = set(descendants())
+    pool = await SandboxPool(min_idle=2, max_size=3).start()
+    await pool.wait_ready(60)
+    session = pool.session(timeout=60)
+    lent = await session.__aenter__()
+    with anyio.move_on_after(0.01):  # cancelled right away: the drain still completes
+        await pool.aclose()
+    assert pool.size == 0 and pool.retired >= 2  # a third may have been starting
+    started_here = [pid for pid in descendants() if pid not in before]
+    assert await wait_gone(started_here) == []
+    assert lent.state == "closed"
+    await session.__aexit__(None, None, None)  # the session ends after the pool: harmless
+    with pytest.raises(ExecutorStateError, match="closed"):
+        async with pool.session():
+            pass

@@ -39,7 +39,8 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks: round trip vs the ZMQ floor and smolagents' path; one host-tool call."""
+    """Benchmarks: round trip vs the ZMQ floor and smolagents' path; host-tool call; warm pool."""
     session.install("-e", ".[test]")
     session.run("python", "benchmarks/roundtrip.py", *session.posargs)
     session.run("python", "benchmarks/host_tools.py")
+    session.run("python", "benchmarks/pool.py")

@@ -8,7 +8,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -330,7 +330,7 @@ class AsyncExecutor:
                 self._last_activity = time.monotonic()
         return fold
 
-    async def stream(self, code: str, *, timeout: float | None = None) -> AsyncIterator[Event]:
+    async def stream(self, code: str, *, timeout: float | None = None) -> AsyncGenerator[Event, None]:
         """Run ``code``, yielding stdout, stderr, display, result and error events as they arrive.
 
         Same errors as :meth:`run`. Leaving the loop early (``break``) or

@@ -204,6 +204,10 @@ class SandboxPool:
                         logger.warning("retiring an unhealthy sandbox: %s", exc)
                         await run_shielded(self._discard(warm.sandbox, warm.executor))
                         continue
+                    except BaseException:
+                        # Cancelled (or timed out) during the check: give it back.
+                        await run_shielded(self._put_idle(warm))
+                        raise
                     return warm
         except TimeoutError:
             why = f"; the last sandbox start failed: {self.last_error}" if self.last_error else ""
@@ -251,6 +255,7 @@ class SandboxPool:
             self._sandboxes.add(sandbox)
             executor = await self._new_executor(sandbox)
         except BaseException as exc:
+            self._starting -= 1
             if sandbox is not None:
                 await run_shielded(self._retire(sandbox))
             else:
@@ -259,13 +264,11 @@ class SandboxPool:
                 raise
             self.last_error = exc
             logger.warning("starting a sandbox failed: %s", exc)
-        else:
-            await self._put_idle(_Warm(sandbox, executor))
+            await anyio.sleep(_RETRY_PAUSE)  # no hot loop when every start fails
+            self._replenish()
             return
-        finally:
-            self._starting -= 1
-        await anyio.sleep(_RETRY_PAUSE)  # no hot loop when every start fails
-        self._replenish()
+        self._starting -= 1
+        await self._put_idle(_Warm(sandbox, executor))
 
     async def _new_executor(self, sandbox: _Sandbox) -> AsyncExecutor:
         endpoint = sandbox.endpoint
@@ -274,6 +277,9 @@ class SandboxPool:
         return await executor.start()
 
     async def _put_idle(self, warm: _Warm) -> None:
+        if self._state != "open":  # closed meanwhile: nothing may outlive the drain
+            await self._discard(warm.sandbox, warm.executor)
+            return
         async with self._changed:
             self._idle.append(warm)
             self._changed.notify()

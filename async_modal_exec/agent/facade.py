@@ -87,6 +87,10 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
             raise a clear error instead of running on the host (managed agents,
             MCP tools and ``host_tools`` still run on the host).
         host_tool_timeout: seconds one host-tool call may take.
+        core: an already started :class:`~async_modal_exec.AsyncExecutor` on
+            the running loop to use instead of starting one (e.g. from a
+            ``SandboxPool`` session); drive the agent with ``run_agent`` then.
+            ``additional_imports`` are not installed for it.
         **executor_options: passed to :class:`~async_modal_exec.AsyncExecutor`.
 
     Ctrl-C during a call cancels the work on the loop, lets its cleanup run
@@ -110,12 +114,14 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         host_tools: Sequence[Any] = (),
         host_fallback: bool = True,
         host_tool_timeout: float = 300.0,
+        core: AsyncExecutor | None = None,
         **executor_options: Any,
     ) -> None:
         super().__init__(list(additional_imports), logger or AgentLogger(level=LogLevel.INFO), allow_pickle)
-        self.core = AsyncExecutor(
-            backend, timeout=timeout, host_tools=HostTools(call_timeout=host_tool_timeout), **executor_options
-        )
+        if core is None:
+            registry = HostTools(call_timeout=host_tool_timeout)
+            core = AsyncExecutor(backend, timeout=timeout, host_tools=registry, **executor_options)
+        self.core = core
         self.forced_host_tools = {item if isinstance(item, str) else tool_name(item) for item in host_tools}
         self.host_fallback = host_fallback
         self.host_tool_reasons: dict[str, str] = {}
@@ -125,7 +131,8 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         self.unshippable_tools: dict[str, str] = {}
         self._portal = portal
         self._owned_portal: AbstractContextManager[BlockingPortal] | None = None
-        self._core_loop: asyncio.AbstractEventLoop | None = None
+        # An already started core lives on the loop running now.
+        self._core_loop: asyncio.AbstractEventLoop | None = _running_loop() if core.state == "open" else None
         self._start_lock = threading.Lock()
         self._closed = False
 

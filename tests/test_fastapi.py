@@ -1,0 +1,167 @@
+"""FastAPI embedding served by a real uvicorn on loopback, driven with httpx over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import Depends, FastAPI
+
+from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint, SandboxPool
+from async_modal_exec.fastapi import pool_lifespan, pooled_executor, sessions_router
+from async_modal_exec.gateway import GatewayClient
+
+from .helpers import measure_loop_lag
+
+TOKEN = "test-token-3c9a"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@contextlib.asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[str]:
+    """Run ``app`` on a real uvicorn server on 127.0.0.1 (a free port); yield its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 60)
+
+
+def make_app(gateway: GatewayEndpoint, **pool_options: Any) -> FastAPI:
+    def pool() -> SandboxPool:
+        return SandboxPool(lambda: GatewayBackend(gateway.base_url, gateway.token), **pool_options)
+
+    app = FastAPI(lifespan=pool_lifespan(pool))
+    app.include_router(sessions_router(token=TOKEN, max_code_bytes=10_000, run_timeout=60))
+
+    @app.post("/quick")
+    async def quick(
+        code: str, executor: Annotated[AsyncExecutor, Depends(pooled_executor)]
+    ) -> dict[str, Any]:
+        return (await executor.run(code)).to_jsonable()
+
+    return app
+
+
+async def kernels_on(gateway: GatewayEndpoint) -> list[Any]:
+    client = GatewayClient(gateway)
+    try:
+        kernels: list[Any] = await client._json("GET", "/api/kernels")
+        return kernels
+    finally:
+        await client.aclose()
+
+
+async def new_session(client: httpx.AsyncClient) -> str:
+    response = await client.post("/sessions", headers=AUTH)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def test_twenty_concurrent_sessions_sleep_together(gateway: GatewayEndpoint) -> None:
+    app = make_app(gateway, min_idle=20, max_size=21)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=120) as client:
+        await app.state.sandbox_pool.wait_ready(120)
+        ids = await asyncio.gather(*(new_session(client) for _ in range(20)))
+        async with measure_loop_lag() as probe:
+            began = time.monotonic()
+            responses = await asyncio.gather(
+                *(
+                    client.post(
+                        f"/sessions/{id_}/run",
+                        json={"code": f"import time\ntime.sleep(0.5)\n{i}"},
+                        headers=AUTH,
+                    )
+                    for i, id_ in enumerate(ids)
+                )
+            )
+            elapsed = time.monotonic() - began
+        assert [r.json()["value"]["data"]["text/plain"] for r in responses] == [str(i) for i in range(20)]
+        assert elapsed < 2.5, f"20 concurrent 0.5 s sleeps took {elapsed:.2f} s"
+        assert probe.max_callback < 0.02, probe.summary()
+        quick = await client.post("/quick", params={"code": "6 * 7"})
+        assert quick.json()["value"]["data"]["text/plain"] == "42"
+    assert await kernels_on(gateway) == []  # shutdown closed every session and pooled kernel
+
+
+async def test_sse_events_arrive_in_order_before_the_end(gateway: GatewayEndpoint) -> None:
+    async with (
+        serve(make_app(gateway, min_idle=1, max_size=2)) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        session = await new_session(client)
+        code = "import time\nprint('first', flush=True)\ntime.sleep(1)\nprint('second')\n1/0"
+        began = time.monotonic()
+        seen: list[tuple[str, Any, float]] = []
+        async with client.stream(
+            "POST", f"/sessions/{session}/stream", json={"code": code}, headers=AUTH
+        ) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            kind = ""
+            async for line in response.aiter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    seen.append((kind, json.loads(line[6:]), time.monotonic() - began))
+        kinds = [kind for kind, _, _ in seen]
+        assert kinds == ["stdout", "stdout", "error", "end"]
+        assert seen[0][1] == {"text": "first\n"} and seen[1][1] == {"text": "second\n"}
+        assert seen[0][2] < 0.9, "the first event must arrive while the code still sleeps"
+        assert seen[2][1]["ename"] == "ZeroDivisionError"
+        assert (await client.delete(f"/sessions/{session}", headers=AUTH)).status_code == 204
+
+
+async def test_auth_and_bad_input_get_clear_4xx(gateway: GatewayEndpoint) -> None:
+    async with (
+        serve(make_app(gateway, min_idle=0, max_size=1)) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        assert (await client.post("/sessions")).status_code == 401
+        assert (await client.post("/sessions", headers={"Authorization": "Bearer wrong"})).status_code == 401
+        assert (await client.post("/sessions/nope/run", json={"code": "1"})).status_code == 401
+        assert (await client.post("/sessions/nope/run", json={"code": "1"}, headers=AUTH)).status_code == 404
+        session = await new_session(client)
+        run = f"/sessions/{session}/run"
+        assert (await client.post(run, json={"code": "x" * 20_000}, headers=AUTH)).status_code == 413
+        bad_json = await client.post(
+            run, content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
+        )
+        assert bad_json.status_code == 422
+        assert (await client.post(run, json={"code": "1", "timeout": -1}, headers=AUTH)).status_code == 422
+        assert (await client.post(run, content=b"x" * 3_000_000, headers=AUTH)).status_code == 413
+        assert (await client.delete(f"/sessions/{session}", headers=AUTH)).status_code == 204
+        assert (await client.delete(f"/sessions/{session}", headers=AUTH)).status_code == 404
+
+
+async def test_client_disconnect_interrupts_the_kernel(gateway: GatewayEndpoint) -> None:
+    async with (
+        serve(make_app(gateway, min_idle=1, max_size=1)) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        session = await new_session(client)
+        await client.post(f"/sessions/{session}/run", json={"code": "kept = 'still here'"}, headers=AUTH)
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(
+                f"/sessions/{session}/run",
+                json={"code": "import time\ntime.sleep(60)"},
+                headers=AUTH,
+                timeout=1,
+            )
+        began = time.monotonic()
+        response = await client.post(f"/sessions/{session}/run", json={"code": "kept"}, headers=AUTH)
+        assert response.json()["value"]["data"]["text/plain"] == "'still here'"
+        assert time.monotonic() - began < 10, "the abandoned 60 s sleep was not interrupted"

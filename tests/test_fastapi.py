@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -18,7 +23,7 @@ from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint, San
 from async_modal_exec.fastapi import pool_lifespan, pooled_executor, sessions_router
 from async_modal_exec.gateway import GatewayClient
 
-from .helpers import measure_loop_lag
+from .helpers import descendants, measure_loop_lag, wait_gone
 
 TOKEN = "test-token-3c9a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -165,3 +170,40 @@ async def test_client_disconnect_interrupts_the_kernel(gateway: GatewayEndpoint)
         response = await client.post(f"/sessions/{session}/run", json={"code": "kept"}, headers=AUTH)
         assert response.json()["value"]["data"]["text/plain"] == "'still here'"
         assert time.monotonic() - began < 10, "the abandoned 60 s sleep was not interrupted"
+
+
+async def test_example_app_runs_with_one_command_and_shuts_down_clean() -> None:
+    # `python examples/agent_server.py`, as a newcomer runs it: offline scripted model, local pool.
+    before = set(descendants())
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    env = {**os.environ, "PORT": str(port), "API_TOKEN": TOKEN}
+    env.pop("AGENT_MODEL_ID", None)
+    script = Path(__file__).parents[1] / "examples" / "agent_server.py"
+    process = await asyncio.create_subprocess_exec(sys.executable, str(script), env=env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    (await client.get("/openapi.json")).raise_for_status()
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the example server did not come up"
+                    await asyncio.sleep(0.2)
+            response = await client.post("/agent", json={"task": "Sum the numbers 1 to 10."})
+            assert response.status_code == 200, response.text
+            assert response.json()["answer"] == {"total": 55}
+            session = await new_session(client)
+            async with client.stream(
+                "POST", f"/sessions/{session}/stream", json={"code": "print('streamed')"}, headers=AUTH
+            ) as stream:
+                body = "".join([chunk async for chunk in stream.aiter_text()])
+            assert "event: stdout" in body and "streamed" in body and "event: end" in body
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            await asyncio.wait_for(process.wait(), 60)
+    assert process.returncode == 0
+    assert await wait_gone([pid for pid in descendants() if pid not in before]) == []

@@ -1,6 +1,6 @@
 """An agent server: a CodeAgent per request on a pooled sandbox, plus code-execution sessions.
 
-Run it with one command (after ``pip install -e ".[fastapi]" uvicorn``):
+Run it with one command (after ``pip install -e ".[fastapi]"``):
 
     python examples/agent_server.py
 

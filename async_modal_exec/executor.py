@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import math
 import time
@@ -258,13 +259,22 @@ class AsyncExecutor:
         if self._channel is not None:
             await self._channel.aclose()
             self._channel = None
-        self._kernel_id = await self._gateway.create_kernel(self.kernel_name)
+        gateway = self._gateway
+
+        async def create() -> None:
+            # Shielded and stored here: a cancellation landing while the
+            # gateway creates the kernel must not lose its id, or nobody
+            # would ever delete it (teardown deletes self._kernel_id).
+            self._kernel_id = await gateway.create_kernel(self.kernel_name)
+
+        await run_shielded(create())
+        assert self._kernel_id is not None
         self._stubbed = None
         self._session_id = new_session_id()
         self._channel = KernelChannel(
-            self._gateway.websocket_url(self._kernel_id, self._session_id),
-            headers=self._gateway.endpoint.headers,
-            ssl_context=self._gateway.endpoint.ssl,
+            gateway.websocket_url(self._kernel_id, self._session_id),
+            headers=gateway.endpoint.headers,
+            ssl_context=gateway.endpoint.ssl,
             max_message_bytes=self._max_message_bytes,
         )
         await self._channel.open()
@@ -362,7 +372,9 @@ class AsyncExecutor:
         ]
         if not missing:
             return
-        code = self.host_tools.setup_code(missing, install_bridge=self._stubbed is None)
+        # Off the loop: the first call reads and tokenizes source files (tens of ms).
+        setup = functools.partial(self.host_tools.setup_code, missing, install_bridge=self._stubbed is None)
+        code = await anyio.to_thread.run_sync(setup)
         request, fold = self._request(code)
         async with aclosing(self._drive(channel, request, fold, _CLEANUP_TIMEOUT)) as events:
             async for _ in events:

@@ -107,6 +107,29 @@ class _HostTool:
         return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
 
 
+@functools.cache
+def _bridge_code() -> str:
+    """Kernel code installing the bridge module (built once: it reads source files)."""
+    from smolagents.serialization import SafeSerializer
+
+    bridge = inspect.getsource(_kernel_bridge)
+    decoder = SafeSerializer.get_deserializer_code(allow_pickle=False)
+    return "\n".join(
+        [
+            "def __async_modal_exec_bridge():",
+            "    import sys, types",
+            f"    module = types.ModuleType({_MODULE!r})",
+            f"    exec(compile({bridge!r}, '<async_modal_exec host tools>', 'exec'), module.__dict__)",
+            f"    exec({decoder!r}, module.__dict__)",
+            "    module.install(get_ipython().kernel)",
+            f"    sys.modules[{_MODULE!r}] = module",
+            "__async_modal_exec_bridge()",
+            "del __async_modal_exec_bridge",
+            f"HostToolError = __import__('sys').modules[{_MODULE!r}].HostToolError",
+        ]
+    )
+
+
 class HostTools:
     """The tools an executor runs on the host, and the answers to their calls.
 
@@ -152,24 +175,7 @@ class HostTools:
 
     def setup_code(self, names: Iterable[str], *, install_bridge: bool) -> str:
         """Kernel code defining the stubs for ``names`` (and the bridge itself, once per kernel)."""
-        lines = []
-        if install_bridge:
-            from smolagents.serialization import SafeSerializer
-
-            bridge = inspect.getsource(_kernel_bridge)
-            decoder = SafeSerializer.get_deserializer_code(allow_pickle=False)
-            lines += [
-                "def __async_modal_exec_bridge():",
-                "    import sys, types",
-                f"    module = types.ModuleType({_MODULE!r})",
-                f"    exec(compile({bridge!r}, '<async_modal_exec host tools>', 'exec'), module.__dict__)",
-                f"    exec({decoder!r}, module.__dict__)",
-                "    module.install(get_ipython().kernel)",
-                f"    sys.modules[{_MODULE!r}] = module",
-                "__async_modal_exec_bridge()",
-                "del __async_modal_exec_bridge",
-                f"HostToolError = __import__('sys').modules[{_MODULE!r}].HostToolError",
-            ]
+        lines = [_bridge_code()] if install_bridge else []
         for name in names:
             doc = self._tools[name].doc
             lines.append(f"{name} = __import__('sys').modules[{_MODULE!r}].make_stub({name!r}, {doc!r})")

@@ -46,11 +46,11 @@ async def serve(app: FastAPI) -> AsyncIterator[str]:
         await asyncio.wait_for(task, 60)
 
 
-def make_app(gateway: GatewayEndpoint, **pool_options: Any) -> FastAPI:
+def make_app(gateway: GatewayEndpoint, session_idle_timeout: float = 600, **pool_options: Any) -> FastAPI:
     def pool() -> SandboxPool:
         return SandboxPool(lambda: GatewayBackend(gateway.base_url, gateway.token), **pool_options)
 
-    app = FastAPI(lifespan=pool_lifespan(pool))
+    app = FastAPI(lifespan=pool_lifespan(pool, session_idle_timeout=session_idle_timeout))
     app.include_router(sessions_router(token=TOKEN, max_code_bytes=10_000, run_timeout=60))
 
     @app.post("/quick")
@@ -207,3 +207,16 @@ async def test_example_app_runs_with_one_command_and_shuts_down_clean() -> None:
             await asyncio.wait_for(process.wait(), 60)
     assert process.returncode == 0
     assert await wait_gone([pid for pid in descendants() if pid not in before]) == []
+
+
+async def test_idle_sessions_expire(gateway: GatewayEndpoint) -> None:
+    app = make_app(gateway, session_idle_timeout=1, min_idle=1, max_size=2)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+        session = await new_session(client)
+        assert (
+            await client.post(f"/sessions/{session}/run", json={"code": "1"}, headers=AUTH)
+        ).status_code == 200
+        await asyncio.sleep(2.5)
+        expired = await client.post(f"/sessions/{session}/run", json={"code": "1"}, headers=AUTH)
+        assert expired.status_code == 404 and "expired" in expired.json()["detail"]
+        assert len(app.state.sandbox_sessions) == 0

@@ -117,3 +117,15 @@ async def test_cancelled_close_still_terminates_everything_lent_ones_too() -> No
     with pytest.raises(ExecutorStateError, match="closed"):
         async with pool.session():
             pass
+
+
+async def test_idle_sandboxes_are_retired_after_max_idle_time_and_replaced() -> None:
+    async with SandboxPool(min_idle=1, max_size=2, max_idle_time=1.0) as pool:
+        await pool.wait_ready(60)
+        first = pool._idle[0].executor
+        await asyncio.sleep(2.5)
+        assert pool.retired >= 1
+        await pool.wait_ready(60)
+        async with pool.session(timeout=60) as executor:
+            assert executor is not first
+            assert (await executor.run("'fresh'")).value.text == "'fresh'"  # type: ignore[union-attr]

@@ -53,6 +53,7 @@ DEFAULT_MAX_OUTPUT_CHARS = 10_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
 _RECONNECT_ATTEMPTS = 3
 _CLEANUP_TIMEOUT = 10.0
+_IOPUB_GRACE = 3.0  # after the execute_reply, how long IOPub may stay silent before idle
 
 
 class _State(enum.Enum):
@@ -268,8 +269,23 @@ class AsyncExecutor:
             self._kernel_id = await gateway.create_kernel(self.kernel_name)
 
         await run_shielded(create())
-        assert self._kernel_id is not None
         self._stubbed = None
+        await self._fresh_channel()
+        self._kernel_suspect = False
+        logger.debug("kernel %s ready", self._kernel_id)
+
+    async def _fresh_channel(self) -> None:
+        """Connect a new websocket with a new session id.
+
+        Used for a new or restarted kernel: the gateway then builds new kernel
+        streams and checks them before the websocket opens. Reusing the old
+        session would reuse streams from before the restart, and a request
+        sent through them can be lost (a run that never ends).
+        """
+        gateway = self._gateway
+        assert gateway is not None and self._kernel_id is not None
+        if self._channel is not None:
+            await self._channel.aclose()
         self._session_id = new_session_id()
         self._channel = KernelChannel(
             gateway.websocket_url(self._kernel_id, self._session_id),
@@ -278,8 +294,6 @@ class AsyncExecutor:
             max_message_bytes=self._max_message_bytes,
         )
         await self._channel.open()
-        self._kernel_suspect = False
-        logger.debug("kernel %s ready", self._kernel_id)
 
     async def _ensure_kernel(self) -> KernelChannel:
         """A connected channel to a live kernel; a fresh kernel if the old one is gone."""
@@ -409,15 +423,24 @@ class AsyncExecutor:
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         try:
             await channel.send(request)
+            quiet_from: float | None = None  # once replied: when the last message came
             while not fold.done:
-                message = await self._receive(channel, fold, deadline)
+                until = deadline if quiet_from is None else min(deadline, quiet_from + _IOPUB_GRACE)
+                message = await self._receive(channel, fold, until)
                 if message is None:
+                    if quiet_from is not None and time.monotonic() < deadline:
+                        # Like nbclient's iopub_timeout: the kernel answered on
+                        # shell, but its idle status never came on IOPub.
+                        logger.warning("kernel %s replied but never went idle on IOPub", self._kernel_id)
+                        fold.assume_done()
                     break
                 if msg_type_of(message) == "input_request" and fold.belongs(message):
                     await self._answer_input(channel, message, deadline)
                     continue
                 for event in fold.feed(message):
                     yield event
+                if fold.replied:
+                    quiet_from = time.monotonic()
         except KernelDied:
             raise
         except BaseException:
@@ -524,8 +547,7 @@ class AsyncExecutor:
             await self._gateway.restart_kernel(self._kernel_id)
             self._stubbed = None
             # The old websocket belongs to the old kernel process: start clean.
-            await channel.aclose()
-            await channel.open()
+            await self._fresh_channel()
             return True
         except (KernelDied, GatewayError, ChannelLost) as exc:
             logger.warning("recovering kernel %s failed: %s", self._kernel_id, exc)
@@ -563,5 +585,4 @@ class AsyncExecutor:
             except GatewayNotFound:
                 await self._new_kernel()
                 return
-            await self._channel.aclose()
-            await self._channel.open()
+            await self._fresh_channel()

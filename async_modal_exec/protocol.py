@@ -223,6 +223,7 @@ class ExecutionFold:
     def __init__(self, msg_id: str, *, max_output_chars: int | None = None) -> None:
         self.msg_id = msg_id
         self.done = False
+        self.replied = False  # the shell's execute_reply arrived
         self._stdout: list[str] = []
         self._stderr: list[str] = []
         self._value: RichOutput | None = None
@@ -306,7 +307,12 @@ class ExecutionFold:
         self._take_count(content)
         return []
 
+    def assume_done(self) -> None:
+        """End the fold without the idle status (it was lost after the reply came)."""
+        self.done = True
+
     def _on_execute_reply(self, content: Mapping[str, Any]) -> list[Event]:
+        self.replied = True
         self._take_count(content)
         if content.get("status") == "error" and self._error is None:
             return self._on_error(content)

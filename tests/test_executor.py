@@ -154,7 +154,7 @@ async def test_timeout_restarts_a_kernel_that_ignores_interrupts(make_executor: 
         await executor.run(code, timeout=1.0)
     assert caught.value.restarted is True
     assert "restarted" in str(caught.value)
-    after = await executor.run("'lost' in dir()")
+    after = await executor.run("'lost' in dir()", timeout=30)
     assert after.value is not None and after.value.text == "False"
 
 

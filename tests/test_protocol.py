@@ -261,3 +261,15 @@ def test_v1_malformed_frames_raise_value_error(frame: bytes) -> None:
 
     with pytest.raises(ValueError):
         decode_v1(frame)
+
+
+def test_reply_is_noted_and_a_lost_idle_can_be_assumed() -> None:
+    fold = ExecutionFold(MSG)
+    fold.feed(reply("stream", {"name": "stdout", "text": "out\n"}))
+    assert not fold.replied
+    fold.feed(reply("execute_reply", {"status": "ok", "execution_count": 3}, channel="shell"))
+    assert fold.replied and not fold.done
+    fold.assume_done()  # what the executor does when idle never follows the reply
+    assert fold.done
+    result = fold.result()
+    assert result.stdout == "out\n" and result.execution_count == 3

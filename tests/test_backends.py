@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -101,9 +102,11 @@ async def test_local_backend_start_failure_is_clear() -> None:
 async def test_cancelled_local_start_leaves_nothing() -> None:
     backend = LocalBackend()
     task = asyncio.create_task(backend.start())
-    await asyncio.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while backend.pid is None:  # spawned, not yet listening
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
     pid = backend.pid
-    assert pid is not None
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

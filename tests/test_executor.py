@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -158,10 +159,23 @@ async def test_timeout_restarts_a_kernel_that_ignores_interrupts(make_executor: 
     assert after.value is not None and after.value.text == "False"
 
 
-async def test_cancelling_run_interrupts_the_kernel(executor: AsyncExecutor) -> None:
+async def until_running(marker: Path) -> None:
+    """Wait until the kernel runs the code (it touches ``marker``): an interrupt
+    sent before the kernel starts executing is swallowed by ipykernel."""
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the code never started"
+        await asyncio.sleep(0.02)
+
+
+def sleeper(marker: Path, seconds: int = 30) -> str:
+    return f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\ntime.sleep({seconds})"
+
+
+async def test_cancelling_run_interrupts_the_kernel(executor: AsyncExecutor, tmp_path: Path) -> None:
     await executor.run("kept = 7")
-    task = asyncio.create_task(executor.run("import time\ntime.sleep(30)"))
-    await asyncio.sleep(0.5)
+    task = asyncio.create_task(executor.run(sleeper(tmp_path / "running")))
+    await until_running(tmp_path / "running")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -253,9 +267,9 @@ async def test_leaving_stream_early_interrupts(executor: AsyncExecutor) -> None:
     assert result.value is not None and result.value.text == "3"
 
 
-async def test_interrupt_from_another_task(executor: AsyncExecutor) -> None:
-    task = asyncio.create_task(executor.run("import time\ntime.sleep(30)"))
-    await asyncio.sleep(0.5)
+async def test_interrupt_from_another_task(executor: AsyncExecutor, tmp_path: Path) -> None:
+    task = asyncio.create_task(executor.run(sleeper(tmp_path / "running")))
+    await until_running(tmp_path / "running")
     await executor.interrupt()
     result = await asyncio.wait_for(task, 10)
     assert result.error is not None and result.error.ename == "KeyboardInterrupt"

@@ -296,7 +296,8 @@ class AsyncExecutor:
         await self._channel.open()
 
     async def _ensure_kernel(self) -> KernelChannel:
-        """A connected channel to a live kernel; a fresh kernel if the old one is gone."""
+        """A connected channel to a live kernel with the host-tool stubs defined;
+        a fresh kernel if the old one is gone."""
         gateway = self._open_gateway()
         assert self._channel is not None and self._kernel_id is not None
         if self._kernel_suspect:
@@ -313,6 +314,7 @@ class AsyncExecutor:
             await self._new_kernel()
             logger.info("kernel %s replaced by a fresh kernel %s", old, self._kernel_id)
         await self._channel.open()
+        await self._ensure_host_tools(self._channel)
         return self._channel
 
     # -- execution -----------------------------------------------------------------
@@ -344,7 +346,6 @@ class AsyncExecutor:
     async def _run_fold(self, code: str, timeout: float | None) -> ExecutionFold:
         async with self._lock:
             channel = await self._ensure_kernel()
-            await self._ensure_host_tools(channel)
             request, fold = self._request(code)
             try:
                 async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:
@@ -364,7 +365,6 @@ class AsyncExecutor:
         """
         async with self._lock:
             channel = await self._ensure_kernel()
-            await self._ensure_host_tools(channel)
             request, fold = self._request(code)
             try:
                 async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:

@@ -208,7 +208,7 @@ class LocalBackend(Backend):
 
             async def spawn_and_keep() -> None:
                 # Kept even when start() is cancelled meanwhile, so aclose() kills it.
-                self._process = await asyncio.wrap_future(_spawner().submit(spawn))
+                self._process = await asyncio.get_running_loop().run_in_executor(_spawner(), spawn)
 
             await run_shielded(spawn_and_keep())
             port = await self._read_port()

@@ -17,6 +17,17 @@ What it changes compared with ``jupyter kernelgateway``:
   directory, which removes the port race between kernels of gateways started at
   the same time and shaves latency.
 * The kernel restarter polls faster, so a kernel that dies is reported sooner.
+* The gateway's IOPub activity watcher (it keeps ``execution_state`` and
+  ``last_activity`` of every kernel) reads only the parts it needs. The stock
+  one fully deserializes every output message, parsing its dates with
+  dateutil, and content twice for status messages: about a fifth of the
+  gateway's CPU time per execution.
+* IPython kernels start with ``--Kernel._execute_sleep=0``. ipykernel sleeps
+  0.5 ms before every ``execute_reply`` so that clients which stop at the
+  reply (not at the ``idle`` status) see the last output first; our client
+  ends an execution on IOPub's ``idle``, which the kernel publishes after the
+  output on the same ordered socket, so the sleep only adds latency (about
+  0.8 ms per execution, measured). Other kernel specs are left alone.
 * ``--port 0`` binds a free port; the bound port is printed on stdout as
   ``ASYNC_MODAL_EXEC_GATEWAY_PORT=<port>`` once the gateway listens.
 * On Linux the gateway becomes a child subreaper: processes that kernels start
@@ -76,6 +87,75 @@ def _no_delay_connection_class() -> type[Any]:
             return super().connect()
 
     return NoDelayWebsocketConnection
+
+
+KERNEL_TUNING_ARGS = ("--Kernel._execute_sleep=0",)
+
+
+def _runs_ipykernel(argv: list[str]) -> bool:
+    return any(part in ("ipykernel", "ipykernel_launcher") for part in argv)
+
+
+def _tuned_kernel_spec_manager_class() -> type[Any]:
+    from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+
+    class TunedKernelSpecManager(KernelSpecManager):
+        """Adds :data:`KERNEL_TUNING_ARGS` to the command of IPython kernels."""
+
+        def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+            spec = super().get_kernel_spec(kernel_name)
+            if _runs_ipykernel(spec.argv):
+                spec.argv = [*spec.argv, *(arg for arg in KERNEL_TUNING_ARGS if arg not in spec.argv)]
+            return spec
+
+    return TunedKernelSpecManager
+
+
+def _light_activity_kernel_manager_class() -> type[Any]:
+    import hmac
+
+    from jupyter_server._tz import utcnow
+    from kernel_gateway.services.kernels.manager import SeedingMappingKernelManager
+
+    class LightActivityKernelManager(SeedingMappingKernelManager):  # type: ignore[misc]
+        """Same activity bookkeeping as the stock manager, with less parsing."""
+
+        def start_watching_activity(self, kernel_id: str) -> None:
+            kernel = self._kernels[kernel_id]
+            kernel.reason = ""
+            kernel.last_activity = utcnow()
+            kernel._activity_stream = kernel.connect_iopub()
+            session = kernel.session
+
+            def record_activity(msg_list: list[Any]) -> None:
+                _, parts = session.feed_identities(msg_list)
+                if len(parts) < 5:
+                    return
+                signature, header, parent, _metadata, content = (bytes(part) for part in parts[:5])
+                if session.auth is not None and not hmac.compare_digest(
+                    signature, session.sign([header, parent, _metadata, content])
+                ):
+                    self.log.warning("activity watcher: badly signed message from kernel %s", kernel_id)
+                    return
+                msg_type = session.unpack(header).get("msg_type")
+                parent_msg_type = session.unpack(parent).get("msg_type")
+                if (
+                    self.track_message_type(msg_type)
+                    or self.track_message_type(parent_msg_type)
+                    or kernel.execution_state == "busy"
+                ):
+                    self.last_kernel_activity = kernel.last_activity = utcnow()
+                if msg_type != "status":
+                    return
+                execution_state = session.unpack(content).get("execution_state")
+                if self.track_message_type(parent_msg_type):
+                    kernel.execution_state = execution_state
+                elif kernel.execution_state == "starting" and execution_state != "starting":
+                    kernel.execution_state = "idle"
+
+            kernel._activity_stream.on_recv(record_activity)
+
+    return LightActivityKernelManager
 
 
 def _watch_stdin(app: Any) -> None:
@@ -154,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
 
     config = Config()
     config.KernelGatewayApp.kernel_websocket_connection_class = _no_delay_connection_class()
+    config.KernelGatewayApp.kernel_spec_manager_class = _tuned_kernel_spec_manager_class()
+    config.KernelGatewayApp.kernel_manager_class = _light_activity_kernel_manager_class()
     app = KernelGatewayApp.instance(config=config)
     app.initialize(_gateway_argv(args))
     port = next(iter(app.http_server._sockets.values())).getsockname()[1]

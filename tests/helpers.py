@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from async_modal_exec.backends.local import _process_tree
 
@@ -143,3 +144,16 @@ async def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
         if not alive or time.monotonic() > deadline:
             return alive
         await asyncio.sleep(0.05)
+
+
+async def until_running(marker: Path) -> None:
+    """Wait until the kernel runs the code (it touches ``marker``): an interrupt
+    sent before the kernel starts executing is swallowed by ipykernel."""
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the code never started"
+        await asyncio.sleep(0.02)
+
+
+def sleeper(marker: Path, seconds: int = 30) -> str:
+    return f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\ntime.sleep({seconds})"

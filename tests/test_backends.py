@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +27,9 @@ from async_modal_exec import (
 )
 from async_modal_exec.backends.local import _process_tree
 from async_modal_exec.gateway import GatewayClient
+from async_modal_exec.launcher import KERNEL_TUNING_ARGS, _tuned_kernel_spec_manager_class
 
-from .helpers import pid_alive, wait_gone
+from .helpers import pid_alive, sleeper, until_running, wait_gone
 
 
 async def test_local_backend_close_leaves_nothing() -> None:
@@ -162,3 +165,51 @@ async def test_websocket_url_has_no_token(gateway: GatewayEndpoint) -> None:
     finally:
         await client.aclose()
     assert url.startswith("ws://127.0.0.1:") and gateway.token is not None and gateway.token not in url
+
+
+async def test_launcher_starts_ipython_kernels_without_the_reply_sleep(executor: AsyncExecutor) -> None:
+    result = await executor.run(
+        "import sys\nfrom IPython import get_ipython\n(get_ipython().kernel._execute_sleep, sys.argv[-1])"
+    )
+    assert result.value is not None and result.value.text == "(0.0, '--Kernel._execute_sleep=0')"
+    # Without the sleep, output printed last still arrives before the execution ends.
+    for i in range(30):
+        last = await executor.run(f"print('a' * {i}, end='')\nprint('end', {i})")
+        assert last.stdout == "a" * i + f"end {i}\n"
+
+
+def test_kernel_tuning_applies_to_ipython_kernel_specs_only(tmp_path: Path) -> None:
+    specs = {
+        "py": ["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "other": ["/usr/bin/R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"],
+    }
+    for name, argv in specs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "kernel.json").write_text(
+            json.dumps({"argv": argv, "display_name": name, "language": name})
+        )
+    manager = _tuned_kernel_spec_manager_class()(kernel_dirs=[str(tmp_path)], ensure_native_kernel=False)
+    assert manager.get_kernel_spec("py").argv == [*specs["py"], *KERNEL_TUNING_ARGS]
+    assert manager.get_kernel_spec("py").argv == [*specs["py"], *KERNEL_TUNING_ARGS]  # not appended twice
+    assert manager.get_kernel_spec("other").argv == specs["other"]
+
+
+async def test_gateway_tracks_kernel_activity(
+    executor: AsyncExecutor, gateway: GatewayEndpoint, tmp_path: Path
+) -> None:
+    # The launcher's lighter activity watcher keeps the kernel model the REST API reports.
+    client = GatewayClient(gateway)
+    try:
+        assert executor.kernel_id is not None
+        before = await client.get_kernel(executor.kernel_id)
+        assert before["execution_state"] == "idle"
+        run = asyncio.create_task(executor.run(sleeper(tmp_path / "running", seconds=1)))
+        await until_running(tmp_path / "running")
+        during = await client.get_kernel(executor.kernel_id)
+        assert during["execution_state"] == "busy"
+        await run
+        after = await client.get_kernel(executor.kernel_id)
+        assert after["execution_state"] == "idle"
+        assert after["last_activity"] > before["last_activity"]
+    finally:
+        await client.aclose()

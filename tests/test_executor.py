@@ -25,6 +25,8 @@ from async_modal_exec import (
     StdoutEvent,
 )
 
+from .helpers import sleeper, until_running
+
 MakeExecutor = Callable[..., Awaitable[AsyncExecutor]]
 
 
@@ -157,19 +159,6 @@ async def test_timeout_restarts_a_kernel_that_ignores_interrupts(make_executor: 
     assert "restarted" in str(caught.value)
     after = await executor.run("'lost' in dir()", timeout=30)
     assert after.value is not None and after.value.text == "False"
-
-
-async def until_running(marker: Path) -> None:
-    """Wait until the kernel runs the code (it touches ``marker``): an interrupt
-    sent before the kernel starts executing is swallowed by ipykernel."""
-    deadline = time.monotonic() + 30
-    while not marker.exists():
-        assert time.monotonic() < deadline, "the code never started"
-        await asyncio.sleep(0.02)
-
-
-def sleeper(marker: Path, seconds: int = 30) -> str:
-    return f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\ntime.sleep({seconds})"
 
 
 async def test_cancelling_run_interrupts_the_kernel(executor: AsyncExecutor, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,19 +198,28 @@ def test_kernel_tuning_applies_to_ipython_kernel_specs_only(tmp_path: Path) -> N
 async def test_gateway_tracks_kernel_activity(
     executor: AsyncExecutor, gateway: GatewayEndpoint, tmp_path: Path
 ) -> None:
-    # The launcher's lighter activity watcher keeps the kernel model the REST API reports.
+    # The launcher's lighter activity watcher keeps the kernel model the REST
+    # API reports. It sees IOPub on its own socket, in parallel with the
+    # websocket, so the model is polled for rather than read once.
     client = GatewayClient(gateway)
+    kernel_id = executor.kernel_id
+    assert kernel_id is not None
+
+    async def model_when(state: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 10
+        while (model := await client.get_kernel(kernel_id))["execution_state"] != state:
+            assert time.monotonic() < deadline, f"the kernel model stayed {model['execution_state']!r}"
+            await asyncio.sleep(0.02)
+        return model
+
     try:
-        assert executor.kernel_id is not None
-        before = await client.get_kernel(executor.kernel_id)
-        assert before["execution_state"] == "idle"
-        run = asyncio.create_task(executor.run(sleeper(tmp_path / "running", seconds=1)))
+        await executor.run("pass")
+        before = await model_when("idle")
+        run = asyncio.create_task(executor.run(sleeper(tmp_path / "running", seconds=2)))
         await until_running(tmp_path / "running")
-        during = await client.get_kernel(executor.kernel_id)
-        assert during["execution_state"] == "busy"
+        await model_when("busy")
         await run
-        after = await client.get_kernel(executor.kernel_id)
-        assert after["execution_state"] == "idle"
+        after = await model_when("idle")
         assert after["last_activity"] > before["last_activity"]
     finally:
         await client.aclose()

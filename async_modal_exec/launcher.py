@@ -131,7 +131,8 @@ def _light_activity_kernel_manager_class() -> type[Any]:
                 _, parts = session.feed_identities(msg_list)
                 if len(parts) < 5:
                     return
-                signature, header, parent, metadata, content = (bytes(part) for part in parts[:5])
+                # Bytes already (on_recv copies): no conversion, a big output is not copied again.
+                signature, header, parent, metadata, content = parts[:5]
                 if session.auth is not None and not hmac.compare_digest(
                     signature, session.sign([header, parent, metadata, content])
                 ):

@@ -8,12 +8,13 @@ import ssl
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .errors import GatewayAuthError, GatewayNotFound, GatewayUnreachable, ProtocolError
-from .protocol import V1_SUBPROTOCOL, decode_v1, encode_v1
+from .protocol import V1_SUBPROTOCOL, decode_v1, encode_v1, kernel_info_request, msg_id_of, parent_msg_id
 
 logger = logging.getLogger("async_modal_exec.channel")
 
@@ -107,6 +108,42 @@ class KernelChannel:
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise GatewayUnreachable(f"cannot open the kernel websocket: {exc!r}") from exc
         self._binary = self._ws.subprotocol == V1_SUBPROTOCOL
+
+    async def confirm_iopub(self, *, session: str, timeout: float, retry_every: float = 0.2) -> None:
+        """Return once the kernel's IOPub messages reach this websocket.
+
+        When a websocket opens, the gateway subscribes to the kernel's IOPub
+        socket, and a ZeroMQ subscription takes a moment to take effect: what
+        the kernel publishes before then is lost. Gateways wait for it
+        themselves except when they believe the kernel busy, which they still
+        do right after restarting a kernel that was busy; the output of the
+        first execution could then vanish. So this sends ``kernel_info_request``
+        (every ``retry_every`` seconds) until the IOPub status of one comes
+        back. Other messages received meanwhile are dropped: on a new session
+        there are none for anyone else, and late replies to these requests
+        are ignored by later executions (they match their own message ids).
+
+        Raises:
+            GatewayUnreachable: nothing came back on IOPub within ``timeout``
+                seconds, or the websocket closed.
+
+        Cancelling the call leaves the websocket open.
+        """
+        sent: set[str] = set()
+        with anyio.move_on_after(timeout):
+            try:
+                while True:
+                    request = kernel_info_request(session=session)
+                    sent.add(msg_id_of(request))
+                    await self.send(request)
+                    with anyio.move_on_after(retry_every):
+                        while True:
+                            message = await self.receive()
+                            if message.get("channel") == "iopub" and parent_msg_id(message) in sent:
+                                return
+            except ChannelLost as exc:
+                raise GatewayUnreachable(f"the kernel websocket closed before IOPub answered: {exc}") from exc
+        raise GatewayUnreachable(f"the kernel sent nothing on IOPub within {timeout} s of connecting")
 
     async def send(self, message: Mapping[str, Any]) -> None:
         """Send one message.

@@ -54,6 +54,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
 _RECONNECT_ATTEMPTS = 3
 _CLEANUP_TIMEOUT = 10.0
 _IOPUB_GRACE = 3.0  # after the execute_reply, how long IOPub may stay silent before idle
+_IOPUB_CONFIRM_TIMEOUT = 30.0  # a new websocket: how long until the kernel's IOPub must answer
 
 
 class _State(enum.Enum):
@@ -278,9 +279,10 @@ class AsyncExecutor:
         """Connect a new websocket with a new session id.
 
         Used for a new or restarted kernel: the gateway then builds new kernel
-        streams and checks them before the websocket opens. Reusing the old
-        session would reuse streams from before the restart, and a request
-        sent through them can be lost (a run that never ends).
+        streams. Reusing the old session would reuse streams from before the
+        restart, and a request sent through them can be lost (a run that never
+        ends). The new streams are checked here before any code is sent (see
+        :meth:`KernelChannel.confirm_iopub`).
         """
         gateway = self._gateway
         assert gateway is not None and self._kernel_id is not None
@@ -294,6 +296,7 @@ class AsyncExecutor:
             max_message_bytes=self._max_message_bytes,
         )
         await self._channel.open()
+        await self._channel.confirm_iopub(session=self._session_id, timeout=_IOPUB_CONFIRM_TIMEOUT)
 
     async def _ensure_kernel(self) -> KernelChannel:
         """A connected channel to a live kernel with the host-tool stubs defined;

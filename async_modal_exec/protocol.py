@@ -96,6 +96,11 @@ def execute_request(
     )
 
 
+def kernel_info_request(*, session: str) -> dict[str, Any]:
+    """Build a ``kernel_info_request`` for the shell channel."""
+    return _message("kernel_info_request", {}, session=session, channel="shell")
+
+
 def interrupt_request(*, session: str) -> dict[str, Any]:
     """Build an ``interrupt_request`` for the control channel."""
     return _message("interrupt_request", {}, session=session, channel="control")

@@ -13,8 +13,16 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from .errors import GatewayAuthError, GatewayNotFound, GatewayUnreachable, ProtocolError
-from .protocol import V1_SUBPROTOCOL, decode_v1, encode_v1, kernel_info_request, msg_id_of, parent_msg_id
+from .errors import GatewayAuthError, GatewayError, GatewayNotFound, GatewayUnreachable, ProtocolError
+from .protocol import (
+    V1_SUBPROTOCOL,
+    decode_v1,
+    encode_v1,
+    kernel_died,
+    kernel_info_request,
+    msg_id_of,
+    parent_msg_id,
+)
 
 logger = logging.getLogger("async_modal_exec.channel")
 
@@ -126,6 +134,7 @@ class KernelChannel:
         Raises:
             GatewayUnreachable: nothing came back on IOPub within ``timeout``
                 seconds, or the websocket closed.
+            GatewayError: the kernel said it died (or is restarting) meanwhile.
 
         Cancelling the call leaves the websocket open.
         """
@@ -139,6 +148,8 @@ class KernelChannel:
                     with anyio.move_on_after(retry_every):
                         while True:
                             message = await self.receive()
+                            if kernel_died(message):
+                                raise GatewayError("the kernel died before it answered on the new websocket")
                             if message.get("channel") == "iopub" and parent_msg_id(message) in sent:
                                 return
             except ChannelLost as exc:

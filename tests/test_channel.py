@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from async_modal_exec import GatewayEndpoint, GatewayUnreachable
+from async_modal_exec import GatewayEndpoint, GatewayError, GatewayUnreachable
 from async_modal_exec.channel import KernelChannel
 from async_modal_exec.gateway import GatewayClient
 from async_modal_exec.protocol import ExecutionFold, execute_request, msg_id_of, new_session_id
@@ -43,9 +43,10 @@ class ScriptedGateway:
     effect yet: the kernel replies, but its status messages are lost.
     """
 
-    def __init__(self, lose_first: float, close_at_first: bool = False) -> None:
+    def __init__(self, lose_first: float, close_at_first: bool = False, dies: bool = False) -> None:
         self.lose_first = lose_first
         self.close_at_first = close_at_first
+        self.dies = dies
         self.requests = 0
         self.url = ""
 
@@ -57,6 +58,15 @@ class ScriptedGateway:
             if self.close_at_first:
                 await websocket.close()
                 return
+            if self.dies:
+                # What the gateway broadcasts when its restarter finds the kernel dead.
+                dead = {
+                    "header": {"msg_type": "status"},
+                    "content": {"execution_state": "dead"},
+                    "channel": "iopub",
+                }
+                await websocket.send(json.dumps(dead))
+                continue
             # Unrelated traffic first: the check must wait for its own answer.
             await websocket.send(
                 json.dumps({"header": {"msg_type": "status"}, "parent_header": {}, "channel": "iopub"})
@@ -101,6 +111,16 @@ async def test_confirm_iopub_reports_a_closed_websocket() -> None:
     async with scripted.running() as gateway, connected(gateway.url) as channel:
         with pytest.raises(GatewayUnreachable, match="closed before IOPub answered"):
             await channel.confirm_iopub(session="s", timeout=10)
+
+
+async def test_confirm_iopub_stops_when_the_kernel_dies() -> None:
+    async with (
+        ScriptedGateway(lose_first=0, dies=True).running() as gateway,
+        connected(gateway.url) as channel,
+    ):
+        with pytest.raises(GatewayError, match="died before it answered"):
+            await channel.confirm_iopub(session="s", timeout=10)
+    assert gateway.requests == 1
 
 
 async def test_confirm_iopub_on_a_real_gateway_then_execute(gateway: GatewayEndpoint) -> None:

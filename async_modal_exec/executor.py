@@ -578,14 +578,28 @@ class AsyncExecutor:
         await gateway.interrupt_kernel(self._kernel_id)
 
     async def restart(self) -> None:
-        """Restart the kernel: all state is lost. Waits for the running execution to finish."""
+        """Restart the kernel: all state is lost. Waits for the running execution to finish.
+
+        Raises:
+            ExecutorStateError: not started, or closed.
+            GatewayError: the gateway failed; the next run starts on a brand-new kernel.
+
+        Cancelling the call while it waits its turn changes nothing; once the
+        restart has begun, the kernel's state counts as lost and the next run
+        starts on a brand-new kernel (the old one is deleted then).
+        """
         async with self._lock:
             gateway = self._open_gateway()
             assert self._kernel_id is not None and self._channel is not None
             try:
-                await gateway.restart_kernel(self._kernel_id)
+                try:
+                    await gateway.restart_kernel(self._kernel_id)
+                except GatewayNotFound:
+                    await self._new_kernel()
+                    return
                 self._stubbed = None
-            except GatewayNotFound:
-                await self._new_kernel()
-                return
-            await self._fresh_channel()
+                await self._fresh_channel()
+            except BaseException:
+                # Half restarted: neither the old streams nor the old state can be trusted.
+                self._kernel_suspect = True
+                raise

@@ -271,6 +271,20 @@ async def test_restart_loses_state(executor: AsyncExecutor) -> None:
     assert result.value is not None and result.value.text == "False"
 
 
+async def test_cancelled_restart_leaves_a_working_executor(executor: AsyncExecutor) -> None:
+    await executor.run("state = 1")
+    old_kernel = executor.kernel_id
+    restart = asyncio.create_task(executor.restart())
+    await asyncio.sleep(0.3)  # the REST restart takes about a second
+    restart.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await restart
+    result = await executor.run("print('works')\n'state' in dir()", timeout=60)
+    assert result.stdout == "works\n"
+    assert result.value is not None and result.value.text == "False"
+    assert executor.kernel_id != old_kernel  # replaced; the fixture checks the old one is gone
+
+
 async def test_state_errors(gateway: GatewayEndpoint) -> None:
     executor = AsyncExecutor(GatewayBackend(gateway.base_url, gateway.token))
     assert executor.state == "unopened"

@@ -564,6 +564,8 @@ class AsyncExecutor:
             KernelDied: the kernel is gone or dead (the next run replaces it).
             GatewayError: the gateway did not answer properly.
             ExecutorStateError: not started, or closed.
+
+        Cancelling the call abandons the request; nothing changes.
         """
         await self._check_alive(ExecutionFold("ping"))
 
@@ -571,7 +573,14 @@ class AsyncExecutor:
         """Interrupt whatever the kernel is running (like Ctrl-C in a notebook).
 
         The running :meth:`run` then returns a result whose error is
-        ``KeyboardInterrupt``.
+        ``KeyboardInterrupt``. Does not wait for the execution lock.
+
+        Raises:
+            ExecutorStateError: not started, or closed.
+            GatewayError: the gateway refused or failed the interrupt.
+
+        Cancelling the call abandons the REST request; the interrupt may or
+        may not have reached the kernel.
         """
         gateway = self._open_gateway()
         assert self._kernel_id is not None

@@ -109,7 +109,11 @@ class SandboxPool:
     # -- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> SandboxPool:
-        """Start the background work that keeps ``min_idle`` executors ready (returns at once)."""
+        """Start the background work that keeps ``min_idle`` executors ready (returns at once).
+
+        The pool owns that work: :meth:`aclose` stops it; nothing here waits,
+        so there is nothing for a cancellation to interrupt.
+        """
         if self._state != "unopened":
             raise ExecutorStateError(f"cannot start a pool that is {self._state}")
         self._state = "open"
@@ -119,7 +123,13 @@ class SandboxPool:
         return self
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
-        """Wait until ``min_idle`` executors are ready (e.g. before serving traffic)."""
+        """Wait until ``min_idle`` executors are ready (e.g. before serving traffic).
+
+        Raises:
+            TimeoutError: not ready within ``timeout`` seconds (the pool keeps warming up).
+
+        Cancelling the call only stops the waiting; the pool keeps warming up.
+        """
         with anyio.fail_after(timeout):
             async with self._changed:
                 while len(self._idle) < self.min_idle:

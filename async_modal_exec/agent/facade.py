@@ -332,7 +332,10 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         self.cleanup()
 
     async def aclose(self) -> None:
-        """Close from async code: on the sandbox's own loop, or via a worker thread."""
+        """Close from async code: on the sandbox's own loop, or via a worker thread.
+
+        Runs to completion when cancelled (the cancellation is delivered after).
+        """
         if self._core_loop is not None and _running_loop() is self._core_loop:
             self._closed = True
             await self.core.aclose()

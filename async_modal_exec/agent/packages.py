@@ -94,6 +94,10 @@ class PackageInstaller:
         Raises:
             PackageInstallError: the installer failed (the message names the packages).
             ExecutionTimeout: the installer ran past ``timeout``.
+
+        Cancelling the call interrupts the probe or the installer in the
+        kernel (like a cancelled :meth:`AsyncExecutor.run`); nothing is
+        recorded as installed, so the next call probes again.
         """
         known = {*self.installed, *self.already_present}
         todo = [r for r in unique(requirements) if r.spec not in known]

@@ -270,6 +270,9 @@ async def reap(
 
     Returns:
         The sandboxes found, and whether each was terminated.
+
+    Cancelling the call lets a termination in progress finish, then stops:
+    the sandboxes not reached yet keep running (run it again).
     """
     try:
         app = await modal.App.lookup.aio(app_name)

@@ -39,11 +39,11 @@ class GatewayBackend(Backend):
         self.timings: dict[str, float] = {}
 
     async def start(self) -> GatewayEndpoint:
-        """Return the endpoint; readiness is checked by the executor."""
+        """Return the endpoint; readiness is checked by the executor (nothing to cancel here)."""
         return self.endpoint
 
     async def aclose(self) -> None:
-        """Nothing to stop: the gateway is not ours."""
+        """Nothing to stop: the gateway is not ours (kernels are deleted by their executors)."""
 
     def __repr__(self) -> str:
         return f"GatewayBackend({self.endpoint.base_url!r})"

@@ -75,6 +75,7 @@ class SessionStore:
         self._expiry = asyncio.create_task(self._expire())
 
     async def create(self) -> _Session:
+        """A new session on a pooled executor (raises PoolExhausted if none frees up)."""
         stack = AsyncExitStack()
         executor = await stack.enter_async_context(self.pool.session())
         session = _Session(secrets.token_urlsafe(16), executor, stack)
@@ -89,6 +90,7 @@ class SessionStore:
         return session
 
     async def delete(self, session_id: str) -> None:
+        """End a session and give its executor back (shielded: completes when cancelled)."""
         session = self._sessions.pop(session_id, None)
         if session is None:
             raise HTTPException(404, f"no session {session_id!r}")

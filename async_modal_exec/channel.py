@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from .errors import GatewayAuthError, GatewayError, GatewayNotFound, GatewayUnreachable, ProtocolError
 from .protocol import (
     V1_SUBPROTOCOL,
+    decode_legacy_binary,
     decode_v1,
     encode_v1,
     kernel_died,
@@ -117,7 +118,9 @@ class KernelChannel:
             raise GatewayUnreachable(f"cannot open the kernel websocket: {exc!r}") from exc
         self._binary = self._ws.subprotocol == V1_SUBPROTOCOL
 
-    async def confirm_iopub(self, *, session: str, timeout: float, retry_every: float = 0.2) -> None:
+    async def confirm_iopub(
+        self, *, session: str, timeout: float, retry_every: float = 1.0, reply_grace: float = 0.05
+    ) -> None:
         """Return once the kernel's IOPub messages reach this websocket.
 
         When a websocket opens, the gateway subscribes to the kernel's IOPub
@@ -125,36 +128,51 @@ class KernelChannel:
         the kernel publishes before then is lost. Gateways wait for it
         themselves except when they believe the kernel busy, which they still
         do right after restarting a kernel that was busy; the output of the
-        first execution could then vanish. So this sends ``kernel_info_request``
-        (every ``retry_every`` seconds) until the IOPub status of one comes
-        back. Other messages received meanwhile are dropped: on a new session
-        there are none for anyone else, and late replies to these requests
-        are ignored by later executions (they match their own message ids).
+        first execution could then vanish. So this sends a
+        ``kernel_info_request`` and waits for the IOPub status of it. If the
+        shell reply comes but no IOPub message within ``reply_grace`` seconds
+        (the subscription is not live yet), or nothing at all within
+        ``retry_every`` seconds, it asks again. Other messages received
+        meanwhile are dropped: on a new session there are none for anyone
+        else, and late answers to these requests are ignored by later
+        executions (they match their own message ids).
 
         Raises:
-            GatewayUnreachable: nothing came back on IOPub within ``timeout``
-                seconds, or the websocket closed.
+            GatewayUnreachable: no IOPub answer within ``timeout`` seconds (the
+                message says whether the shell answered), or the websocket closed.
             GatewayError: the kernel said it died (or is restarting) meanwhile.
 
         Cancelling the call leaves the websocket open.
         """
         sent: set[str] = set()
+        shell_answered = False
         with anyio.move_on_after(timeout):
             try:
                 while True:
                     request = kernel_info_request(session=session)
                     sent.add(msg_id_of(request))
                     await self.send(request)
-                    with anyio.move_on_after(retry_every):
+                    with anyio.move_on_after(retry_every) as waiting:
                         while True:
                             message = await self.receive()
                             if kernel_died(message):
                                 raise GatewayError("the kernel died before it answered on the new websocket")
-                            if message.get("channel") == "iopub" and parent_msg_id(message) in sent:
+                            if parent_msg_id(message) not in sent:
+                                continue
+                            if message.get("channel") == "iopub":
                                 return
+                            shell_answered = True
+                            waiting.deadline = min(waiting.deadline, anyio.current_time() + reply_grace)
             except ChannelLost as exc:
                 raise GatewayUnreachable(f"the kernel websocket closed before IOPub answered: {exc}") from exc
-        raise GatewayUnreachable(f"the kernel sent nothing on IOPub within {timeout} s of connecting")
+        if shell_answered:
+            raise GatewayUnreachable(
+                f"the kernel answered, but nothing reached the websocket on IOPub within {timeout} s"
+            )
+        raise GatewayUnreachable(
+            f"the kernel did not answer kernel_info_request within {timeout} s"
+            " (does the gateway let that message type through?)"
+        )
 
     async def send(self, message: Mapping[str, Any]) -> None:
         """Send one message.
@@ -185,7 +203,10 @@ class KernelChannel:
         except ConnectionClosed as exc:
             raise ChannelLost(str(exc)) from exc
         try:
-            message = decode_v1(frame) if isinstance(frame, bytes) else json.loads(frame)
+            if isinstance(frame, str):
+                message = json.loads(frame)
+            else:  # v1 frames; without v1, the JSON protocol's frames for messages with buffers
+                message = decode_v1(frame) if self._binary else decode_legacy_binary(frame)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"kernel websocket sent a malformed frame: {frame[:200]!r}") from exc
         if not isinstance(message, dict):

@@ -30,6 +30,7 @@ from .errors import (
     GatewayError,
     GatewayNotFound,
     KernelDied,
+    ProtocolError,
 )
 from .gateway import GatewayClient
 from .host_tools import HostTools
@@ -302,13 +303,14 @@ class AsyncExecutor:
         """A connected channel to a live kernel with the host-tool stubs defined;
         a fresh kernel if the old one is gone."""
         gateway = self._open_gateway()
-        assert self._channel is not None and self._kernel_id is not None
-        if self._kernel_suspect:
-            # The kernel died, vanished or could not be recovered. The gateway
-            # may already have restarted it under the same id, but a restart
-            # soon after start moves it to new ports and can leave the
-            # gateway's streams talking to the dead process (seen as a hung
-            # next run): replace it with a brand-new kernel instead.
+        assert self._kernel_id is not None
+        if self._kernel_suspect or self._channel is None:
+            # The kernel died, vanished or could not be recovered, or replacing
+            # it failed halfway (no channel). The gateway may already have
+            # restarted it under the same id, but a restart soon after start
+            # moves it to new ports and can leave the gateway's streams talking
+            # to the dead process (seen as a hung next run): replace it with a
+            # brand-new kernel instead.
             old = self._kernel_id
             try:
                 await gateway.delete_kernel(old)
@@ -316,6 +318,7 @@ class AsyncExecutor:
                 logger.warning("could not delete the dead kernel %s: %s", old, exc)
             await self._new_kernel()
             logger.info("kernel %s replaced by a fresh kernel %s", old, self._kernel_id)
+        assert self._channel is not None
         await self._channel.open()
         await self._ensure_host_tools(self._channel)
         return self._channel
@@ -338,7 +341,8 @@ class AsyncExecutor:
                 kernel was interrupted (or restarted if it did not come back).
             KernelDied: the kernel process died; the next call gets a fresh kernel.
             ExecutorStateError: not started, or closed.
-            GatewayError: the gateway failed.
+            GatewayError: the gateway failed, or a replacement kernel died
+                before it answered (the next run tries another).
 
         Cancelling the call interrupts the kernel (shielded, so the kernel is
         idle again before the cancellation propagates) and re-raises.
@@ -552,7 +556,7 @@ class AsyncExecutor:
             # The old websocket belongs to the old kernel process: start clean.
             await self._fresh_channel()
             return True
-        except (KernelDied, GatewayError, ChannelLost) as exc:
+        except (KernelDied, GatewayError, ChannelLost, ProtocolError) as exc:
             logger.warning("recovering kernel %s failed: %s", self._kernel_id, exc)
             self._kernel_suspect = True
             return True
@@ -593,16 +597,23 @@ class AsyncExecutor:
             ExecutorStateError: not started, or closed.
             GatewayError: the gateway failed; the next run starts on a brand-new kernel.
 
-        Cancelling the call while it waits its turn changes nothing; once the
-        restart has begun, the kernel's state counts as lost and the next run
+        Cancelling the call while it waits its turn changes nothing. Once the
+        restart request is sent, it is waited for (shielded; about a second
+        locally), then the kernel's state counts as lost and the next run
         starts on a brand-new kernel (the old one is deleted then).
         """
         async with self._lock:
             gateway = self._open_gateway()
-            assert self._kernel_id is not None and self._channel is not None
+            assert self._kernel_id is not None
             try:
+                if self._kernel_suspect or self._channel is None:
+                    await self._ensure_kernel()  # a brand-new kernel is as fresh as a restarted one
+                    return
                 try:
-                    await gateway.restart_kernel(self._kernel_id)
+                    # Shielded: the gateway goes on restarting when our request
+                    # is dropped, and deleting the kernel during that restart
+                    # could leave a kernel process the gateway no longer lists.
+                    await run_shielded(gateway.restart_kernel(self._kernel_id))
                 except GatewayNotFound:
                     await self._new_kernel()
                     return

@@ -127,12 +127,15 @@ class SandboxPool:
 
         Raises:
             TimeoutError: not ready within ``timeout`` seconds (the pool keeps warming up).
+            ExecutorStateError: the pool is not started, or closed (also while waiting).
 
         Cancelling the call only stops the waiting; the pool keeps warming up.
         """
         with anyio.fail_after(timeout):
             async with self._changed:
                 while len(self._idle) < self.min_idle:
+                    if self._state != "open":
+                        raise ExecutorStateError(f"the pool is {self._state}")
                     await self._changed.wait()
 
     async def aclose(self) -> None:

@@ -158,6 +158,32 @@ def decode_v1(frame: bytes) -> dict[str, Any]:
     return message
 
 
+def decode_legacy_binary(frame: bytes) -> dict[str, Any]:
+    """Decode a binary frame of the JSON websocket protocol (a message with buffers).
+
+    Without the v1 subprotocol, messages travel as JSON text, except those
+    carrying binary buffers. Layout: the number of parts (big-endian uint32),
+    the offset of each part from the start of the frame (uint32 each), then
+    the parts: the message as JSON, then its buffers.
+
+    Raises:
+        ValueError: the frame is truncated or its first part is not a JSON object.
+    """
+    count = int.from_bytes(frame[:4], "big")
+    if len(frame) < 4 or count < 1 or len(frame) < 4 * (count + 1):
+        raise ValueError("truncated binary frame")
+    offsets = [int.from_bytes(frame[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(count)]
+    offsets.append(len(frame))
+    if offsets[0] < 4 * (count + 1) or offsets != sorted(offsets):
+        raise ValueError("binary frame offsets out of range")
+    parts = [frame[offsets[i] : offsets[i + 1]] for i in range(count)]
+    message = json.loads(parts[0].decode("utf-8", "replace"))
+    if not isinstance(message, dict):
+        raise ValueError("the binary frame's message is not a JSON object")
+    message["buffers"] = parts[1:]
+    return message
+
+
 def msg_id_of(message: Mapping[str, Any]) -> str:
     """The ``msg_id`` of a message built here."""
     return str(message["header"]["msg_id"])

@@ -19,6 +19,7 @@ from async_modal_exec import (
     ExecutorStateError,
     GatewayBackend,
     GatewayEndpoint,
+    GatewayError,
     KernelDied,
     ResultEvent,
     StderrEvent,
@@ -275,7 +276,7 @@ async def test_cancelled_restart_leaves_a_working_executor(executor: AsyncExecut
     await executor.run("state = 1")
     old_kernel = executor.kernel_id
     restart = asyncio.create_task(executor.restart())
-    await asyncio.sleep(0.3)  # the REST restart takes about a second
+    await asyncio.sleep(0.05)  # the REST restart is under way (it takes about a second)
     restart.cancel()
     with pytest.raises(asyncio.CancelledError):
         await restart
@@ -283,6 +284,26 @@ async def test_cancelled_restart_leaves_a_working_executor(executor: AsyncExecut
     assert result.stdout == "works\n"
     assert result.value is not None and result.value.text == "False"
     assert executor.kernel_id != old_kernel  # replaced; the fixture checks the old one is gone
+
+
+async def test_failed_kernel_replacement_is_retried_by_the_next_run(
+    executor: AsyncExecutor, gateway: GatewayEndpoint
+) -> None:
+    from async_modal_exec.gateway import GatewayClient
+
+    client = GatewayClient(gateway)
+    try:
+        await client.delete_kernel(str(executor.kernel_id))  # behind the executor's back
+    finally:
+        await client.aclose()
+    executor.kernel_name = "no-such-kernel"  # so creating its replacement fails
+    with pytest.raises(GatewayError):
+        await executor.restart()
+    executor.kernel_name = None
+    result = await executor.run("print('fresh')", timeout=60)
+    assert result.stdout == "fresh\n"
+    await executor.restart()  # and restart works again
+    assert (await executor.run("1 + 1")).value.text == "2"  # type: ignore[union-attr]
 
 
 async def test_state_errors(gateway: GatewayEndpoint) -> None:

@@ -129,3 +129,18 @@ async def test_idle_sandboxes_are_retired_after_max_idle_time_and_replaced() -> 
         async with pool.session(timeout=60) as executor:
             assert executor is not first
             assert (await executor.run("'fresh'")).value.text == "'fresh'"  # type: ignore[union-attr]
+
+
+async def test_wait_ready_stops_with_a_clear_error_when_the_pool_closes() -> None:
+    before = set(descendants())
+    pool = SandboxPool(min_idle=1, max_size=1)
+    with pytest.raises(ExecutorStateError, match="unopened"):
+        await pool.wait_ready(5)
+    await pool.start()
+    waiter = asyncio.create_task(pool.wait_ready(60))
+    await asyncio.sleep(0.2)  # the first sandbox is still starting (~2 s)
+    assert not waiter.done()
+    await pool.aclose()
+    with pytest.raises(ExecutorStateError, match="closed"):
+        await asyncio.wait_for(waiter, 5)  # at once, not after the 60 s timeout
+    assert await wait_gone([pid for pid in descendants() if pid not in before]) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import pytest
@@ -261,6 +262,42 @@ def test_v1_malformed_frames_raise_value_error(frame: bytes) -> None:
 
     with pytest.raises(ValueError):
         decode_v1(frame)
+
+
+def _legacy_frame(*parts: bytes) -> bytes:
+    offsets = [4 * (len(parts) + 1)]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + len(part))
+    return b"".join(n.to_bytes(4, "big") for n in [len(parts), *offsets]) + b"".join(parts)
+
+
+def test_json_protocol_binary_frame_is_decoded() -> None:
+    from async_modal_exec.protocol import decode_legacy_binary
+
+    body = json.dumps({"header": {"msg_type": "comm_msg"}, "parent_header": {}, "channel": "iopub"}).encode()
+    decoded = decode_legacy_binary(_legacy_frame(body, b"\x00\x01", b"", b"raw"))
+    assert decoded["channel"] == "iopub" and decoded["header"] == {"msg_type": "comm_msg"}
+    assert decoded["buffers"] == [b"\x00\x01", b"", b"raw"]
+    assert decode_legacy_binary(_legacy_frame(body))["buffers"] == []
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\x00\x00\x00\x00",  # no parts
+        b"\x00\x00\x00\x02\x00\x00\x00\x0c",  # offsets cut short
+        b"\x00\x00\x00\x01\x00\x00\x00\x02{}",  # offset inside the header
+        b"\x00\x00\x00\x02\x00\x00\x00\x0c\x00\x00\x00\x0b{}",  # offsets going backwards
+        b"\x00\x00\x00\x01\x00\x00\x00\x08[1]",  # not an object
+        b"\x00\x00\x00\x01\x00\x00\x00\x08{no",  # not JSON
+    ],
+)
+def test_json_protocol_malformed_binary_frames_raise_value_error(frame: bytes) -> None:
+    from async_modal_exec.protocol import decode_legacy_binary
+
+    with pytest.raises(ValueError):
+        decode_legacy_binary(frame)
 
 
 def test_reply_is_noted_and_a_lost_idle_can_be_assumed() -> None:

@@ -26,6 +26,7 @@ from smolagents.remote_executors import RemotePythonExecutor
 from smolagents.tools import Tool, get_tools_definition_code
 from smolagents.utils import AgentError
 
+from .._shield import run_shielded
 from ..backends.base import Backend
 from ..errors import ExecutionError, ExecutorStateError
 from ..executor import AsyncExecutor
@@ -340,7 +341,7 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
             self._closed = True
             await self.core.aclose()
         else:
-            await anyio.to_thread.run_sync(self.cleanup)
+            await run_shielded(anyio.to_thread.run_sync(self.cleanup))
 
     def _cleanup_at_exit(self) -> None:
         try:

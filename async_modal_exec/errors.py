@@ -137,8 +137,8 @@ class ExecutionTimeout(ExecutionError, TimeoutError):
 
     The kernel was interrupted, so variables defined before the timed-out code
     survive. If the interrupt did not bring the kernel back (code that swallows
-    ``KeyboardInterrupt``), the kernel was restarted and ``restarted`` is true:
-    its state is gone.
+    ``KeyboardInterrupt``), the kernel was replaced by a fresh one and
+    ``restarted`` is true: its state is gone.
     """
 
     def __init__(self, message: str, result: ExecutionResult, *, restarted: bool) -> None:

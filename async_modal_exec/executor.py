@@ -276,14 +276,38 @@ class AsyncExecutor:
         self._kernel_suspect = False
         logger.debug("kernel %s ready", self._kernel_id)
 
-    async def _fresh_channel(self) -> None:
-        """Connect a new websocket with a new session id.
+    async def _replace_kernel(self) -> None:
+        """Delete the current kernel and start a brand-new one, with a new websocket.
 
-        Used for a new or restarted kernel: the gateway then builds new kernel
-        streams. Reusing the old session would reuse streams from before the
-        restart, and a request sent through them can be lost (a run that never
-        ends). The new streams are checked here before any code is sent (see
-        :meth:`KernelChannel.confirm_iopub`).
+        This is how the executor restarts a kernel; the gateway's own restart is
+        not used. That one answers before the new kernel process listens, so
+        the streams of a websocket opened then connect later, each on its own
+        ZeroMQ reconnect timer (measured: the first IOPub answer ~0.8 s after
+        the restart returned). The stdin stream can come last, and an
+        ``input_request`` the kernel sends before then is dropped: a host-tool
+        call, and the run, would wait forever (seen once in CI). A created
+        kernel is listening before the gateway completes its websocket.
+
+        Until the new kernel is in place the executor counts its kernel as
+        suspect, so an interrupted replacement is finished by the next run.
+        """
+        gateway = self._gateway
+        assert gateway is not None
+        self._kernel_suspect = True
+        old = self._kernel_id
+        if old is not None:
+            try:
+                await gateway.delete_kernel(old)
+            except AsyncModalExecError as exc:
+                logger.warning("could not delete the kernel %s: %s", old, exc)
+        await self._new_kernel()
+
+    async def _fresh_channel(self) -> None:
+        """Connect a new websocket, with a new session id, to a new kernel.
+
+        A new session makes the gateway build new kernel streams instead of
+        replaying a buffer meant for another. The new streams are checked here
+        before any code is sent (see :meth:`KernelChannel.confirm_iopub`).
         """
         gateway = self._gateway
         assert gateway is not None and self._kernel_id is not None
@@ -302,7 +326,7 @@ class AsyncExecutor:
     async def _ensure_kernel(self) -> KernelChannel:
         """A connected channel to a live kernel with the host-tool stubs defined;
         a fresh kernel if the old one is gone."""
-        gateway = self._open_gateway()
+        self._open_gateway()
         assert self._kernel_id is not None
         if self._kernel_suspect or self._channel is None:
             # The kernel died, vanished or could not be recovered, or replacing
@@ -312,11 +336,7 @@ class AsyncExecutor:
             # to the dead process (seen as a hung next run): replace it with a
             # brand-new kernel instead.
             old = self._kernel_id
-            try:
-                await gateway.delete_kernel(old)
-            except AsyncModalExecError as exc:
-                logger.warning("could not delete the dead kernel %s: %s", old, exc)
-            await self._new_kernel()
+            await self._replace_kernel()
             logger.info("kernel %s replaced by a fresh kernel %s", old, self._kernel_id)
         assert self._channel is not None
         await self._channel.open()
@@ -458,7 +478,9 @@ class AsyncExecutor:
         if not fold.done:
             restarted = await run_shielded(self._recover(channel, fold))
             if restarted:
-                how = "the kernel ignored the interrupt and was restarted (its state is lost)"
+                how = (
+                    "the kernel ignored the interrupt and was restarted as a fresh kernel (its state is lost)"
+                )
             else:
                 how = "the kernel was interrupted (its state is kept)"
             raise ExecutionTimeout(
@@ -534,9 +556,9 @@ class AsyncExecutor:
         self._kernel_suspect = False
 
     async def _recover(self, channel: KernelChannel, fold: ExecutionFold) -> bool:
-        """Interrupt the kernel and drain our request; restart if it stays busy.
+        """Interrupt the kernel and drain our request; replace it if it stays busy.
 
-        Returns True if the kernel had to be restarted.
+        Returns True if the kernel had to be replaced (a fresh kernel: state lost).
         """
         if self._gateway is None or self._kernel_id is None or fold.done:
             return False
@@ -550,11 +572,10 @@ class AsyncExecutor:
                 fold.feed(message)
             if fold.done:
                 return False
-            logger.warning("kernel %s ignored the interrupt; restarting it", self._kernel_id)
-            await self._gateway.restart_kernel(self._kernel_id)
-            self._stubbed = None
-            # The old websocket belongs to the old kernel process: start clean.
-            await self._fresh_channel()
+            logger.warning(
+                "kernel %s ignored the interrupt; replacing it with a fresh kernel", self._kernel_id
+            )
+            await self._replace_kernel()
             return True
         except (KernelDied, GatewayError, ChannelLost, ProtocolError) as exc:
             logger.warning("recovering kernel %s failed: %s", self._kernel_id, exc)
@@ -591,35 +612,20 @@ class AsyncExecutor:
         await gateway.interrupt_kernel(self._kernel_id)
 
     async def restart(self) -> None:
-        """Restart the kernel: all state is lost. Waits for the running execution to finish.
+        """Start over on a brand-new kernel: all state is lost, ``kernel_id`` changes.
+
+        Waits for the running execution to finish. The old kernel is deleted
+        and a new one created (not the gateway's in-place restart, which can
+        lose the first host-tool call: see ``_replace_kernel``); about as fast.
 
         Raises:
             ExecutorStateError: not started, or closed.
-            GatewayError: the gateway failed; the next run starts on a brand-new kernel.
+            GatewayError: the gateway failed; the next run tries again.
 
-        Cancelling the call while it waits its turn changes nothing. Once the
-        restart request is sent, it is waited for (shielded; about a second
-        locally), then the kernel's state counts as lost and the next run
-        starts on a brand-new kernel (the old one is deleted then).
+        Cancelling the call while it waits its turn changes nothing. Later, the
+        old kernel may already be deleted; the next run then finishes the job
+        and starts on a brand-new kernel.
         """
         async with self._lock:
-            gateway = self._open_gateway()
-            assert self._kernel_id is not None
-            try:
-                if self._kernel_suspect or self._channel is None:
-                    await self._ensure_kernel()  # a brand-new kernel is as fresh as a restarted one
-                    return
-                try:
-                    # Shielded: the gateway goes on restarting when our request
-                    # is dropped, and deleting the kernel during that restart
-                    # could leave a kernel process the gateway no longer lists.
-                    await run_shielded(gateway.restart_kernel(self._kernel_id))
-                except GatewayNotFound:
-                    await self._new_kernel()
-                    return
-                self._stubbed = None
-                await self._fresh_channel()
-            except BaseException:
-                # Half restarted: neither the old streams nor the old state can be trusted.
-                self._kernel_suspect = True
-                raise
+            self._open_gateway()
+            await self._replace_kernel()

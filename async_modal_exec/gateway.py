@@ -142,7 +142,11 @@ class GatewayClient:
         await self._json("POST", f"/api/kernels/{kernel_id}/interrupt")
 
     async def restart_kernel(self, kernel_id: str) -> None:
-        """Restart a kernel in place (same id, fresh process, state lost)."""
+        """Restart a kernel in place (same id, fresh process, state lost).
+
+        The gateway answers before the new process listens; :class:`AsyncExecutor`
+        replaces kernels instead (see ``AsyncExecutor._replace_kernel``).
+        """
         await self._json("POST", f"/api/kernels/{kernel_id}/restart")
 
     def websocket_url(self, kernel_id: str, session_id: str) -> str:

@@ -148,6 +148,19 @@ async def test_unknown_kernel_is_not_found(gateway: GatewayEndpoint) -> None:
         await client.aclose()
 
 
+async def test_gateway_client_restarts_a_kernel_in_place(gateway: GatewayEndpoint) -> None:
+    client = GatewayClient(gateway)
+    try:
+        kernel_id = await client.create_kernel()
+        try:
+            await client.restart_kernel(kernel_id)
+            assert (await client.get_kernel(kernel_id))["id"] == kernel_id
+        finally:
+            await client.delete_kernel(kernel_id)
+    finally:
+        await client.aclose()
+
+
 def test_gateway_backend_rejects_bad_urls() -> None:
     with pytest.raises(ValueError):
         GatewayBackend("localhost:8888")

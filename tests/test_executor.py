@@ -267,7 +267,9 @@ async def test_interrupt_from_another_task(executor: AsyncExecutor, tmp_path: Pa
 
 async def test_restart_loses_state(executor: AsyncExecutor) -> None:
     await executor.run("state = 1")
+    old = executor.kernel_id
     await executor.restart()
+    assert executor.kernel_id != old  # a brand-new kernel, not the gateway's in-place restart
     result = await executor.run("'state' in dir()")
     assert result.value is not None and result.value.text == "False"
 
@@ -276,7 +278,7 @@ async def test_cancelled_restart_leaves_a_working_executor(executor: AsyncExecut
     await executor.run("state = 1")
     old_kernel = executor.kernel_id
     restart = asyncio.create_task(executor.restart())
-    await asyncio.sleep(0.05)  # the REST restart is under way (it takes about a second)
+    await asyncio.sleep(0.05)  # the replacement is under way (it takes most of a second)
     restart.cancel()
     with pytest.raises(asyncio.CancelledError):
         await restart

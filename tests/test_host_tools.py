@@ -152,7 +152,8 @@ async def test_stubs_are_sent_again_after_a_restart(
     await executor.run("lookup('two')")
     assert sum("make_stub" in message for message in sent_to_kernel) == 1
     await executor.restart()
-    result = await executor.run("lookup('three')['key']")
+    # A timeout: a lost input_request would otherwise show as a hang (it once did).
+    result = await executor.run("lookup('three')['key']", timeout=30)
     assert result.value is not None and result.value.text == "'three'"
     assert sum("make_stub" in message for message in sent_to_kernel) == 2
 

@@ -258,11 +258,17 @@ class AsyncExecutor:
         return self._gateway
 
     async def _new_kernel(self) -> None:
-        assert self._gateway is not None
+        """Create a kernel and connect a new websocket to it, with a new session id.
+
+        The new session makes the gateway build new kernel streams instead of
+        replaying a buffer meant for another; they are checked before any code
+        is sent (see :meth:`KernelChannel.confirm_iopub`).
+        """
+        gateway = self._gateway
+        assert gateway is not None
         if self._channel is not None:
             await self._channel.aclose()
             self._channel = None
-        gateway = self._gateway
 
         async def create() -> None:
             # Shielded and stored here: a cancellation landing while the
@@ -271,8 +277,17 @@ class AsyncExecutor:
             self._kernel_id = await gateway.create_kernel(self.kernel_name)
 
         await run_shielded(create())
+        assert self._kernel_id is not None
         self._stubbed = None
-        await self._fresh_channel()
+        self._session_id = new_session_id()
+        self._channel = KernelChannel(
+            gateway.websocket_url(self._kernel_id, self._session_id),
+            headers=gateway.endpoint.headers,
+            ssl_context=gateway.endpoint.ssl,
+            max_message_bytes=self._max_message_bytes,
+        )
+        await self._channel.open()
+        await self._channel.confirm_iopub(session=self._session_id, timeout=_IOPUB_CONFIRM_TIMEOUT)
         self._kernel_suspect = False
         logger.debug("kernel %s ready", self._kernel_id)
 
@@ -301,27 +316,6 @@ class AsyncExecutor:
             except AsyncModalExecError as exc:
                 logger.warning("could not delete the kernel %s: %s", old, exc)
         await self._new_kernel()
-
-    async def _fresh_channel(self) -> None:
-        """Connect a new websocket, with a new session id, to a new kernel.
-
-        A new session makes the gateway build new kernel streams instead of
-        replaying a buffer meant for another. The new streams are checked here
-        before any code is sent (see :meth:`KernelChannel.confirm_iopub`).
-        """
-        gateway = self._gateway
-        assert gateway is not None and self._kernel_id is not None
-        if self._channel is not None:
-            await self._channel.aclose()
-        self._session_id = new_session_id()
-        self._channel = KernelChannel(
-            gateway.websocket_url(self._kernel_id, self._session_id),
-            headers=gateway.endpoint.headers,
-            ssl_context=gateway.endpoint.ssl,
-            max_message_bytes=self._max_message_bytes,
-        )
-        await self._channel.open()
-        await self._channel.confirm_iopub(session=self._session_id, timeout=_IOPUB_CONFIRM_TIMEOUT)
 
     async def _ensure_kernel(self) -> KernelChannel:
         """A connected channel to a live kernel with the host-tool stubs defined;

@@ -254,14 +254,7 @@ def sessions_router(
     async def run(session_id: str, body: RunRequest, request: Request, sessions: Store) -> Response:
         session = sessions.get(session_id)
         code, timeout = checked(body)
-        outcome: dict[str, Any] = {}
-
-        async def execute() -> None:
-            try:
-                outcome["result"] = (await session.executor.run(code, timeout=timeout)).to_jsonable()
-            except ExecutionError as exc:
-                outcome["result"] = {**exc.result.to_jsonable(), "failure": f"{type(exc).__name__}: {exc}"}
-
+        result: dict[str, Any] | None = None
         async with anyio.create_task_group() as group:
 
             async def watch_disconnect() -> None:
@@ -272,12 +265,15 @@ def sessions_router(
                 group.cancel_scope.cancel()  # cancelling the run interrupts the kernel
 
             group.start_soon(watch_disconnect)
-            await execute()
+            try:
+                result = (await session.executor.run(code, timeout=timeout)).to_jsonable()
+            except ExecutionError as exc:
+                result = {**exc.result.to_jsonable(), "failure": f"{type(exc).__name__}: {exc}"}
             group.cancel_scope.cancel()
         session.last_used = time.monotonic()
-        if "result" not in outcome:
+        if result is None:
             return Response(status_code=499)  # the client is gone
-        return Response(json.dumps(outcome["result"]), media_type="application/json")
+        return Response(json.dumps(result), media_type="application/json")
 
     @router.post("/{session_id}/stream")
     async def stream(session_id: str, body: RunRequest, sessions: Store) -> StreamingResponse:

@@ -146,6 +146,14 @@ async def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
         await asyncio.sleep(0.05)
 
 
+def legacy_binary_frame(*parts: bytes) -> bytes:
+    """Parts (a message as JSON, then its buffers) framed as the JSON websocket protocol's binary frames."""
+    offsets = [4 * (len(parts) + 1)]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + len(part))
+    return b"".join(n.to_bytes(4, "big") for n in [len(parts), *offsets]) + b"".join(parts)
+
+
 async def until_running(marker: Path) -> None:
     """Wait until the kernel runs the code (it touches ``marker``): an interrupt
     sent before the kernel starts executing is swallowed by ipykernel."""

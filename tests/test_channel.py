@@ -24,6 +24,8 @@ from async_modal_exec.channel import KernelChannel
 from async_modal_exec.gateway import GatewayClient
 from async_modal_exec.protocol import ExecutionFold, execute_request, msg_id_of, new_session_id
 
+from .helpers import legacy_binary_frame
+
 
 def _answer(request: dict[str, Any], msg_type: str, channel: str, content: dict[str, Any]) -> str:
     return json.dumps(
@@ -35,16 +37,6 @@ def _answer(request: dict[str, Any], msg_type: str, channel: str, content: dict[
             "channel": channel,
         }
     )
-
-
-def _legacy_binary(message: str, *buffers: bytes) -> bytes:
-    """A message with buffers as the JSON websocket protocol frames it (built by hand here)."""
-    parts = [message.encode(), *buffers]
-    offsets = [4 * (len(parts) + 1)]
-    for part in parts[:-1]:
-        offsets.append(offsets[-1] + len(part))
-    head = b"".join(n.to_bytes(4, "big") for n in [len(parts), *offsets])
-    return head + b"".join(parts)
 
 
 class ScriptedGateway:
@@ -98,7 +90,9 @@ class ScriptedGateway:
             await websocket.send(_answer(request, "kernel_info_reply", "shell", {"status": "ok"}))
             if self.requests > self.lose_first:
                 status = _answer(request, "status", "iopub", {"execution_state": "idle"})
-                await websocket.send(_legacy_binary(status, b"\x00\xff") if self.binary_iopub else status)
+                await websocket.send(
+                    legacy_binary_frame(status.encode(), b"\x00\xff") if self.binary_iopub else status
+                )
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[ScriptedGateway]:

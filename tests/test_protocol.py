@@ -20,6 +20,8 @@ from async_modal_exec.protocol import (
 )
 from async_modal_exec.results import DisplayEvent, ErrorEvent, ResultEvent, StderrEvent, StdoutEvent
 
+from .helpers import legacy_binary_frame
+
 MSG = "req-1"
 
 
@@ -264,21 +266,14 @@ def test_v1_malformed_frames_raise_value_error(frame: bytes) -> None:
         decode_v1(frame)
 
 
-def _legacy_frame(*parts: bytes) -> bytes:
-    offsets = [4 * (len(parts) + 1)]
-    for part in parts[:-1]:
-        offsets.append(offsets[-1] + len(part))
-    return b"".join(n.to_bytes(4, "big") for n in [len(parts), *offsets]) + b"".join(parts)
-
-
 def test_json_protocol_binary_frame_is_decoded() -> None:
     from async_modal_exec.protocol import decode_legacy_binary
 
     body = json.dumps({"header": {"msg_type": "comm_msg"}, "parent_header": {}, "channel": "iopub"}).encode()
-    decoded = decode_legacy_binary(_legacy_frame(body, b"\x00\x01", b"", b"raw"))
+    decoded = decode_legacy_binary(legacy_binary_frame(body, b"\x00\x01", b"", b"raw"))
     assert decoded["channel"] == "iopub" and decoded["header"] == {"msg_type": "comm_msg"}
     assert decoded["buffers"] == [b"\x00\x01", b"", b"raw"]
-    assert decode_legacy_binary(_legacy_frame(body))["buffers"] == []
+    assert decode_legacy_binary(legacy_binary_frame(body))["buffers"] == []
 
 
 @pytest.mark.parametrize(

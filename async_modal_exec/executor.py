@@ -304,17 +304,16 @@ class AsyncExecutor:
         kernel is listening before the gateway completes its websocket.
 
         Until the new kernel is in place the executor counts its kernel as
-        suspect, so an interrupted replacement is finished by the next run.
+        suspect, so an interrupted or failed replacement is finished by the
+        next run. A delete that fails raises (GatewayError) before any new
+        kernel exists: the old one is still ``kernel_id``, so the next attempt
+        or :meth:`aclose` deletes it, and none is left on a shared gateway.
         """
         gateway = self._gateway
         assert gateway is not None
         self._kernel_suspect = True
-        old = self._kernel_id
-        if old is not None:
-            try:
-                await gateway.delete_kernel(old)
-            except AsyncModalExecError as exc:
-                logger.warning("could not delete the kernel %s: %s", old, exc)
+        if self._kernel_id is not None:
+            await gateway.delete_kernel(self._kernel_id)  # already gone: fine
         await self._new_kernel()
 
     async def _ensure_kernel(self) -> KernelChannel:

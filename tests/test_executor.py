@@ -308,6 +308,31 @@ async def test_failed_kernel_replacement_is_retried_by_the_next_run(
     assert (await executor.run("1 + 1")).value.text == "2"  # type: ignore[union-attr]
 
 
+async def test_a_failed_delete_leaves_no_second_kernel_behind(
+    executor: AsyncExecutor, gateway: GatewayEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from async_modal_exec.gateway import GatewayClient
+
+    async def refused(self: GatewayClient, kernel_id: str, *, retry_for: float = 10.0) -> None:
+        # A gateway failing a delete cannot be provoked on demand: the one
+        # mocked boundary of this test (everything else is the real gateway).
+        raise GatewayError("DELETE failed with HTTP 500", status=500)
+
+    old = executor.kernel_id
+    with monkeypatch.context() as patch:
+        patch.setattr(GatewayClient, "delete_kernel", refused)
+        with pytest.raises(GatewayError, match="HTTP 500"):
+            await executor.restart()
+    client = GatewayClient(gateway)
+    try:
+        assert [kernel["id"] for kernel in await client._json("GET", "/api/kernels")] == [old]
+    finally:
+        await client.aclose()
+    result = await executor.run("'fresh'", timeout=60)  # finishes the replacement
+    assert result.value is not None and result.value.text == "'fresh'"
+    assert executor.kernel_id != old  # and the fixture checks that no kernel is left
+
+
 async def test_state_errors(gateway: GatewayEndpoint) -> None:
     executor = AsyncExecutor(GatewayBackend(gateway.base_url, gateway.token))
     assert executor.state == "unopened"

@@ -10,8 +10,12 @@ from typing import TYPE_CHECKING, Any
 from .backends import Backend, GatewayBackend, GatewayEndpoint, LocalBackend
 from .errors import (
     AsyncModalExecError,
+    BackendAuthError,
     BackendError,
+    BackendInvalidArgument,
+    BackendNotFound,
     BackendStartError,
+    BackendUnreachable,
     CodeError,
     ExecutionError,
     ExecutionTimeout,
@@ -24,8 +28,10 @@ from .errors import (
     PackageInstallError,
     PoolExhausted,
     ProtocolError,
+    RecoveryOutcome,
+    SessionNotFound,
 )
-from .executor import AsyncExecutor
+from .executor import AsyncExecutor, ExecutorState
 from .host_tools import HostTools
 from .pool import SandboxPool
 from .results import (
@@ -39,6 +45,7 @@ from .results import (
     StderrEvent,
     StdoutEvent,
 )
+from .session import KernelState
 
 if TYPE_CHECKING:
     from .agent import (
@@ -75,13 +82,20 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AsyncExecutor",
+    "ExecutorState",
+    "KernelState",
+    "RecoveryOutcome",
     "HostTools",
     "PoolExhausted",
     "SandboxPool",
     "AsyncModalExecError",
     "Backend",
+    "BackendAuthError",
     "BackendError",
+    "BackendInvalidArgument",
+    "BackendNotFound",
     "BackendStartError",
+    "BackendUnreachable",
     "CodeError",
     "DisplayEvent",
     "ErrorEvent",
@@ -105,6 +119,7 @@ __all__ = [
     "RemoteError",
     "ResultEvent",
     "RichOutput",
+    "SessionNotFound",
     "StderrEvent",
     "StdoutEvent",
     "__version__",

@@ -33,3 +33,16 @@ async def run_shielded(coro: Coroutine[Any, Any, T]) -> T:
             task.exception()  # retrieved: the cancellation takes precedence
         raise cancelled
     return task.result()
+
+
+async def wait_shielded(task: asyncio.Future[Any]) -> None:
+    """Wait until ``task`` is done without cancelling it; re-raise a cancellation of the caller after.
+
+    Unlike awaiting the task, this neither cancels it when the caller is
+    cancelled nor raises what it raised: look at ``task`` afterwards.
+    """
+    await run_shielded(_done(task))
+
+
+async def _done(task: asyncio.Future[Any]) -> None:
+    await asyncio.wait({task})

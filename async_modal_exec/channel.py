@@ -13,7 +13,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from .errors import GatewayAuthError, GatewayError, GatewayNotFound, GatewayUnreachable, ProtocolError
+from .errors import GatewayError, GatewayUnreachable, ProtocolError, gateway_error_for_status
 from .protocol import (
     V1_SUBPROTOCOL,
     decode_legacy_binary,
@@ -65,6 +65,7 @@ class KernelChannel:
         self._open_timeout = open_timeout
         self._ws: ClientConnection | None = None
         self._binary = False
+        self._final = False  # closed for good: open() refuses
 
     @property
     def is_open(self) -> bool:
@@ -75,14 +76,16 @@ class KernelChannel:
         """Connect if not connected (no-op when open).
 
         Raises:
-            GatewayAuthError: the token was refused.
-            GatewayNotFound: the kernel does not exist.
-            GatewayUnreachable: any other connection failure.
+            GatewayAuthError: the token was refused (HTTP 401 / 403).
+            GatewayNotFound: the kernel does not exist (HTTP 404).
+            GatewayUnreachable: no connection, or HTTP 502 / 503 / 504 from a proxy in front.
+            GatewayError: any other HTTP answer than the websocket upgrade.
 
         Cancelling the call abandons the attempt and leaves the channel closed.
         """
         if self.is_open:
             return
+        self._refuse_if_final()
         kwargs: dict[str, Any] = {}
         if self.url.startswith("wss://"):
             kwargs["ssl"] = self._ssl if self._ssl is not None else True
@@ -104,19 +107,17 @@ class KernelChannel:
                 **kwargs,
             )
         except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status in (401, 403):
-                raise GatewayAuthError(
-                    f"gateway refused the token for the kernel websocket (HTTP {status})", status=status
-                ) from exc
-            if status == 404:
-                raise GatewayNotFound(
-                    "the kernel of this websocket does not exist (HTTP 404)", status=404
-                ) from exc
-            raise GatewayUnreachable(f"kernel websocket refused with HTTP {status}", status=status) from exc
+            raise gateway_error_for_status(exc.response.status_code, "the kernel websocket") from exc
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise GatewayUnreachable(f"cannot open the kernel websocket: {exc!r}") from exc
         self._binary = self._ws.subprotocol == V1_SUBPROTOCOL
+        if self._final:  # closed for good while the connection was being made
+            await self.aclose()
+            self._refuse_if_final()
+
+    def _refuse_if_final(self) -> None:
+        if self._final:
+            raise GatewayUnreachable("the kernel websocket was closed for good")
 
     async def confirm_iopub(
         self, *, session: str, timeout: float, retry_every: float = 1.0, reply_grace: float = 0.05
@@ -214,7 +215,15 @@ class KernelChannel:
         return message
 
     async def aclose(self) -> None:
-        """Close the websocket (bounded by a short close timeout); safe to call twice."""
+        """Close the websocket (bounded by a short close timeout); safe to call twice.
+
+        :meth:`open` may reconnect afterwards (same session id).
+        """
         ws, self._ws = self._ws, None
         if ws is not None:
             await ws.close()
+
+    async def close_for_good(self) -> None:
+        """Close the websocket and refuse to reopen it, also if a connect is in flight."""
+        self._final = True
+        await self.aclose()

@@ -4,7 +4,8 @@ Commands: ``run`` (code in a fresh kernel), ``reap`` (terminate Modal
 sandboxes this package left running).
 
 Exit status: 0 success; 1 the code raised (traceback on stderr); 2 bad usage;
-3 the backend or gateway failed; 124 the timeout expired; 130 interrupted.
+3 the backend or gateway failed (Modal's errors included, e.g. refused
+credentials; also for ``reap``); 124 the timeout expired; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -161,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "reap":
         try:
             return anyio.run(_reap, args.app, args.older_than, args.dry_run)
+        except AsyncModalExecError as exc:  # Modal's own errors arrive translated
+            sys.stderr.write(f"error: {exc}\n")
+            return EXIT_BACKEND
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
     try:

@@ -10,26 +10,35 @@ Everything this package raises derives from one root::
     AsyncModalExecError
     ├── ExecutorStateError (also RuntimeError)   used before start() or after aclose()
     ├── BackendError                             a sandbox / gateway could not be provided
-    │   └── BackendStartError                    it failed while starting
+    │   ├── BackendStartError                    it failed while starting (exited, terminated, not ready)
+    │   ├── BackendAuthError                     the provider (Modal) refused the credentials
+    │   ├── BackendNotFound (also LookupError)   no such sandbox, app or secret
+    │   ├── BackendInvalidArgument (also ValueError)  the provider rejected an argument
+    │   └── BackendUnreachable (also ConnectionError)  the provider's API could not be reached
     ├── GatewayError                             the Kernel Gateway answered badly
-    │   ├── GatewayUnreachable (also ConnectionError)  refused, reset, DNS, TLS, not ready in time
+    │   ├── GatewayUnreachable (also ConnectionError)  refused, reset, DNS, TLS, not ready, 502-504
     │   ├── GatewayAuthError                     401 / 403: wrong or missing token
     │   └── GatewayNotFound                      404: no such kernel or route
     ├── ProtocolError                            a message that breaks the Jupyter protocol
     ├── PackageInstallError                      installing a tool's packages in the sandbox failed
     ├── PoolExhausted (also TimeoutError)        no pooled executor became free in time
+    ├── SessionNotFound (also LookupError)       no such session in the FastAPI session store
     └── ExecutionError                           one execution did not complete normally;
         │                                        ``.result`` holds the output received so far
         ├── CodeError                            the user's code raised (from raise_for_error())
         ├── ExecutionTimeout (also TimeoutError) the timeout expired; the kernel was interrupted
         └── KernelDied                           the kernel process died during the execution
 
-Errors of aiohttp and websockets are translated into this tree where they cross
-into the package (``raise ... from exc``), so callers never need to import them.
+Errors of aiohttp, websockets and modal are translated into this tree where they
+cross into the package (``raise ... from exc``: the original is ``__cause__``),
+so callers never need to import them and ``except AsyncModalExecError`` is enough.
+An HTTP error status of the gateway maps the same way over REST and websocket
+(:func:`gateway_error_for_status`).
 """
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,8 +46,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncModalExecError",
+    "BackendAuthError",
     "BackendError",
+    "BackendInvalidArgument",
+    "BackendNotFound",
     "BackendStartError",
+    "BackendUnreachable",
     "CodeError",
     "ExecutionError",
     "ExecutionTimeout",
@@ -49,7 +62,10 @@ __all__ = [
     "GatewayUnreachable",
     "KernelDied",
     "PackageInstallError",
+    "PoolExhausted",
     "ProtocolError",
+    "RecoveryOutcome",
+    "SessionNotFound",
 ]
 
 
@@ -66,7 +82,27 @@ class BackendError(AsyncModalExecError):
 
 
 class BackendStartError(BackendError):
-    """A backend failed while starting its sandbox or gateway."""
+    """A backend failed while starting its sandbox or gateway.
+
+    For example the gateway process exited, or the Modal sandbox was
+    terminated, timed out or exited before it was ready.
+    """
+
+
+class BackendAuthError(BackendError):
+    """The sandbox provider refused the credentials (Modal: token missing, wrong or not allowed)."""
+
+
+class BackendNotFound(BackendError, LookupError):
+    """The sandbox provider has no such object (a sandbox id, an app, a named secret)."""
+
+
+class BackendInvalidArgument(BackendError, ValueError):
+    """The sandbox provider rejected an argument (Modal's ``InvalidError``: image, resources, ...)."""
+
+
+class BackendUnreachable(BackendError, ConnectionError):
+    """The sandbox provider's API could not be reached, or stopped answering."""
 
 
 class GatewayError(AsyncModalExecError):
@@ -82,7 +118,10 @@ class GatewayError(AsyncModalExecError):
 
 
 class GatewayUnreachable(GatewayError, ConnectionError):
-    """The gateway could not be reached (refused, reset, DNS, TLS, not ready in time)."""
+    """The gateway could not be reached (refused, reset, DNS, TLS, not ready in time).
+
+    Also HTTP 502, 503 and 504: a tunnel or proxy in front found no gateway behind it.
+    """
 
 
 class GatewayAuthError(GatewayError):
@@ -93,12 +132,46 @@ class GatewayNotFound(GatewayError):
     """The gateway has no such kernel or route (HTTP 404)."""
 
 
+def gateway_error_for_status(status: int, what: str, *, detail: str = "") -> GatewayError:
+    """The exception for an HTTP error ``status`` that the gateway answered to ``what``.
+
+    One mapping for the REST calls and the websocket handshake: 401 and 403
+    give :class:`GatewayAuthError`, 404 :class:`GatewayNotFound`, 502, 503 and
+    504 (a tunnel or proxy in front found no gateway behind it)
+    :class:`GatewayUnreachable`, any other status :class:`GatewayError`.
+
+    Args:
+        status: the HTTP status of the answer (an error, or anything but 101 to a websocket upgrade).
+        what: the request, for the message: ``"GET /api/kernels"``, ``"the kernel websocket"``.
+            Never a URL with a token in it.
+        detail: appended to the message of the last two kinds (e.g. the start of the body).
+    """
+    if status in (401, 403):
+        return GatewayAuthError(f"gateway refused the token for {what} (HTTP {status})", status=status)
+    if status == 404:
+        return GatewayNotFound(f"{what}: the gateway has no such kernel or route (HTTP 404)", status=404)
+    suffix = f": {detail}" if detail else ""
+    if status in (502, 503, 504):
+        return GatewayUnreachable(
+            f"{what} failed with HTTP {status} (no gateway answered behind the tunnel or proxy){suffix}",
+            status=status,
+        )
+    return GatewayError(f"{what} failed with HTTP {status}{suffix}", status=status)
+
+
 class ProtocolError(AsyncModalExecError):
     """A message broke the Jupyter messaging protocol."""
 
 
 class PoolExhausted(AsyncModalExecError, TimeoutError):
     """No executor of a :class:`~async_modal_exec.SandboxPool` became free within the timeout."""
+
+
+class SessionNotFound(AsyncModalExecError, LookupError):
+    """The FastAPI session store has no such session (never created, deleted or expired).
+
+    ``sessions_router`` answers it with HTTP 404 and the same message.
+    """
 
 
 class PackageInstallError(AsyncModalExecError):
@@ -132,18 +205,63 @@ class CodeError(ExecutionError):
     """The user's code raised; ``result.error`` has its name, value and traceback."""
 
 
+class RecoveryOutcome(enum.Enum):
+    """What the executor did to bring the kernel back after a timeout or cancellation.
+
+    * ``INTERRUPTED``: the interrupt stopped the code; the kernel's state is kept.
+    * ``REPLACED``: the kernel ignored the interrupt and was replaced by a
+      fresh kernel before the call returned; its state is lost.
+    * ``DEFERRED``: the kernel could not be brought back in time (it ignored
+      the interrupt while the call was cancelled, it died, or the gateway
+      failed): the next run starts on a fresh kernel; its state is lost.
+    """
+
+    INTERRUPTED = "interrupted"
+    REPLACED = "replaced"
+    DEFERRED = "deferred"
+
+    @property
+    def state_kept(self) -> bool:
+        """True if the kernel's variables survived."""
+        return self is RecoveryOutcome.INTERRUPTED
+
+    def describe(self) -> str:
+        """One clause for messages and logs, e.g. ``"the kernel was interrupted (its state is kept)"``."""
+        return _RECOVERY_TEXT[self]
+
+
+_RECOVERY_TEXT = {
+    RecoveryOutcome.INTERRUPTED: "the kernel was interrupted (its state is kept)",
+    RecoveryOutcome.REPLACED: (
+        "the kernel ignored the interrupt and was replaced by a fresh kernel (its state is lost)"
+    ),
+    RecoveryOutcome.DEFERRED: (
+        "the kernel could not be brought back now; the next run starts on a fresh kernel (its state is lost)"
+    ),
+}
+
+
 class ExecutionTimeout(ExecutionError, TimeoutError):
     """The execution's timeout expired.
 
     The kernel was interrupted, so variables defined before the timed-out code
-    survive. If the interrupt did not bring the kernel back (code that swallows
-    ``KeyboardInterrupt``), the kernel was replaced by a fresh one and
-    ``restarted`` is true: its state is gone.
+    survive (``recovery`` is ``INTERRUPTED``). If the interrupt did not bring
+    the kernel back (code that swallows ``KeyboardInterrupt``), ``recovery``
+    says whether the kernel was replaced already or will be by the next run;
+    either way its state is gone and ``restarted`` is true.
+
+    Attributes:
+        recovery: a :class:`RecoveryOutcome`.
     """
 
-    def __init__(self, message: str, result: ExecutionResult, *, restarted: bool) -> None:
+    def __init__(self, message: str, result: ExecutionResult, *, recovery: RecoveryOutcome) -> None:
         super().__init__(message, result)
-        self.restarted = restarted
+        self.recovery = recovery
+
+    @property
+    def restarted(self) -> bool:
+        """True if the kernel's state is lost (replaced now or by the next run)."""
+        return not self.recovery.state_kept
 
 
 class KernelDied(ExecutionError):

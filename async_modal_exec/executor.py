@@ -1,9 +1,17 @@
-"""AsyncExecutor: the one async core that runs code in a remote kernel."""
+"""AsyncExecutor: the one async core that runs code in a remote kernel.
+
+The executor keeps the configuration and the public API; the kernel's
+lifecycle (create, connect, reconnect, idle close, replace, close) is the
+explicit state machine of :class:`~async_modal_exec.session.KernelSession`,
+and the Jupyter messages are built and folded by the sans-I/O
+:mod:`~async_modal_exec.protocol`. What is left here is the execution
+driver: send a request, move messages from the websocket into the fold, act on
+what the fold says, and recover the kernel when an execution is cut short.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import functools
 import logging
@@ -19,7 +27,8 @@ import anyio
 # otherwise run inside the event loop when the first executor is created.
 import anyio._backends._asyncio  # isort: skip
 
-from ._shield import run_shielded
+from ._shield import run_shielded, wait_shielded
+from ._timing import record_phase
 from .backends.base import Backend
 from .channel import ChannelLost, KernelChannel
 from .errors import (
@@ -27,38 +36,33 @@ from .errors import (
     ExecutionError,
     ExecutionTimeout,
     ExecutorStateError,
-    GatewayError,
     GatewayNotFound,
+    GatewayUnreachable,
     KernelDied,
-    ProtocolError,
+    RecoveryOutcome,
 )
 from .gateway import GatewayClient
 from .host_tools import HostTools
-from .protocol import (
-    ExecutionFold,
-    execute_request,
-    input_reply,
-    kernel_died,
-    msg_id_of,
-    msg_type_of,
-    new_session_id,
-)
+from .protocol import ExecutionFold, execute_request, input_reply, new_msg_id
 from .results import Event, ExecutionResult
+from .session import KernelSession, KernelState
 
 logger = logging.getLogger("async_modal_exec.executor")
 startup_logger = logging.getLogger("async_modal_exec.startup")
 
-__all__ = ["AsyncExecutor"]
+__all__ = ["AsyncExecutor", "ExecutorState"]
 
 DEFAULT_MAX_OUTPUT_CHARS = 10_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
 _RECONNECT_ATTEMPTS = 3
-_CLEANUP_TIMEOUT = 10.0
+_SETUP_TIMEOUT = 10.0  # defining the host-tool stubs in a kernel
+_REPLACE_TIMEOUT = 30.0  # a timed-out run replacing a kernel that ignored the interrupt
 _IOPUB_GRACE = 3.0  # after the execute_reply, how long IOPub may stay silent before idle
-_IOPUB_CONFIRM_TIMEOUT = 30.0  # a new websocket: how long until the kernel's IOPub must answer
 
 
-class _State(enum.Enum):
+class ExecutorState(str, enum.Enum):
+    """Where an :class:`AsyncExecutor` is in its life (equal to its value as a string)."""
+
     UNOPENED = "unopened"
     STARTING = "starting"
     OPEN = "open"
@@ -77,7 +81,8 @@ class AsyncExecutor:
     :class:`~async_modal_exec.ExecutionResult`). Exceptions mean the execution
     itself failed: :class:`~async_modal_exec.ExecutionTimeout`,
     :class:`~async_modal_exec.KernelDied`, gateway errors; the execution ones
-    carry the partial result.
+    carry the partial result. Every exception is an
+    :class:`~async_modal_exec.AsyncModalExecError`.
 
     Args:
         backend: provides the gateway; default: a new
@@ -85,7 +90,7 @@ class AsyncExecutor:
         owns_backend: close the backend in :meth:`aclose` (default True).
         timeout: default timeout of :meth:`run` / :meth:`stream`, seconds (None: no limit).
         interrupt_grace: how long an interrupted kernel gets to come back
-            before it is restarted.
+            before it is replaced.
         max_output_chars: cap on stdout + stderr characters kept per execution
             (None: no cap); the rest is dropped with a visible marker.
         store_history: passed to the kernel (``True`` numbers executions like a notebook).
@@ -133,90 +138,92 @@ class AsyncExecutor:
         self.kernel_name = kernel_name
         self._max_message_bytes = max_message_bytes
         self.liveness_interval = liveness_interval
-        self._state = _State.UNOPENED
-        self._lock = anyio.Lock()
+        self._state = ExecutorState.UNOPENED
+        self._close_requested = False
+        self._torn_down = False
+        self._teardown_task: asyncio.Future[None] | None = None
         self._gateway: GatewayClient | None = None
-        self._channel: KernelChannel | None = None
-        self._kernel_id: str | None = None
-        self._session_id = new_session_id()
-        self._kernel_suspect = False
-        self._idle_watch: asyncio.Task[None] | None = None
-        self._last_activity = time.monotonic()
+        self._session: KernelSession | None = None
         self.startup_timings: dict[str, float] = {}
         self.host_tools = host_tools if isinstance(host_tools, HostTools) else HostTools(host_tools or ())
-        self._stubbed: set[str] | None = None  # host-tool stubs defined in the current kernel
 
     # -- lifecycle -----------------------------------------------------------------
 
     @property
     def kernel_id(self) -> str | None:
         """The id of the current kernel (None before start)."""
-        return self._kernel_id
+        return self._session.kernel_id if self._session is not None else None
 
     @property
-    def state(self) -> str:
-        """``"unopened"``, ``"starting"``, ``"open"`` or ``"closed"``."""
-        return self._state.value
+    def state(self) -> ExecutorState:
+        """An :class:`ExecutorState`: ``UNOPENED``, ``STARTING``, ``OPEN`` or ``CLOSED``."""
+        return self._state
+
+    @property
+    def kernel_state(self) -> KernelState | None:
+        """Where the kernel is in its lifecycle (None before start); see :class:`KernelState`."""
+        return self._session.state if self._session is not None else None
 
     async def start(self) -> AsyncExecutor:
         """Start the backend, wait for the gateway, create the kernel, connect.
 
         Raises:
-            ExecutorStateError: already started or closed.
+            ExecutorStateError: already started or closed, or closed by
+                :meth:`aclose` while starting.
             BackendError, GatewayError: the sandbox or gateway failed.
 
         Cancelling the call (or any failure) tears down everything started so
         far, shielded from the cancellation, and leaves the executor closed.
         """
-        if self._state is not _State.UNOPENED:
+        if self._state is not ExecutorState.UNOPENED:
             raise ExecutorStateError(f"cannot start an executor that is {self._state.value}")
-        self._state = _State.STARTING
+        self._state = ExecutorState.STARTING
         try:
             began = time.monotonic()
             endpoint = await self.backend.start()
-            self._phase("backend", began)
+            record_phase(self.startup_timings, "backend", began, startup_logger)
+            self._check_not_closed()
             began = time.monotonic()
             self._gateway = GatewayClient(endpoint)
             await self._gateway.wait_ready(self.ready_timeout)
-            self._phase("gateway_ready", began)
+            record_phase(self.startup_timings, "gateway_ready", began, startup_logger)
+            self._check_not_closed()
             began = time.monotonic()
-            await self._new_kernel()
-            self._phase("kernel_created", began)
-        except BaseException:
+            self._session = KernelSession(
+                self._gateway, kernel_name=self.kernel_name, max_message_bytes=self._max_message_bytes
+            )
+            await self._session.open()
+            record_phase(self.startup_timings, "kernel_created", began, startup_logger)
+            self._check_not_closed()
+        except BaseException as exc:
             await self._teardown()
+            if self._close_requested and isinstance(exc, Exception):
+                if isinstance(exc, ExecutorStateError):
+                    raise
+                raise ExecutorStateError("the executor was closed while it started") from exc
             raise
-        self._state = _State.OPEN
+        self._state = ExecutorState.OPEN
         if self.backend.idle_disconnect is not None:
-            self._idle_watch = asyncio.create_task(self._close_when_idle(self.backend.idle_disconnect))
+            self._session.watch_idle(self.backend.idle_disconnect)
         return self
 
-    def _phase(self, name: str, began: float) -> None:
-        self.startup_timings[name] = time.monotonic() - began
-        startup_logger.info("%s: %.2f s", name.replace("_", " "), self.startup_timings[name])
-
-    async def _close_when_idle(self, idle: float) -> None:
-        """Close the websocket after ``idle`` quiet seconds; the next run reopens it."""
-        while True:
-            quiet = time.monotonic() - self._last_activity
-            channel = self._channel
-            if quiet < idle or channel is None or not channel.is_open:
-                await anyio.sleep(idle - quiet if quiet < idle else idle)
-                continue
-            async with self._lock:
-                if time.monotonic() - self._last_activity >= idle and channel.is_open:
-                    logger.debug("closing the idle kernel websocket of kernel %s", self._kernel_id)
-                    await channel.aclose()
+    def _check_not_closed(self) -> None:
+        if self._close_requested:
+            raise ExecutorStateError("the executor was closed while it started")
 
     async def aclose(self) -> None:
         """Delete the kernel, close the websocket, close the backend if owned.
 
-        Safe to call twice. Waits for a running execution to be interrupted
-        rather than cutting it mid-message. Runs to completion even when the
-        calling task is cancelled (the cancellation is re-raised afterwards).
+        Safe to call twice, and while :meth:`start` runs (a kernel being
+        created then is waited for and deleted). A running execution is
+        stopped by closing its websocket: it raises :class:`ExecutorStateError`,
+        and this call waits (up to 10 s) until it has let go of the kernel
+        before deleting it.
+
+        Runs to completion even when the calling task is cancelled (the
+        cancellation is re-raised afterwards).
         """
-        if self._state is _State.CLOSED:
-            return
-        self._state = _State.CLOSED
+        self._close_requested = True
         await self._teardown()
 
     async def __aenter__(self) -> AsyncExecutor:
@@ -226,115 +233,32 @@ class AsyncExecutor:
         await self.aclose()
 
     async def _teardown(self) -> None:
-        self._state = _State.CLOSED
-        await run_shielded(self._teardown_unshielded())
+        """Close everything started, once; a teardown cut short is finished by the next call."""
+        self._state = ExecutorState.CLOSED
+        if self._torn_down:
+            return
+        if self._teardown_task is None or self._teardown_task.done():
+            self._teardown_task = asyncio.ensure_future(self._teardown_steps())
+        task = self._teardown_task
+        await wait_shielded(task)
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
-    async def _teardown_unshielded(self) -> None:
-        watch, self._idle_watch = self._idle_watch, None
-        if watch is not None:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
-        with anyio.move_on_after(_CLEANUP_TIMEOUT):
-            channel, self._channel = self._channel, None
-            if channel is not None:
-                await channel.aclose()
-            gateway, self._gateway = self._gateway, None
-            if gateway is not None:
-                if self._kernel_id is not None:
-                    try:
-                        await gateway.delete_kernel(self._kernel_id)
-                    except AsyncModalExecError as exc:
-                        logger.debug("could not delete kernel %s: %s", self._kernel_id, exc)
-                await gateway.aclose()
+    async def _teardown_steps(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._gateway is not None:
+            await self._gateway.aclose()
         if self._owns_backend:
             await self.backend.aclose()
+        self._torn_down = True
 
-    def _open_gateway(self) -> GatewayClient:
-        if self._state is not _State.OPEN or self._gateway is None:
-            if self._state is _State.CLOSED:
+    def _open_session(self) -> KernelSession:
+        if self._state is not ExecutorState.OPEN or self._session is None:
+            if self._state is ExecutorState.CLOSED:
                 raise ExecutorStateError("the executor is closed")
             raise ExecutorStateError("the executor is not started: use 'async with' or await start()")
-        return self._gateway
-
-    async def _new_kernel(self) -> None:
-        """Create a kernel and connect a new websocket to it, with a new session id.
-
-        The new session makes the gateway build new kernel streams instead of
-        replaying a buffer meant for another; they are checked before any code
-        is sent (see :meth:`KernelChannel.confirm_iopub`).
-        """
-        gateway = self._gateway
-        assert gateway is not None
-        if self._channel is not None:
-            await self._channel.aclose()
-            self._channel = None
-
-        async def create() -> None:
-            # Shielded and stored here: a cancellation landing while the
-            # gateway creates the kernel must not lose its id, or nobody
-            # would ever delete it (teardown deletes self._kernel_id).
-            self._kernel_id = await gateway.create_kernel(self.kernel_name)
-
-        await run_shielded(create())
-        assert self._kernel_id is not None
-        self._stubbed = None
-        self._session_id = new_session_id()
-        self._channel = KernelChannel(
-            gateway.websocket_url(self._kernel_id, self._session_id),
-            headers=gateway.endpoint.headers,
-            ssl_context=gateway.endpoint.ssl,
-            max_message_bytes=self._max_message_bytes,
-        )
-        await self._channel.open()
-        await self._channel.confirm_iopub(session=self._session_id, timeout=_IOPUB_CONFIRM_TIMEOUT)
-        self._kernel_suspect = False
-        logger.debug("kernel %s ready", self._kernel_id)
-
-    async def _replace_kernel(self) -> None:
-        """Delete the current kernel and start a brand-new one, with a new websocket.
-
-        This is how the executor restarts a kernel; the gateway's own restart is
-        not used. That one answers before the new kernel process listens, so
-        the streams of a websocket opened then connect later, each on its own
-        ZeroMQ reconnect timer (measured: the first IOPub answer ~0.8 s after
-        the restart returned). The stdin stream can come last, and an
-        ``input_request`` the kernel sends before then is dropped: a host-tool
-        call, and the run, would wait forever (seen once in CI). A created
-        kernel is listening before the gateway completes its websocket.
-
-        Until the new kernel is in place the executor counts its kernel as
-        suspect, so an interrupted or failed replacement is finished by the
-        next run. A delete that fails raises (GatewayError) before any new
-        kernel exists: the old one is still ``kernel_id``, so the next attempt
-        or :meth:`aclose` deletes it, and none is left on a shared gateway.
-        """
-        gateway = self._gateway
-        assert gateway is not None
-        self._kernel_suspect = True
-        if self._kernel_id is not None:
-            await gateway.delete_kernel(self._kernel_id)  # already gone: fine
-        await self._new_kernel()
-
-    async def _ensure_kernel(self) -> KernelChannel:
-        """A connected channel to a live kernel with the host-tool stubs defined;
-        a fresh kernel if the old one is gone."""
-        self._open_gateway()
-        assert self._kernel_id is not None
-        if self._kernel_suspect or self._channel is None:
-            # The kernel died, vanished or could not be recovered, or replacing
-            # it failed halfway (no channel). The gateway may already have
-            # restarted it under the same id, but a restart soon after start
-            # moves it to new ports and can leave the gateway's streams talking
-            # to the dead process (seen as a hung next run): replace it with a
-            # brand-new kernel instead.
-            old = self._kernel_id
-            await self._replace_kernel()
-            logger.info("kernel %s replaced by a fresh kernel %s", old, self._kernel_id)
-        assert self._channel is not None
-        await self._channel.open()
-        await self._ensure_host_tools(self._channel)
-        return self._channel
+        return self._session
 
     # -- execution -----------------------------------------------------------------
 
@@ -350,30 +274,23 @@ class AsyncExecutor:
             output printed before the error is in ``result.stdout``.
 
         Raises:
-            ExecutionTimeout: the timeout expired (also a ``TimeoutError``); the
-                kernel was interrupted (or restarted if it did not come back).
+            ExecutionTimeout: the timeout expired (also a ``TimeoutError``); its
+                ``recovery`` says whether the kernel was interrupted (state
+                kept) or replaced (now, or by the next run).
             KernelDied: the kernel process died; the next call gets a fresh kernel.
-            ExecutorStateError: not started, or closed.
+            ExecutorStateError: not started, or closed (also while running).
             GatewayError: the gateway failed, or a replacement kernel died
                 before it answered (the next run tries another).
 
-        Cancelling the call interrupts the kernel (shielded, so the kernel is
-        idle again before the cancellation propagates) and re-raises.
+        Cancelling the call interrupts the kernel (shielded, and bounded by
+        about twice ``interrupt_grace``) and re-raises. A kernel that ignores
+        the interrupt is not waited for: the next run replaces it.
         """
-        fold = await self._run_fold(code, timeout)
+        fold = self._new_fold(code)
+        async with aclosing(self._execute(code, fold, timeout)) as events:
+            async for _ in events:
+                pass
         return fold.result()
-
-    async def _run_fold(self, code: str, timeout: float | None) -> ExecutionFold:
-        async with self._lock:
-            channel = await self._ensure_kernel()
-            request, fold = self._request(code)
-            try:
-                async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:
-                    async for _ in events:
-                        pass
-            finally:
-                self._last_activity = time.monotonic()
-        return fold
 
     async def stream(self, code: str, *, timeout: float | None = None) -> AsyncGenerator[Event, None]:
         """Run ``code``, yielding stdout, stderr, display, result and error events as they arrive.
@@ -383,15 +300,15 @@ class AsyncExecutor:
         ``contextlib.aclosing`` so that happens at once rather than when the
         iterator is garbage-collected.
         """
-        async with self._lock:
-            channel = await self._ensure_kernel()
-            request, fold = self._request(code)
-            try:
-                async with aclosing(self._drive(channel, request, fold, self._timeout(timeout))) as events:
-                    async for event in events:
-                        yield event
-            finally:
-                self._last_activity = time.monotonic()
+        fold = self._new_fold(code)
+        async with aclosing(self._execute(code, fold, timeout)) as events:
+            async for event in events:
+                yield event
+
+    def _new_fold(self, code: str) -> ExecutionFold:
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        return ExecutionFold(new_msg_id(), max_output_chars=self.max_output_chars)
 
     def _timeout(self, timeout: float | None) -> float | None:
         value = self.default_timeout if timeout is None else timeout
@@ -399,18 +316,33 @@ class AsyncExecutor:
             raise ValueError("timeout must be positive or None")
         return value
 
+    async def _execute(
+        self, code: str, fold: ExecutionFold, timeout: float | None
+    ) -> AsyncGenerator[Event, None]:
+        """The execution driver of :meth:`run` and :meth:`stream`.
+
+        Takes the kernel's turn (a connected websocket to a live kernel),
+        defines missing host-tool stubs, then drives ``code``.
+        """
+        timeout = self._timeout(timeout)
+        async with self._open_session().turn() as channel:
+            await self._ensure_host_tools(channel)
+            async with aclosing(self._drive(channel, code, fold, timeout)) as events:
+                async for event in events:
+                    yield event
+
     async def _ensure_host_tools(self, channel: KernelChannel) -> None:
-        """Define the stubs of host tools the current kernel lacks (all of them after a restart)."""
-        missing = [
-            name for name in self.host_tools.names if self._stubbed is None or name not in self._stubbed
-        ]
+        """Define the stubs of host tools the current kernel lacks (all of them in a new kernel)."""
+        session = self._open_session()
+        stubbed = session.stubbed
+        missing = [name for name in self.host_tools.names if stubbed is None or name not in stubbed]
         if not missing:
             return
         # Off the loop: the first call reads and tokenizes source files (tens of ms).
-        setup = functools.partial(self.host_tools.setup_code, missing, install_bridge=self._stubbed is None)
+        setup = functools.partial(self.host_tools.setup_code, missing, install_bridge=stubbed is None)
         code = await anyio.to_thread.run_sync(setup)
-        request, fold = self._request(code)
-        async with aclosing(self._drive(channel, request, fold, _CLEANUP_TIMEOUT)) as events:
+        fold = self._new_fold(code)
+        async with aclosing(self._drive(channel, code, fold, _SETUP_TIMEOUT)) as events:
             async for _ in events:
                 pass
         result = fold.result()
@@ -419,30 +351,23 @@ class AsyncExecutor:
                 f"defining the host tools in the kernel failed: {result.error.ename}: {result.error.evalue}",
                 result,
             )
-        self._stubbed = (self._stubbed or set()) | set(missing)
-
-    def _request(self, code: str) -> tuple[dict[str, Any], ExecutionFold]:
-        if not isinstance(code, str):
-            raise TypeError(f"code must be a str, not {type(code).__name__}")
-        request = execute_request(
-            code,
-            session=self._session_id,
-            store_history=self.store_history,
-            allow_stdin=bool(self.host_tools),
-        )
-        return request, ExecutionFold(msg_id_of(request), max_output_chars=self.max_output_chars)
+        session.stubbed = (stubbed or set()) | set(missing)
 
     async def _drive(
-        self,
-        channel: KernelChannel,
-        request: dict[str, Any],
-        fold: ExecutionFold,
-        timeout: float | None,
+        self, channel: KernelChannel, code: str, fold: ExecutionFold, timeout: float | None
     ) -> AsyncGenerator[Event, None]:
-        """Send ``request`` and yield its events until the kernel goes idle."""
+        """Send ``code`` and yield its events until the kernel goes idle (the session is held)."""
+        session = self._open_session()
         deadline = math.inf if timeout is None else time.monotonic() + timeout
+        request = execute_request(
+            code,
+            session=session.ws_session,
+            store_history=self.store_history,
+            allow_stdin=bool(self.host_tools),
+            msg_id=fold.msg_id,
+        )
         try:
-            await channel.send(request)
+            await self._send(channel, request)
             quiet_from: float | None = None  # once replied: when the last message came
             while not fold.done:
                 until = deadline if quiet_from is None else min(deadline, quiet_from + _IOPUB_GRACE)
@@ -451,36 +376,70 @@ class AsyncExecutor:
                     if quiet_from is not None and time.monotonic() < deadline:
                         # Like nbclient's iopub_timeout: the kernel answered on
                         # shell, but its idle status never came on IOPub.
-                        logger.warning("kernel %s replied but never went idle on IOPub", self._kernel_id)
+                        logger.warning("kernel %s replied but never went idle on IOPub", session.kernel_id)
                         fold.assume_done()
                     break
-                if msg_type_of(message) == "input_request" and fold.belongs(message):
-                    await self._answer_input(channel, message, deadline)
-                    continue
-                for event in fold.feed(message):
+                events = fold.feed(message)
+                if fold.kernel_dead:
+                    session.mark_lost("the kernel died during an execution")
+                    raise KernelDied(
+                        "the kernel died during the execution; the next run uses a fresh kernel",
+                        fold.result(),
+                    )
+                pending = fold.take_input_request()
+                if pending is not None:
+                    await self._answer_input(channel, pending, deadline)
+                for event in events:
                     yield event
                 if fold.replied:
                     quiet_from = time.monotonic()
         except KernelDied:
             raise
-        except BaseException:
+        except BaseException as exc:
             # Cancelled, the consumer left early, or the connection failed:
             # bring the kernel back to idle before anyone else uses it.
-            await run_shielded(self._recover(channel, fold))
+            if session.closing and isinstance(exc, Exception):
+                raise ExecutorStateError("the executor was closed while the execution ran") from exc
+            outcome = await run_shielded(self._recover(channel, fold, replace_now=False))
+            if outcome is not None:
+                logger.info("execution stopped (%r); %s", exc, outcome.describe())
             raise
         if not fold.done:
-            restarted = await run_shielded(self._recover(channel, fold))
-            if restarted:
-                how = (
-                    "the kernel ignored the interrupt and was restarted as a fresh kernel (its state is lost)"
-                )
-            else:
-                how = "the kernel was interrupted (its state is kept)"
+            outcome = await run_shielded(self._recover(channel, fold, replace_now=True))
+            if outcome is None:
+                raise ExecutorStateError("the executor was closed while the execution ran")
+            logger.info("execution timed out after %s s; %s", timeout, outcome.describe())
             raise ExecutionTimeout(
-                f"execution timed out after {timeout} s; {how}", fold.result(), restarted=restarted
+                f"execution timed out after {timeout} s; {outcome.describe()}",
+                fold.result(),
+                recovery=outcome,
             )
 
-    async def _answer_input(self, channel: KernelChannel, request: dict[str, Any], deadline: float) -> None:
+    async def _send(self, channel: KernelChannel, message: Mapping[str, Any]) -> None:
+        """Send one message; a websocket found closed is reopened (same session) and the send retried once.
+
+        Raises:
+            ExecutorStateError: closed meanwhile.
+            GatewayError: the websocket cannot be reopened, or fails again.
+        """
+        session = self._open_session()
+        try:
+            await channel.send(message)
+            return
+        except ChannelLost as exc:
+            if session.closing:
+                raise ExecutorStateError("the executor is closed") from exc
+            session.dropped(f"sending failed: {exc}")
+        await session.reconnect()
+        try:
+            await channel.send(message)
+        except ChannelLost as exc:
+            session.dropped(f"sending failed again: {exc}")
+            raise GatewayUnreachable(f"cannot send to the kernel websocket: {exc}") from exc
+
+    async def _answer_input(
+        self, channel: KernelChannel, request: Mapping[str, Any], deadline: float
+    ) -> None:
         """Answer the kernel's ``input_request``: a host-tool call (or EOF for plain ``input()``).
 
         The call counts toward the execution's deadline; past it, no answer is
@@ -490,7 +449,8 @@ class AsyncExecutor:
         prompt = content.get("prompt", "") if isinstance(content, Mapping) else ""
         with anyio.move_on_after(deadline - time.monotonic()):
             value = await self.host_tools.answer(str(prompt))
-            await channel.send(input_reply(value, session=self._session_id, parent=request))
+            session = self._open_session()
+            await self._send(channel, input_reply(value, session=session.ws_session, parent=request))
 
     async def _receive(
         self, channel: KernelChannel, fold: ExecutionFold, deadline: float
@@ -500,8 +460,9 @@ class AsyncExecutor:
         Reconnects a dropped websocket (same session: the gateway replays what
         was missed), and checks the kernel over REST whenever the websocket has
         been silent for ``liveness_interval``: a deleted or dead kernel does not
-        always say so on the websocket.
+        always say so on the websocket. Every wait takes what is left of ``deadline``.
         """
+        session = self._open_session()
         reconnects = 0
         while True:
             remaining = deadline - time.monotonic()
@@ -512,68 +473,86 @@ class AsyncExecutor:
             try:
                 with anyio.move_on_after(wait):
                     message = await channel.receive()
-            except ChannelLost:
+            except ChannelLost as exc:
+                if session.closing:
+                    raise ExecutorStateError("the executor is closed") from exc
+                session.dropped(f"the websocket closed: {exc}")
                 reconnects += 1
-                await self._reconnect_or_die(channel, fold, reconnects)
+                with anyio.move_on_after(deadline - time.monotonic()):
+                    await self._reconnect_or_die(session, fold, reconnects)
                 continue
-            if message is None:
-                if wait < remaining:
-                    await self._check_alive(fold)
-                continue
-            if kernel_died(message):
-                self._kernel_suspect = True
-                raise KernelDied(
-                    "the kernel died during the execution; the next run uses a fresh kernel", fold.result()
-                )
-            return message
+            if message is not None:
+                return message
+            if wait < remaining:
+                with anyio.move_on_after(deadline - time.monotonic()):
+                    await self._check_alive(session, fold)
 
-    async def _check_alive(self, fold: ExecutionFold) -> None:
-        gateway = self._open_gateway()
-        assert self._kernel_id is not None
-        try:
-            model = await gateway.get_kernel(self._kernel_id)
-        except GatewayNotFound:
-            self._kernel_suspect = True
-            raise KernelDied("the kernel is gone (the gateway no longer knows it)", fold.result()) from None
-        if model.get("execution_state") == "dead":
-            self._kernel_suspect = True
-            raise KernelDied("the gateway reports the kernel dead", fold.result())
+    async def _check_alive(self, session: KernelSession, fold: ExecutionFold) -> None:
+        why = await session.check_alive()
+        if why is not None:
+            raise KernelDied(f"{why}; the next run uses a fresh kernel", fold.result())
 
-    async def _reconnect_or_die(self, channel: KernelChannel, fold: ExecutionFold, attempt: int) -> None:
-        await self._check_alive(fold)
+    async def _reconnect_or_die(self, session: KernelSession, fold: ExecutionFold, attempt: int) -> None:
+        await self._check_alive(session, fold)
         if attempt > _RECONNECT_ATTEMPTS:
+            session.mark_lost("the websocket could not be reconnected")
             raise KernelDied("lost the kernel websocket and could not reconnect", fold.result())
         await anyio.sleep(0.05 * 2**attempt)
         logger.info("kernel websocket dropped; reconnecting with the same session to replay")
-        await channel.open()
-        self._kernel_suspect = False
-
-    async def _recover(self, channel: KernelChannel, fold: ExecutionFold) -> bool:
-        """Interrupt the kernel and drain our request; replace it if it stays busy.
-
-        Returns True if the kernel had to be replaced (a fresh kernel: state lost).
-        """
-        if self._gateway is None or self._kernel_id is None or fold.done:
-            return False
         try:
-            await self._gateway.interrupt_kernel(self._kernel_id)
+            await session.reconnect()
+        except GatewayNotFound:
+            session.mark_lost("the gateway no longer knows the kernel")
+            raise KernelDied("the kernel is gone (the gateway no longer knows it)", fold.result()) from None
+        except GatewayUnreachable as exc:
+            logger.info("reconnecting failed (attempt %d): %s", attempt, exc)
+
+    async def _recover(
+        self, channel: KernelChannel, fold: ExecutionFold, *, replace_now: bool
+    ) -> RecoveryOutcome | None:
+        """Interrupt the kernel and drain our request; if it stays busy, replace it.
+
+        With ``replace_now`` (a timeout) the replacement happens here, bounded
+        by 30 s; without (a cancellation, a failure) the kernel is marked lost
+        and the next run replaces it, so a cancelled call never waits for a
+        new kernel. Returns what was done (None: nothing to do, or closing).
+        """
+        session = self._session
+        if session is None or fold.done or session.closing:
+            return None
+        try:
+            with anyio.fail_after(self.interrupt_grace):
+                await session.interrupt()
             grace = time.monotonic() + self.interrupt_grace
             while not fold.done:
                 message = await self._receive(channel, fold, grace)
                 if message is None:
                     break
                 fold.feed(message)
+                fold.take_input_request()  # the interrupt ends input(): nothing to answer
+                if fold.kernel_dead:
+                    session.mark_lost("the kernel died while interrupted")
+                    return RecoveryOutcome.DEFERRED
             if fold.done:
-                return False
+                return RecoveryOutcome.INTERRUPTED
+            if not replace_now:
+                logger.warning("kernel %s ignored the interrupt; the next run replaces it", session.kernel_id)
+                session.mark_lost("the kernel ignored an interrupt")
+                return RecoveryOutcome.DEFERRED
             logger.warning(
-                "kernel %s ignored the interrupt; replacing it with a fresh kernel", self._kernel_id
+                "kernel %s ignored the interrupt; replacing it with a fresh kernel", session.kernel_id
             )
-            await self._replace_kernel()
-            return True
-        except (KernelDied, GatewayError, ChannelLost, ProtocolError) as exc:
-            logger.warning("recovering kernel %s failed: %s", self._kernel_id, exc)
-            self._kernel_suspect = True
-            return True
+            with anyio.fail_after(_REPLACE_TIMEOUT):
+                await session.replace()
+            return RecoveryOutcome.REPLACED
+        except (AsyncModalExecError, ChannelLost, TimeoutError) as exc:
+            logger.warning(
+                "recovering kernel %s failed (%r); the next run starts on a fresh kernel",
+                session.kernel_id,
+                exc,
+            )
+            session.mark_lost(f"recovery failed: {exc!r}")
+            return RecoveryOutcome.DEFERRED
 
     async def ping(self) -> None:
         """Check over REST that the gateway answers and knows the kernel alive (one request).
@@ -585,13 +564,13 @@ class AsyncExecutor:
 
         Cancelling the call abandons the request; nothing changes.
         """
-        await self._check_alive(ExecutionFold("ping"))
+        await self._check_alive(self._open_session(), ExecutionFold("ping"))
 
     async def interrupt(self) -> None:
         """Interrupt whatever the kernel is running (like Ctrl-C in a notebook).
 
         The running :meth:`run` then returns a result whose error is
-        ``KeyboardInterrupt``. Does not wait for the execution lock.
+        ``KeyboardInterrupt``. Does not wait for the running execution.
 
         Raises:
             ExecutorStateError: not started, or closed.
@@ -600,16 +579,14 @@ class AsyncExecutor:
         Cancelling the call abandons the REST request; the interrupt may or
         may not have reached the kernel.
         """
-        gateway = self._open_gateway()
-        assert self._kernel_id is not None
-        await gateway.interrupt_kernel(self._kernel_id)
+        await self._open_session().interrupt()
 
     async def restart(self) -> None:
         """Start over on a brand-new kernel: all state is lost, ``kernel_id`` changes.
 
         Waits for the running execution to finish. The old kernel is deleted
         and a new one created (not the gateway's in-place restart, which can
-        lose the first host-tool call: see ``_replace_kernel``); about as fast.
+        lose the first host-tool call: see :meth:`KernelSession.replace`).
 
         Raises:
             ExecutorStateError: not started, or closed.
@@ -619,6 +596,5 @@ class AsyncExecutor:
         old kernel may already be deleted; the next run then finishes the job
         and starts on a brand-new kernel.
         """
-        async with self._lock:
-            self._open_gateway()
-            await self._replace_kernel()
+        async with self._open_session().turn(fresh=True):
+            pass

@@ -20,7 +20,9 @@ Routes of :func:`sessions_router` (bearer token on each; 401 without it):
 * ``POST /sessions/{id}/interrupt`` -> 204; ``DELETE /sessions/{id}`` -> 204
 
 A client that disconnects mid-run gets its execution cancelled, which
-interrupts the kernel. Sessions idle for ``idle_timeout`` seconds are closed.
+interrupts the kernel. Sessions idle for ``idle_timeout`` seconds are closed; a
+session is idle from the end of its last request, never while its code runs.
+An unknown, deleted or expired session is answered with 404.
 """
 
 import asyncio
@@ -29,7 +31,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -40,8 +42,9 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
+from ._idle import retire_idle
 from ._shield import run_shielded
-from .errors import ExecutionError, PoolExhausted
+from .errors import ExecutionError, PoolExhausted, SessionNotFound
 from .executor import AsyncExecutor
 from .pool import SandboxPool
 from .results import ErrorEvent, Event, ResultEvent, StderrEvent, StdoutEvent
@@ -60,10 +63,16 @@ class _Session:
     executor: AsyncExecutor
     stack: AsyncExitStack
     last_used: float = field(default_factory=time.monotonic)
+    busy: int = 0  # requests using it now (an interrupt can overlap a run)
 
 
 class SessionStore:
-    """Open code sessions, each holding one pooled executor; idle ones are closed."""
+    """Open code sessions, each holding one pooled executor; idle ones are closed.
+
+    A session is idle from the end of its last request: one whose code is
+    running (a run, or an SSE stream until its last event) is never closed by
+    the expiry, however long it runs.
+    """
 
     def __init__(self, pool: SandboxPool, *, idle_timeout: float = 600.0) -> None:
         self.pool = pool
@@ -72,7 +81,8 @@ class SessionStore:
         self._expiry: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._expiry = asyncio.create_task(self._expire())
+        """Start closing sessions idle for ``idle_timeout`` seconds (in a task :meth:`aclose` stops)."""
+        self._expiry = asyncio.create_task(retire_idle(self.idle_timeout, self._idle_since, self._close_idle))
 
     async def create(self) -> _Session:
         """A new session on a pooled executor (raises PoolExhausted if none frees up)."""
@@ -83,17 +93,47 @@ class SessionStore:
         return session
 
     def get(self, session_id: str) -> _Session:
+        """The session, its idle clock restarted.
+
+        Raises:
+            SessionNotFound: no such session (never created, deleted or expired).
+        """
         session = self._sessions.get(session_id)
         if session is None:
-            raise HTTPException(404, f"no session {session_id!r} (it may have expired)")
+            raise SessionNotFound(f"no session {session_id!r} (it may have expired)")
         session.last_used = time.monotonic()
         return session
 
+    @asynccontextmanager
+    async def use(self, session_id: str) -> AsyncIterator[_Session]:
+        """The session, kept from expiring for the block; its idle clock restarts at the end.
+
+        Raises:
+            SessionNotFound: no such session (never created, deleted or expired).
+
+        Cancelling the block still marks the session idle from then (nothing
+        here waits). :meth:`delete` and :meth:`aclose` close a session in use.
+        """
+        session = self.get(session_id)
+        session.busy += 1
+        try:
+            yield session
+        finally:
+            session.busy -= 1
+            session.last_used = time.monotonic()
+
     async def delete(self, session_id: str) -> None:
-        """End a session and give its executor back (shielded: completes when cancelled)."""
+        """End a session, also one in use, and give its executor back.
+
+        Raises:
+            SessionNotFound: no such session (never created, deleted or expired).
+
+        Shielded: when cancelled, the session is still closed, then the
+        cancellation is re-raised.
+        """
         session = self._sessions.pop(session_id, None)
         if session is None:
-            raise HTTPException(404, f"no session {session_id!r}")
+            raise SessionNotFound(f"no session {session_id!r}")
         await run_shielded(session.stack.aclose())
 
     async def aclose(self) -> None:
@@ -109,14 +149,13 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    async def _expire(self) -> None:
-        while True:
-            await anyio.sleep(min(self.idle_timeout, 5.0))
-            now = time.monotonic()
-            for session in [s for s in self._sessions.values() if now - s.last_used > self.idle_timeout]:
-                logger.info("closing session %s, idle for %.0f s", session.id, now - session.last_used)
-                self._sessions.pop(session.id, None)
-                await run_shielded(session.stack.aclose())
+    def _idle_since(self) -> Iterator[tuple[_Session, float]]:
+        return ((s, s.last_used) for s in self._sessions.values() if not s.busy)
+
+    async def _close_idle(self, session: _Session, idle: float) -> None:
+        logger.info("closing session %s, idle for %.0f s", session.id, idle)
+        self._sessions.pop(session.id, None)
+        await run_shielded(session.stack.aclose())
 
 
 def pool_lifespan(
@@ -193,6 +232,15 @@ def _event_jsonable(event: Event) -> dict[str, Any]:
     return data
 
 
+@contextlib.contextmanager
+def _not_found_as_404() -> Iterator[None]:
+    """The store's SessionNotFound becomes HTTP 404 with the same message."""
+    try:
+        yield
+    except SessionNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
 def _sse(kind: str, data: Any) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
@@ -252,44 +300,47 @@ def sessions_router(
 
     @router.post("/{session_id}/run")
     async def run(session_id: str, body: RunRequest, request: Request, sessions: Store) -> Response:
-        session = sessions.get(session_id)
         code, timeout = checked(body)
         result: dict[str, Any] | None = None
-        async with anyio.create_task_group() as group:
+        with _not_found_as_404():
+            async with sessions.use(session_id) as session, anyio.create_task_group() as group:
 
-            async def watch_disconnect() -> None:
-                # The body is read: the next ASGI message can only be the disconnect.
-                while (await request.receive())["type"] != "http.disconnect":
-                    pass
-                logger.info("client left session %s mid-run: interrupting", session_id)
-                group.cancel_scope.cancel()  # cancelling the run interrupts the kernel
+                async def watch_disconnect() -> None:
+                    # The body is read: the next ASGI message can only be the disconnect.
+                    while (await request.receive())["type"] != "http.disconnect":
+                        pass
+                    logger.info("client left session %s mid-run: interrupting", session_id)
+                    group.cancel_scope.cancel()  # cancelling the run interrupts the kernel
 
-            group.start_soon(watch_disconnect)
-            try:
-                result = (await session.executor.run(code, timeout=timeout)).to_jsonable()
-            except ExecutionError as exc:
-                result = {**exc.result.to_jsonable(), "failure": f"{type(exc).__name__}: {exc}"}
-            group.cancel_scope.cancel()
-        session.last_used = time.monotonic()
+                group.start_soon(watch_disconnect)
+                try:
+                    result = (await session.executor.run(code, timeout=timeout)).to_jsonable()
+                except ExecutionError as exc:
+                    result = {**exc.result.to_jsonable(), "failure": f"{type(exc).__name__}: {exc}"}
+                group.cancel_scope.cancel()
         if result is None:
             return Response(status_code=499)  # the client is gone
         return Response(json.dumps(result), media_type="application/json")
 
     @router.post("/{session_id}/stream")
     async def stream(session_id: str, body: RunRequest, sessions: Store) -> StreamingResponse:
-        session = sessions.get(session_id)
         code, timeout = checked(body)
+        with _not_found_as_404():
+            sessions.get(session_id)  # restarts its idle clock: events() takes over in a moment
 
         async def events() -> AsyncIterator[bytes]:
-            # A client that disconnects cancels this generator, which closes
-            # the stream and so interrupts the kernel.
+            # The session is in use until the stream's last event. A client
+            # that disconnects cancels this generator, which closes the stream
+            # and so interrupts the kernel.
             try:
-                async with aclosing(session.executor.stream(code, timeout=timeout)) as stream:
+                async with (
+                    sessions.use(session_id) as session,
+                    aclosing(session.executor.stream(code, timeout=timeout)) as stream,
+                ):
                     async for event in stream:
                         yield _sse(event.kind, _event_jsonable(event))
-            except ExecutionError as exc:
+            except (ExecutionError, SessionNotFound) as exc:  # SessionNotFound: deleted meanwhile
                 yield _sse("failure", {"type": type(exc).__name__, "message": str(exc)})
-            session.last_used = time.monotonic()
             yield _sse("end", {})
 
         return StreamingResponse(
@@ -298,10 +349,13 @@ def sessions_router(
 
     @router.post("/{session_id}/interrupt", status_code=204)
     async def interrupt(session_id: str, sessions: Store) -> None:
-        await sessions.get(session_id).executor.interrupt()
+        with _not_found_as_404():
+            async with sessions.use(session_id) as session:
+                await session.executor.interrupt()
 
     @router.delete("/{session_id}", status_code=204)
     async def delete(session_id: str, sessions: Store) -> None:
-        await sessions.delete(session_id)
+        with _not_found_as_404():
+            await sessions.delete(session_id)
 
     return router

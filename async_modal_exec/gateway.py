@@ -12,7 +12,13 @@ import aiohttp
 import anyio
 
 from .backends.base import GatewayEndpoint
-from .errors import GatewayAuthError, GatewayError, GatewayNotFound, GatewayUnreachable
+from .errors import (
+    GatewayAuthError,
+    GatewayError,
+    GatewayNotFound,
+    GatewayUnreachable,
+    gateway_error_for_status,
+)
 
 logger = logging.getLogger("async_modal_exec.gateway")
 
@@ -44,19 +50,9 @@ class GatewayClient:
         url = f"{self._base}{path}"
         try:
             async with self._session.request(method, url, **kwargs) as response:
-                if response.status in (401, 403):
-                    raise GatewayAuthError(
-                        f"gateway refused the token for {method} {path} (HTTP {response.status})",
-                        status=response.status,
-                    )
-                if response.status == 404:
-                    raise GatewayNotFound(f"gateway has no {path} (HTTP 404)", status=404)
                 if response.status >= 400:
                     body = (await response.text())[:500]
-                    raise GatewayError(
-                        f"{method} {path} failed with HTTP {response.status}: {body}",
-                        status=response.status,
-                    )
+                    raise gateway_error_for_status(response.status, f"{method} {path}", detail=body)
                 yield response
         except (aiohttp.ClientConnectionError, aiohttp.ClientSSLError, TimeoutError) as exc:
             raise GatewayUnreachable(f"cannot reach the gateway at {self._base}: {exc!r}") from exc
@@ -99,13 +95,11 @@ class GatewayClient:
                 await anyio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.25)
 
-    async def create_kernel(self, name: str | None = None, env: dict[str, str] | None = None) -> str:
+    async def create_kernel(self, name: str | None = None) -> str:
         """Start a kernel; return its id."""
         body: dict[str, Any] = {}
         if name:
             body["name"] = name
-        if env:
-            body["env"] = env
         reply = await self._json("POST", "/api/kernels", json=body)
         if not isinstance(reply, dict) or not isinstance(reply.get("id"), str):
             raise GatewayError(f"unexpected answer to kernel creation: {reply!r}")
@@ -140,14 +134,6 @@ class GatewayClient:
     async def interrupt_kernel(self, kernel_id: str) -> None:
         """Send the kernel an interrupt (SIGINT for ipykernel)."""
         await self._json("POST", f"/api/kernels/{kernel_id}/interrupt")
-
-    async def restart_kernel(self, kernel_id: str) -> None:
-        """Restart a kernel in place (same id, fresh process, state lost).
-
-        The gateway answers before the new process listens; :class:`AsyncExecutor`
-        replaces kernels instead (see ``AsyncExecutor._replace_kernel``).
-        """
-        await self._json("POST", f"/api/kernels/{kernel_id}/restart")
 
     def websocket_url(self, kernel_id: str, session_id: str) -> str:
         """The channels websocket URL of a kernel (no token in it)."""

@@ -19,13 +19,14 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
+from ._idle import retire_idle
 from ._shield import run_shielded
 from .backends.base import Backend, GatewayEndpoint
 from .backends.remote import GatewayBackend
@@ -118,7 +119,7 @@ class SandboxPool:
             raise ExecutorStateError(f"cannot start a pool that is {self._state}")
         self._state = "open"
         if self.max_idle_time is not None:
-            self._spawn(self._expire_idle(self.max_idle_time))
+            self._spawn(retire_idle(self.max_idle_time, self._idle_since, self._retire_idle))
         self._replenish()
         return self
 
@@ -285,7 +286,12 @@ class SandboxPool:
 
     async def _new_executor(self, sandbox: _Sandbox) -> AsyncExecutor:
         endpoint = sandbox.endpoint
-        backend = GatewayBackend(endpoint.base_url, endpoint.token, ssl_context=endpoint.ssl)
+        backend = GatewayBackend(
+            endpoint.base_url,
+            endpoint.token,
+            ssl_context=endpoint.ssl,
+            idle_disconnect=sandbox.backend.idle_disconnect,
+        )
         executor = AsyncExecutor(backend, **self.executor_options)
         return await executor.start()
 
@@ -315,14 +321,13 @@ class SandboxPool:
                 return
         self._replenish()
 
-    async def _expire_idle(self, max_idle_time: float) -> None:
-        while True:
-            await anyio.sleep(min(max_idle_time, 1.0))
-            now = time.monotonic()
-            for warm in [w for w in self._idle if now - w.since >= max_idle_time]:
-                self._idle.remove(warm)
-                logger.info("retiring a sandbox idle for %.0f s", now - warm.since)
-                await self._discard(warm.sandbox, warm.executor)
+    def _idle_since(self) -> Iterator[tuple[_Warm, float]]:
+        return ((warm, warm.since) for warm in self._idle)
+
+    async def _retire_idle(self, warm: _Warm, idle: float) -> None:
+        self._idle.remove(warm)
+        logger.info("retiring a sandbox idle for %.0f s", idle)
+        await self._discard(warm.sandbox, warm.executor)
 
     async def _discard(self, sandbox: _Sandbox, executor: AsyncExecutor) -> None:
         await executor.aclose()

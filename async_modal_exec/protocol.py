@@ -14,7 +14,12 @@ Rules the fold follows (after jupyter_client's ``execute_interactive``):
 * the request is done when its ``status`` goes ``idle``; messages for it that
   arrive afterwards (a late ``execute_reply``) are ignored;
 * a ``status`` of ``dead`` or ``restarting`` from the kernel itself (no parent)
-  means the kernel died.
+  means the kernel died: :attr:`ExecutionFold.kernel_dead`;
+* an ``input_request`` for the request (``input()`` or a host-tool call in the
+  kernel) waits for an answer: :meth:`ExecutionFold.take_input_request`.
+
+The executor only moves bytes: it feeds what arrives and acts on what the fold
+says (answer an input request, report a dead kernel, stop at ``done``).
 """
 
 from __future__ import annotations
@@ -54,10 +59,17 @@ def new_session_id() -> str:
     return uuid.uuid4().hex
 
 
-def _message(msg_type: str, content: dict[str, Any], *, session: str, channel: str) -> dict[str, Any]:
+def new_msg_id() -> str:
+    """A fresh message id."""
+    return uuid.uuid4().hex
+
+
+def _message(
+    msg_type: str, content: dict[str, Any], *, session: str, channel: str, msg_id: str | None = None
+) -> dict[str, Any]:
     return {
         "header": {
-            "msg_id": uuid.uuid4().hex,
+            "msg_id": msg_id or new_msg_id(),
             "msg_type": msg_type,
             "username": "async_modal_exec",
             "session": session,
@@ -78,14 +90,14 @@ def execute_request(
     session: str,
     store_history: bool = False,
     allow_stdin: bool = False,
-    silent: bool = False,
+    msg_id: str | None = None,
 ) -> dict[str, Any]:
-    """Build an ``execute_request`` for the shell channel."""
+    """Build an ``execute_request`` for the shell channel (``msg_id``: default, a fresh one)."""
     return _message(
         "execute_request",
         {
             "code": code,
-            "silent": silent,
+            "silent": False,
             "store_history": store_history,
             "user_expressions": {},
             "allow_stdin": allow_stdin,
@@ -93,17 +105,13 @@ def execute_request(
         },
         session=session,
         channel="shell",
+        msg_id=msg_id,
     )
 
 
 def kernel_info_request(*, session: str) -> dict[str, Any]:
     """Build a ``kernel_info_request`` for the shell channel."""
     return _message("kernel_info_request", {}, session=session, channel="shell")
-
-
-def interrupt_request(*, session: str) -> dict[str, Any]:
-    """Build an ``interrupt_request`` for the control channel."""
-    return _message("interrupt_request", {}, session=session, channel="control")
 
 
 def input_reply(value: str, *, session: str, parent: Mapping[str, Any]) -> dict[str, Any]:
@@ -247,14 +255,19 @@ class ExecutionFold:
 
     Feed every received message to :meth:`feed`; it returns the events the
     message produced (none for foreign or malformed messages). :attr:`done` turns
-    true when the request's status goes idle. :meth:`result` can be called at any
-    time: before ``done`` it is the partial result.
+    true when the request's status goes idle; :attr:`kernel_dead` when the
+    kernel reports itself dead or restarting; :meth:`take_input_request` hands
+    out an ``input_request`` of this request waiting for its answer.
+    :meth:`result` can be called at any time: before ``done`` it is the
+    partial result.
     """
 
     def __init__(self, msg_id: str, *, max_output_chars: int | None = None) -> None:
         self.msg_id = msg_id
         self.done = False
         self.replied = False  # the shell's execute_reply arrived
+        self.kernel_dead = False  # the kernel said it died (status dead / restarting)
+        self._input_request: Mapping[str, Any] | None = None
         self._stdout: list[str] = []
         self._stderr: list[str] = []
         self._value: RichOutput | None = None
@@ -269,7 +282,13 @@ class ExecutionFold:
 
     def feed(self, message: Mapping[str, Any]) -> list[Event]:
         """Consume one received message; return the events it produced."""
+        if kernel_died(message):
+            self.kernel_dead = True
+            return []
         if self.done or not self.belongs(message):
+            return []
+        if msg_type_of(message) == "input_request":
+            self._input_request = message
             return []
         content = message.get("content")
         if not isinstance(content, Mapping):
@@ -337,6 +356,11 @@ class ExecutionFold:
     def _on_execute_input(self, content: Mapping[str, Any]) -> list[Event]:
         self._take_count(content)
         return []
+
+    def take_input_request(self) -> Mapping[str, Any] | None:
+        """The ``input_request`` of this request waiting for an answer (once), or None."""
+        request, self._input_request = self._input_request, None
+        return request
 
     def assume_done(self) -> None:
         """End the fold without the idle status (it was lost after the reply came)."""

@@ -203,7 +203,7 @@ async def test_constructor_does_not_block_and_loop_thread_calls_fail_clearly(
     started = time.perf_counter()
     executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET)
     assert time.perf_counter() - started < 0.05
-    assert executor._portal is None  # nothing started yet
+    assert executor.bridge.loop is None and not executor.bridge.owns_portal  # nothing started yet
     async with BlockingPortal() as portal:
         bound = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET, portal=portal)
         with pytest.raises(ExecutorStateError, match="event loop"):
@@ -220,7 +220,7 @@ async def test_run_agent_keeps_the_loop_free(gateway: GatewayEndpoint) -> None:
             answer = await run_agent(agent, "compute")
         assert answer == 42
         # The sandbox lives on this loop: it was started through run_agent's portal.
-        assert executor._core_loop is asyncio.get_running_loop()
+        assert executor.bridge.loop is asyncio.get_running_loop()
         # A full GC in the agent's thread can hold the GIL for tens of ms: the
         # bound is on what the loop itself runs.
         assert probe.max_callback < 0.05, probe.summary()

@@ -27,6 +27,8 @@ from async_modal_exec import (
     LocalBackend,
 )
 from async_modal_exec.backends.local import _process_tree
+from async_modal_exec.channel import KernelChannel
+from async_modal_exec.errors import GatewayError, gateway_error_for_status
 from async_modal_exec.gateway import GatewayClient
 from async_modal_exec.launcher import KERNEL_TUNING_ARGS, _tuned_kernel_spec_manager_class
 
@@ -148,17 +150,34 @@ async def test_unknown_kernel_is_not_found(gateway: GatewayEndpoint) -> None:
         await client.aclose()
 
 
-async def test_gateway_client_restarts_a_kernel_in_place(gateway: GatewayEndpoint) -> None:
+async def test_rest_and_websocket_map_http_statuses_alike(gateway: GatewayEndpoint) -> None:
+    unknown = "00000000-0000-0000-0000-000000000000"
     client = GatewayClient(gateway)
+    wrong = GatewayClient(GatewayEndpoint(gateway.base_url, "wrong-token"))
     try:
-        kernel_id = await client.create_kernel()
-        try:
-            await client.restart_kernel(kernel_id)
-            assert (await client.get_kernel(kernel_id))["id"] == kernel_id
-        finally:
-            await client.delete_kernel(kernel_id)
+        for refusing, url in (
+            (client, client.websocket_url(unknown, "s")),
+            (wrong, wrong.websocket_url(unknown, "s")),
+        ):
+            expected = GatewayNotFound if refusing is client else GatewayAuthError
+            with pytest.raises(expected) as rest:
+                await refusing.get_kernel(unknown)
+            channel = KernelChannel(
+                url, headers=refusing.endpoint.headers, ssl_context=None, max_message_bytes=None
+            )
+            with pytest.raises(expected) as websocket:
+                await channel.open()
+            assert rest.value.status == websocket.value.status
+            assert "wrong-token" not in str(rest.value) + str(websocket.value)
     finally:
         await client.aclose()
+        await wrong.aclose()
+    # Statuses the local gateway does not produce: a proxy in front of it that finds no gateway.
+    for status in (502, 503, 504):
+        assert type(gateway_error_for_status(status, "GET /api/kernels")) is GatewayUnreachable
+    other = gateway_error_for_status(500, "DELETE /api/kernels/k", detail="Traceback ...")
+    assert type(other) is GatewayError and other.status == 500
+    assert str(other) == "DELETE /api/kernels/k failed with HTTP 500: Traceback ..."
 
 
 def test_gateway_backend_rejects_bad_urls() -> None:

@@ -21,6 +21,7 @@ from async_modal_exec import (
     GatewayEndpoint,
     GatewayError,
     KernelDied,
+    RecoveryOutcome,
     ResultEvent,
     StderrEvent,
     StdoutEvent,
@@ -157,7 +158,8 @@ async def test_timeout_restarts_a_kernel_that_ignores_interrupts(make_executor: 
     with pytest.raises(ExecutionTimeout) as caught:
         await executor.run(code, timeout=1.0)
     assert caught.value.restarted is True
-    assert "restarted" in str(caught.value)
+    assert caught.value.recovery is RecoveryOutcome.REPLACED
+    assert "replaced by a fresh kernel" in str(caught.value)
     after = await executor.run("'lost' in dir()", timeout=30)
     assert after.value is not None and after.value.text == "False"
 
@@ -298,10 +300,10 @@ async def test_failed_kernel_replacement_is_retried_by_the_next_run(
         await client.delete_kernel(str(executor.kernel_id))  # behind the executor's back
     finally:
         await client.aclose()
-    executor.kernel_name = "no-such-kernel"  # so creating its replacement fails
+    executor._session.kernel_name = "no-such-kernel"  # type: ignore[union-attr]  # its replacement fails
     with pytest.raises(GatewayError):
         await executor.restart()
-    executor.kernel_name = None
+    executor._session.kernel_name = None  # type: ignore[union-attr]
     result = await executor.run("print('fresh')", timeout=60)
     assert result.stdout == "fresh\n"
     await executor.restart()  # and restart works again
@@ -363,7 +365,7 @@ async def test_dropped_websocket_reconnects_and_replays_missed_output(executor: 
     code = "import time\nfor i in range(6):\n    print(i, flush=True)\n    time.sleep(0.25)\n'end'"
     task = asyncio.create_task(executor.run(code))
     await asyncio.sleep(0.6)
-    channel = executor._channel
+    channel = executor._session.channel  # type: ignore[union-attr]
     assert channel is not None and channel._ws is not None
     channel._ws.transport.abort()  # the connection drops mid-execution
     result = await asyncio.wait_for(task, 30)

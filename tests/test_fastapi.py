@@ -19,8 +19,15 @@ import pytest
 import uvicorn
 from fastapi import Depends, FastAPI
 
-from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint, SandboxPool
-from async_modal_exec.fastapi import pool_lifespan, pooled_executor, sessions_router
+from async_modal_exec import (
+    AsyncExecutor,
+    AsyncModalExecError,
+    GatewayBackend,
+    GatewayEndpoint,
+    SandboxPool,
+    SessionNotFound,
+)
+from async_modal_exec.fastapi import SessionStore, pool_lifespan, pooled_executor, sessions_router
 from async_modal_exec.gateway import GatewayClient
 
 from .helpers import descendants, measure_loop_lag, wait_gone
@@ -138,7 +145,10 @@ async def test_auth_and_bad_input_get_clear_4xx(gateway: GatewayEndpoint) -> Non
         assert (await client.post("/sessions")).status_code == 401
         assert (await client.post("/sessions", headers={"Authorization": "Bearer wrong"})).status_code == 401
         assert (await client.post("/sessions/nope/run", json={"code": "1"})).status_code == 401
-        assert (await client.post("/sessions/nope/run", json={"code": "1"}, headers=AUTH)).status_code == 404
+        for route in ("run", "stream", "interrupt"):
+            unknown = await client.post(f"/sessions/nope/{route}", json={"code": "1"}, headers=AUTH)
+            assert unknown.status_code == 404, route
+            assert unknown.json() == {"detail": "no session 'nope' (it may have expired)"}
         session = await new_session(client)
         run = f"/sessions/{session}/run"
         assert (await client.post(run, json={"code": "x" * 20_000}, headers=AUTH)).status_code == 413
@@ -149,7 +159,22 @@ async def test_auth_and_bad_input_get_clear_4xx(gateway: GatewayEndpoint) -> Non
         assert (await client.post(run, json={"code": "1", "timeout": -1}, headers=AUTH)).status_code == 422
         assert (await client.post(run, content=b"x" * 3_000_000, headers=AUTH)).status_code == 413
         assert (await client.delete(f"/sessions/{session}", headers=AUTH)).status_code == 204
-        assert (await client.delete(f"/sessions/{session}", headers=AUTH)).status_code == 404
+        deleted = await client.delete(f"/sessions/{session}", headers=AUTH)
+        assert deleted.status_code == 404 and deleted.json() == {"detail": f"no session {session!r}"}
+        gone = await client.post(run, json={"code": "1"}, headers=AUTH)
+        assert gone.status_code == 404 and "expired" in gone.json()["detail"]
+
+
+async def test_the_store_raises_session_not_found_for_the_router_to_map() -> None:
+    store = SessionStore(SandboxPool(min_idle=0))  # never started: lookups need no sandbox
+    with pytest.raises(SessionNotFound, match=r"^no session 'nope' \(it may have expired\)$") as caught:
+        store.get("nope")
+    assert isinstance(caught.value, LookupError) and isinstance(caught.value, AsyncModalExecError)
+    with pytest.raises(SessionNotFound):
+        async with store.use("nope"):
+            pass
+    with pytest.raises(SessionNotFound, match=r"^no session 'nope'$"):
+        await store.delete("nope")
 
 
 async def test_client_disconnect_interrupts_the_kernel(gateway: GatewayEndpoint) -> None:
@@ -218,5 +243,47 @@ async def test_idle_sessions_expire(gateway: GatewayEndpoint) -> None:
         ).status_code == 200
         await asyncio.sleep(2.5)
         expired = await client.post(f"/sessions/{session}/run", json={"code": "1"}, headers=AUTH)
+        assert expired.status_code == 404 and "expired" in expired.json()["detail"]
+        assert len(app.state.sandbox_sessions) == 0
+
+
+async def sse_kinds(client: httpx.AsyncClient, session: str, code: str) -> list[str]:
+    """The event kinds of one streamed run, in order (the response must be 200)."""
+    kinds: list[str] = []
+    async with client.stream(
+        "POST", f"/sessions/{session}/stream", json={"code": code}, headers=AUTH
+    ) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                kinds.append(line[7:])
+    return kinds
+
+
+async def test_a_session_running_code_never_expires(gateway: GatewayEndpoint) -> None:
+    # Every run below lasts well past the 1 s idle timeout (the store checks every second).
+    app = make_app(gateway, session_idle_timeout=1, min_idle=1, max_size=2)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+        session = await new_session(client)
+        run = f"/sessions/{session}/run"
+        long_run = await client.post(run, json={"code": "import time\ntime.sleep(3.5)\n'done'"}, headers=AUTH)
+        assert long_run.status_code == 200, long_run.text
+        assert long_run.json()["value"]["data"]["text/plain"] == "'done'"
+        assert "failure" not in long_run.json()
+        # The whole SSE stream counts as running, not just the request that opened it.
+        code = "import time\nprint('a', flush=True)\ntime.sleep(3.5)\nprint('b')"
+        assert await sse_kinds(client, session, code) == ["stdout", "stdout", "end"]
+        # An interrupt that ends while the run goes on leaves the session busy.
+        stubborn = "import time\ntry:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    time.sleep(3.5)\n'survived'"
+        running = asyncio.create_task(client.post(run, json={"code": stubborn}, headers=AUTH))
+        await asyncio.sleep(0.5)
+        assert (await client.post(f"/sessions/{session}/interrupt", headers=AUTH)).status_code == 204
+        survived = await running
+        assert survived.status_code == 200, survived.text
+        assert survived.json()["value"]["data"]["text/plain"] == "'survived'"
+        assert len(app.state.sandbox_sessions) == 1
+        # The idle clock starts when the last request ends.
+        await asyncio.sleep(2.5)
+        expired = await client.post(run, json={"code": "1"}, headers=AUTH)
         assert expired.status_code == 404 and "expired" in expired.json()["detail"]
         assert len(app.state.sandbox_sessions) == 0

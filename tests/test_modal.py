@@ -10,9 +10,20 @@ from collections.abc import Awaitable, Callable
 
 import modal
 import pytest
+from grpclib import GRPCError, Status
 
-from async_modal_exec import AsyncExecutor, ModalBackend, reap
+from async_modal_exec import AsyncExecutor, GatewayBackend, ModalBackend, SandboxPool, reap
 from async_modal_exec.backends.modal_sandbox import TAG_APP, TAG_CREATED, TAG_EXECUTOR, TAG_PACKAGE
+from async_modal_exec.errors import (
+    AsyncModalExecError,
+    BackendAuthError,
+    BackendError,
+    BackendInvalidArgument,
+    BackendNotFound,
+    BackendStartError,
+    BackendUnreachable,
+)
+from async_modal_exec.gateway import GatewayClient
 
 from .helpers import wait_gone
 from .modal_double import ModalDouble
@@ -161,13 +172,38 @@ async def test_idle_websocket_is_closed_and_reopened(modal_double: ModalDouble) 
     backend = backend_for(modal_double, app_name="idle", idle_disconnect=0.3)
     async with AsyncExecutor(backend) as executor:
         await executor.run("kept = 5")
-        channel = executor._channel
+        channel = executor._session.channel  # type: ignore[union-attr]
         assert channel is not None and channel.is_open
         await asyncio.sleep(1.0)
         assert not channel.is_open, "an open tunnel connection would keep the sandbox from idling out"
         result = await executor.run("kept")
         assert result.value is not None and result.value.text == "5"
         assert channel.is_open
+
+
+async def kernel_websockets(executor: AsyncExecutor) -> int:
+    """Websockets open on the executor's kernel, as the gateway in the sandbox counts them."""
+    backend = executor.backend
+    assert isinstance(backend, GatewayBackend) and executor.kernel_id is not None
+    client = GatewayClient(backend.endpoint)
+    try:
+        return int((await client.get_kernel(executor.kernel_id))["connections"])
+    finally:
+        await client.aclose()
+
+
+async def test_pooled_executors_keep_the_backends_idle_disconnect(modal_double: ModalDouble) -> None:
+    def factory() -> ModalBackend:
+        return backend_for(modal_double, app_name="pool-idle", idle_disconnect=0.5)
+
+    async with SandboxPool(factory, min_idle=1, max_size=1) as pool, pool.session(timeout=60) as executor:
+        await executor.run("kept = 5")
+        assert await kernel_websockets(executor) == 1
+        await asyncio.sleep(1.5)
+        assert await kernel_websockets(executor) == 0, "a lent executor kept its tunnel connection open"
+        result = await executor.run("kept")
+        assert result.value is not None and result.value.text == "5"
+        assert await kernel_websockets(executor) == 1
 
 
 # Raising the warning leaves modal's inner coroutine un-awaited: exactly that, and only here.
@@ -234,6 +270,136 @@ async def test_cli_run_with_modal_backend_shows_progress(modal_double: ModalDoub
     assert out.decode() == "via modal\n"
     for phase in ("modal app lookup", "modal create", "modal ready", "modal tunnel", "kernel created"):
         assert phase in err.decode()
+
+
+# Modal's errors, provoked with the real client: the double answers an RPC with a
+# gRPC status (ModalDouble.failing). Statuses the client does not retry, except UNAVAILABLE.
+
+
+@pytest.mark.parametrize("rpc", ["AppGetOrCreate", "SandboxCreateV2"])
+async def test_refused_credentials_are_a_backend_auth_error(modal_double: ModalDouble, rpc: str) -> None:
+    backend = backend_for(modal_double, app_name=f"auth-{rpc.lower()}")
+    executor = AsyncExecutor(backend)
+    with (
+        modal_double.failing(rpc, Status.UNAUTHENTICATED, "token ak-double is not valid"),
+        pytest.raises(BackendAuthError, match="refused the credentials") as caught,
+    ):
+        await executor.start()
+    assert isinstance(caught.value.__cause__, modal.exception.AuthError)
+    assert "token ak-double is not valid" in str(caught.value)
+    assert executor.state == "closed" and backend.sandbox is None
+
+
+async def test_attaching_to_an_unknown_sandbox_is_not_found(modal_double: ModalDouble) -> None:
+    backend = ModalBackend.attach("sb-v2-nosuchsandbox", "token", ssl_context=modal_double.ssl_context())
+    with pytest.raises(BackendNotFound, match="sb-v2-nosuchsandbox") as caught:
+        await backend.start()
+    assert isinstance(caught.value, LookupError)
+    assert isinstance(caught.value.__cause__, modal.exception.NotFoundError)
+
+
+async def test_an_argument_modal_rejects_is_a_value_error(modal_double: ModalDouble) -> None:
+    backend = backend_for(modal_double, app_name="invalid-create")
+    with (
+        modal_double.failing("SandboxCreateV2", Status.INVALID_ARGUMENT, "memory must be at least 128 MiB"),
+        pytest.raises(BackendInvalidArgument, match="memory must be at least 128 MiB") as caught,
+    ):
+        await backend.start()
+    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value.__cause__, modal.exception.InvalidError)
+
+
+async def test_an_unavailable_control_plane_is_a_connection_error(modal_double: ModalDouble) -> None:
+    backend = backend_for(modal_double, app_name="unavailable")
+    calls_before = len(modal_double.calls)
+    with (
+        modal_double.failing("AppGetOrCreate", Status.UNAVAILABLE, "down for maintenance"),
+        pytest.raises(BackendUnreachable) as caught,
+    ):
+        await backend.start()
+    assert modal_double.calls[calls_before:].count("AppGetOrCreate") > 1, "the client retries UNAVAILABLE"
+    assert isinstance(caught.value, ConnectionError)
+    assert isinstance(caught.value.__cause__, modal.exception.ServiceError)
+
+
+@pytest.mark.parametrize(
+    ("rpc", "status", "ours", "theirs"),
+    [
+        (
+            "SandboxWaitUntilReady",
+            Status.FAILED_PRECONDITION,
+            BackendStartError,
+            modal.exception.ConflictError,
+        ),
+        (
+            "SandboxGetTunnelsV2",
+            Status.PERMISSION_DENIED,
+            BackendAuthError,
+            modal.exception.PermissionDeniedError,
+        ),
+    ],
+)
+async def test_a_modal_error_after_the_create_terminates_the_sandbox(
+    modal_double: ModalDouble,
+    rpc: str,
+    status: Status,
+    ours: type[BackendError],
+    theirs: type[modal.exception.Error],
+) -> None:
+    backend = backend_for(modal_double, app_name=f"late-{rpc.lower()}")
+    known = set(modal_double.sandboxes)
+    with modal_double.failing(rpc, status, "no"), pytest.raises(ours) as caught:
+        await backend.start()
+    assert type(caught.value.__cause__) is theirs
+    new = [modal_double.sandboxes[s] for s in set(modal_double.sandboxes) - known]
+    assert len(new) == 1 and not new[0].alive()
+    assert await wait_gone([s.process.pid for s in new if s.process]) == []
+
+
+async def test_reap_translates_modal_errors_and_the_cli_exits_3(modal_double: ModalDouble) -> None:
+    with modal_double.failing("AppGetOrCreate", Status.UNAUTHENTICATED, "token expired"):
+        with pytest.raises(BackendAuthError, match="reaping the sandboxes of app 'reap-auth'") as caught:
+            await reap("reap-auth")
+        assert isinstance(caught.value.__cause__, modal.exception.AuthError)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "async_modal_exec", "reap", "--app", "reap-auth",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 3, err.decode()
+    assert err.decode().startswith("error: reaping the sandboxes of app 'reap-auth'"), err.decode()
+    assert "Traceback" not in err.decode()
+
+
+def test_every_modal_error_becomes_one_of_ours() -> None:
+    # The kinds the double cannot provoke quickly (a refused connection takes
+    # the client about a minute of retries): the translation function itself.
+    import grpclib.exceptions
+
+    import async_modal_exec
+    from async_modal_exec.backends.modal_sandbox import _translate
+
+    cases: list[tuple[Exception, type[BackendError], type[BackendError]]] = [
+        # (Modal's error, ours during start(), ours elsewhere)
+        (modal.exception.ConnectionError("refused"), BackendUnreachable, BackendUnreachable),
+        (grpclib.exceptions.StreamTerminatedError("reset"), BackendUnreachable, BackendUnreachable),
+        (modal.exception.SandboxTerminatedError("gone"), BackendStartError, BackendError),
+        (modal.exception.SandboxTimeoutError("late"), BackendStartError, BackendError),
+        (modal.exception.TimeoutError("Timeout expired"), BackendStartError, BackendError),
+        (modal.exception.ResourceExhaustedError("quota"), BackendError, BackendError),
+        (modal.exception.ClientClosed("closed"), BackendError, BackendError),
+        (GRPCError(Status.INTERNAL, "raw"), BackendError, BackendError),
+    ]
+    for theirs, during_start, elsewhere in cases:
+        for starting, expected in ((True, during_start), (False, elsewhere)):
+            ours = _translate(theirs, "doing it", starting=starting)
+            assert type(ours) is expected, (theirs, starting)
+            assert isinstance(ours, AsyncModalExecError) and str(ours).startswith("doing it: ")
+    assert issubclass(BackendUnreachable, ConnectionError) and issubclass(BackendNotFound, LookupError)
+    assert issubclass(BackendInvalidArgument, ValueError)
+    for name in ("BackendAuthError", "BackendInvalidArgument", "BackendNotFound", "BackendUnreachable"):
+        assert getattr(async_modal_exec, name) is getattr(async_modal_exec.errors, name)
+        assert name in async_modal_exec.__all__
 
 
 MakeModal = Callable[..., Awaitable[AsyncExecutor]]

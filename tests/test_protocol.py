@@ -13,7 +13,6 @@ from async_modal_exec.protocol import (
     ExecutionFold,
     execute_request,
     input_reply,
-    interrupt_request,
     kernel_died,
     msg_id_of,
     strip_ansi,
@@ -52,7 +51,6 @@ def test_execute_request_shape() -> None:
 
 
 def test_interrupt_and_input_reply() -> None:
-    assert interrupt_request(session="s")["channel"] == "control"
     request = {"header": {"msg_id": "in-1", "msg_type": "input_request"}}
     answer = input_reply("42", session="s", parent=request)
     assert answer["channel"] == "stdin"

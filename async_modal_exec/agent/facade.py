@@ -14,11 +14,10 @@ import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import anyio
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 from smolagents.agents import MultiStepAgent
 from smolagents.local_python_executor import CodeOutput
 from smolagents.monitoring import AgentLogger, LogLevel
@@ -29,9 +28,10 @@ from smolagents.utils import AgentError
 from .._shield import run_shielded
 from ..backends.base import Backend
 from ..errors import ExecutionError, ExecutorStateError
-from ..executor import AsyncExecutor
+from ..executor import AsyncExecutor, ExecutorState
 from ..host_tools import HostTools, tool_name
 from ..results import ExecutionResult
+from .bridge import LoopBridge, running_loop
 from .outputs import code_output, error_message, is_final_answer
 from .packages import InstallPolicy, PackageInstaller
 from .requirements import (
@@ -47,14 +47,10 @@ logger = logging.getLogger("async_modal_exec.agent")
 __all__ = ["Executor"]
 
 T = TypeVar("T")
-_CANCEL_WAIT = 30.0
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+async def _wait_for(task: asyncio.Task[None]) -> None:
+    await asyncio.wait({task})
 
 
 def _unshippable_stub(name: str, reason: str) -> str:
@@ -130,76 +126,47 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         self.tool_requirements = {name: list(specs) for name, specs in (tool_requirements or {}).items()}
         self.installer = PackageInstaller(install_packages, install_timeout)
         self.unshippable_tools: dict[str, str] = {}
-        self._portal = portal
-        self._owned_portal: AbstractContextManager[BlockingPortal] | None = None
         # An already started core lives on the loop running now.
-        self._core_loop: asyncio.AbstractEventLoop | None = _running_loop() if core.state == "open" else None
-        self._start_lock = threading.Lock()
+        self.bridge = LoopBridge(portal, running_loop() if core.state is ExecutorState.OPEN else None)
+        self._exit_hook = False
         self._closed = False
 
     # -- the bridge ------------------------------------------------------------------
 
-    def _get_portal(self) -> BlockingPortal:
-        if self._closed:
-            raise ExecutorStateError("the executor is cleaned up")
-        if self._portal is None:
-            if self._core_loop is not None:
-                raise ExecutorStateError(
-                    "this executor's sandbox lives on another event loop; call it through "
-                    "run_agent() on that loop, or construct it with portal="
-                )
-            self._owned_portal = start_blocking_portal()
-            self._portal = self._owned_portal.__enter__()
-            # Runs before the interpreter joins non-daemon threads (the portal's
-            # loop thread among them), so an executor never cleaned up still
-            # terminates its sandbox and lets the process exit.
-            threading._register_atexit(self._cleanup_at_exit)  # type: ignore[attr-defined]
-        return self._portal
-
     def _call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``func(*args)`` on the core's loop and wait; Ctrl-C cancels it cleanly."""
-        portal = self._get_portal()
-        loop = _running_loop()
-        if loop is not None and loop is self._core_loop:
-            raise ExecutorStateError(
-                "Executor called synchronously from the event-loop thread that runs its sandbox: "
-                "that would deadlock. From async code use `await run_agent(agent, task)`."
-            )
-        finished = threading.Event()
+        if self._closed:
+            raise ExecutorStateError("the executor is cleaned up")
+        if not self._exit_hook:
+            # Runs before the interpreter joins non-daemon threads (the
+            # bridge's loop thread among them), so an executor never cleaned
+            # up still terminates its sandbox and lets the process exit.
+            self._exit_hook = True
+            threading._register_atexit(self._cleanup_at_exit)  # type: ignore[attr-defined]
+        return self.bridge.call(func, *args)
 
-        async def call() -> T:
-            try:
-                return await func(*args)
-            finally:
-                finished.set()
+    def attach_portal(self, portal: BlockingPortal, loop: asyncio.AbstractEventLoop | None = None) -> bool:
+        """Reach the core through ``portal`` (on ``loop``, default: the running loop) for a while.
 
-        try:
-            future = portal.start_task_soon(call)
-        except RuntimeError as exc:
-            raise ExecutorStateError(f"cannot reach the executor's event loop: {exc}") from exc
-        try:
-            return future.result()
-        except KeyboardInterrupt:
-            future.cancel()
-            finished.wait(_CANCEL_WAIT)
-            raise
+        Used by :func:`~async_modal_exec.run_agent`: an executor that has not
+        started yet then starts on that loop. Nothing changes if the sandbox
+        already lives on another loop.
 
-    def _attach_portal(self, portal: BlockingPortal, loop: asyncio.AbstractEventLoop) -> bool:
-        """Use ``portal`` (on ``loop``) unless the sandbox already lives on another loop."""
-        if self._core_loop not in (None, loop) or self._owned_portal is not None:
-            return False
-        self._portal = portal
-        return True
+        Returns:
+            True if attached; call :meth:`detach_portal` when done. After the
+            detach, calls still reach the core while its loop runs.
+        """
+        return self.bridge.attach(portal, loop or asyncio.get_running_loop())
 
-    def _detach_portal(self, portal: BlockingPortal) -> None:
-        if self._portal is portal:
-            self._portal = None
+    def detach_portal(self, portal: BlockingPortal) -> None:
+        """Undo :meth:`attach_portal`."""
+        self.bridge.detach(portal)
 
     # -- async side (runs on the core's loop) ------------------------------------------
 
     async def _ensure_started(self) -> AsyncExecutor:
-        if self.core.state == "unopened":
-            self._core_loop = asyncio.get_running_loop()
+        if self.core.state is ExecutorState.UNOPENED:
+            self.bridge.bind()
             self.logger.log("Starting the sandbox...", level=LogLevel.INFO)
             await self.core.start()
             if self.additional_imports:
@@ -316,30 +283,50 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         return await self._install(requirements)
 
     def cleanup(self) -> None:
-        """Terminate the sandbox and stop the background loop; safe to call twice."""
+        """Terminate the sandbox and stop the background loop; safe to call twice.
+
+        Works from any thread. On the event-loop thread that runs the sandbox
+        (after :func:`~async_modal_exec.run_agent`, or ``with CodeAgent(...)``
+        inside async code) it cannot wait for that loop: it schedules the close
+        there, logs that it did, and returns; ``asyncio.run`` waits for the
+        close before it ends, and ``await executor.aclose()`` waits for it too.
+
+        Raises:
+            ExecutorStateError: the loop the sandbox lives on has stopped, so
+                nothing can close it any more (close before the loop ends).
+        """
         if self._closed:
             return
-        try:
-            if self.core.state != "unopened" and self._portal is not None:
-                self._call(self.core.aclose)
-        finally:
+        started = self.core.state in (ExecutorState.STARTING, ExecutorState.OPEN)
+        task = self.bridge.close(self.core.aclose if started else None)
+        if task is None:
             self._closed = True
-            owned, self._owned_portal = self._owned_portal, None
-            if owned is not None:
-                owned.__exit__(None, None, None)
+            return
+        logger.warning(
+            "cleanup() ran on the event loop that runs the sandbox: closing it in the background "
+            "(`await executor.aclose()` waits for it)"
+        )
+        task.add_done_callback(lambda _: self._closed_now())
+
+    def _closed_now(self) -> None:
+        self._closed = True
+        self.bridge.stop()
 
     def delete(self) -> None:
         """Same as :meth:`cleanup` (smolagents' name)."""
         self.cleanup()
 
     async def aclose(self) -> None:
-        """Close from async code: on the sandbox's own loop, or via a worker thread.
+        """Close from async code: on the sandbox's own loop, or from another loop via a worker thread.
 
         Runs to completion when cancelled (the cancellation is delivered after).
         """
-        if self._core_loop is not None and _running_loop() is self._core_loop:
-            self._closed = True
-            await self.core.aclose()
+        if self._closed:
+            return
+        if self.bridge.on_core_loop():
+            scheduled = self.bridge.closing_task
+            await run_shielded(_wait_for(scheduled) if scheduled is not None else self.core.aclose())
+            self._closed_now()
         else:
             await run_shielded(anyio.to_thread.run_sync(self.cleanup))
 

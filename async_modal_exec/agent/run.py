@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from typing import Any
 
@@ -32,9 +31,7 @@ async def run_agent(agent: Any, task: str, **run_kwargs: Any) -> Any:
     """
     executor = getattr(agent, "python_executor", None)
     async with BlockingPortal() as portal:
-        attached = isinstance(executor, Executor) and executor._attach_portal(
-            portal, asyncio.get_running_loop()
-        )
+        attached = isinstance(executor, Executor) and executor.attach_portal(portal)
         try:
             return await anyio.to_thread.run_sync(
                 functools.partial(agent.run, task, **run_kwargs), abandon_on_cancel=True
@@ -46,4 +43,4 @@ async def run_agent(agent: Any, task: str, **run_kwargs: Any) -> Any:
         finally:
             if attached:
                 assert isinstance(executor, Executor)
-                executor._detach_portal(portal)
+                executor.detach_portal(portal)

@@ -283,7 +283,9 @@ class LocalBackend(Backend):
         await run_shielded(self._stop())
 
     async def _stop(self) -> None:
-        process, self._process = self._process, None
+        # Each step leaves its field set until it is done, so a stop cut short
+        # (its task cancelled, as asyncio.run does when it ends) can run again.
+        process = self._process
         if process is not None:
             if process.poll() is None:
                 tree = await anyio.to_thread.run_sync(_process_tree, process.pid)
@@ -295,6 +297,7 @@ class LocalBackend(Backend):
             for pipe in (process.stdin, process.stdout):
                 if pipe is not None:
                     pipe.close()
+            self._process = None
         log, self._log = self._log, None
         runtime_dir, self._runtime_dir = self._runtime_dir, None
         if log is not None:

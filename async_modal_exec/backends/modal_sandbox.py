@@ -8,6 +8,10 @@ is terminated if starting fails or is cancelled at any point (including while
 ``Sandbox.create`` is in flight: the create is allowed to finish and what it
 returns is terminated), and is terminated by :meth:`ModalBackend.aclose`.
 :func:`reap` finds and terminates tagged sandboxes left by crashed processes.
+
+Modal's exceptions do not leave this module: :func:`_modal_errors` translates
+them into :class:`~async_modal_exec.BackendError` and its subclasses, with the
+original as ``__cause__``.
 """
 
 from __future__ import annotations
@@ -17,16 +21,28 @@ import secrets
 import ssl
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import grpclib
 import modal
+from grpclib.exceptions import ProtocolError as GrpcProtocolError
+from grpclib.exceptions import StreamTerminatedError
 
 from .. import launcher
 from .._shield import run_shielded
-from ..errors import BackendStartError, ExecutorStateError
+from ..errors import (
+    BackendAuthError,
+    BackendError,
+    BackendInvalidArgument,
+    BackendNotFound,
+    BackendStartError,
+    BackendUnreachable,
+    ExecutorStateError,
+)
 from .base import Backend, GatewayEndpoint
 
 logger = logging.getLogger("async_modal_exec.startup")
@@ -38,6 +54,59 @@ TAG_APP = "ame.app"
 TAG_EXECUTOR = "ame.executor"
 TAG_CREATED = "ame.created"
 PACKAGE_TAG_VALUE = "async_modal_exec"
+
+
+# Checked in order (modal's ConflictError is an InvalidError); what matches no row
+# is a BackendError. Each of modal's errors is also a grpclib GRPCError (a
+# transitional base in modal 1.x); raw gRPC errors are not expected but handled.
+_TRANSLATIONS: tuple[tuple[tuple[type[Exception], ...], type[BackendError], str], ...] = (
+    (
+        (modal.exception.AuthError, modal.exception.PermissionDeniedError),
+        BackendAuthError,
+        "Modal refused the credentials (MODAL_TOKEN_ID / MODAL_TOKEN_SECRET, or ~/.modal.toml)",
+    ),
+    ((modal.exception.NotFoundError,), BackendNotFound, "Modal has no such object"),
+    (
+        (
+            modal.exception.ConnectionError,
+            modal.exception.ServiceError,
+            StreamTerminatedError,
+            GrpcProtocolError,
+        ),
+        BackendUnreachable,
+        "Modal's API could not be reached or did not answer",
+    ),
+    (
+        (modal.exception.SandboxTerminatedError, modal.exception.TimeoutError, modal.exception.ConflictError),
+        BackendStartError,  # BackendError outside start()
+        "the sandbox stopped, or was not ready in time",
+    ),
+    ((modal.exception.InvalidError,), BackendInvalidArgument, "Modal rejected an argument"),
+)
+_FOREIGN = (modal.exception.Error, grpclib.GRPCError, StreamTerminatedError, GrpcProtocolError)
+
+
+def _translate(exc: Exception, what: str, *, starting: bool) -> BackendError:
+    """Our exception for one of Modal's (or its gRPC library's), raised while doing ``what``."""
+    ours, meaning = next(
+        ((ours, meaning) for kinds, ours, meaning in _TRANSLATIONS if isinstance(exc, kinds)),
+        (BackendError, "Modal failed"),
+    )
+    if ours is BackendStartError and not starting:
+        ours = BackendError
+    return ours(f"{what}: {meaning}: {type(exc).__name__}: {exc}")
+
+
+@contextmanager
+def _modal_errors(what: str, *, starting: bool = False) -> Iterator[None]:
+    """Raise Modal's exceptions from the block as ours, the original as ``__cause__``.
+
+    Cancellation and this package's own exceptions pass through untouched.
+    """
+    try:
+        yield
+    except _FOREIGN as exc:
+        raise _translate(exc, what, starting=starting) from exc
 
 
 def default_image() -> modal.Image:
@@ -136,10 +205,17 @@ class ModalBackend(Backend):
     async def start(self) -> GatewayEndpoint:
         """Create (or attach to) the sandbox and return its gateway endpoint via the tunnel.
 
+        Modal's exceptions are translated (the original is ``__cause__``).
+
         Raises:
             ExecutorStateError: started before.
-            BackendStartError: the sandbox has no tunnel for the port, or is not running.
-            modal.exception.Error: Modal refused a call (auth, quota, bad argument).
+            BackendAuthError: Modal refused the credentials.
+            BackendNotFound: the sandbox to attach to (or a named secret, ...) does not exist.
+            BackendInvalidArgument: Modal rejected an argument (``create_kwargs``, image, ...).
+            BackendUnreachable: Modal's API could not be reached.
+            BackendStartError: the sandbox stopped, was not ready within ``ready_timeout``,
+                or has no tunnel for the port.
+            BackendError: any other refusal of Modal (quota, ...).
 
         Cancelling the call, or any failure, terminates the sandbox created so
         far (shielded); a cancellation that lands during ``Sandbox.create``
@@ -149,13 +225,19 @@ class ModalBackend(Backend):
             raise ExecutorStateError("a ModalBackend can be started once")
         self._started = True
         try:
-            if self._attach_id is not None:
-                began = time.monotonic()
-                self.sandbox = await modal.Sandbox.from_id.aio(self._attach_id)
-                self._phase("attach", began)
-            else:
-                await self._create()
-            return await self._endpoint()
+            what = (
+                f"attaching to Modal sandbox {self._attach_id}"
+                if self._attach_id is not None
+                else f"creating a sandbox in Modal app {self.app_name!r}"
+            )
+            with _modal_errors(what, starting=True):
+                if self._attach_id is not None:
+                    began = time.monotonic()
+                    self.sandbox = await modal.Sandbox.from_id.aio(self._attach_id)
+                    self._phase("attach", began)
+                else:
+                    await self._create()
+                return await self._endpoint()
         except BaseException:
             await self.aclose()
             raise
@@ -226,20 +308,30 @@ class ModalBackend(Backend):
     async def aclose(self) -> None:
         """Terminate the sandbox (unless attached without ``terminate_on_close``) and wait.
 
-        Safe to call twice. Runs to completion when cancelled; the cancellation
-        is re-raised afterwards.
+        Safe to call twice. A termination that Modal refuses or that cannot
+        reach Modal is logged, not raised (the sandbox's own ``timeout`` still
+        ends it; :func:`reap` finds it). Runs to completion when cancelled; the
+        cancellation is re-raised afterwards.
         """
-        sandbox, self.sandbox = self.sandbox, None
+        sandbox = self.sandbox
         if sandbox is None or not self._terminate_on_close:
+            self.sandbox = None
             return
-        await run_shielded(self._terminate(sandbox))
+        await run_shielded(self._terminate_and_forget(sandbox))
+
+    async def _terminate_and_forget(self, sandbox: modal.Sandbox) -> None:
+        # The sandbox stays known until it is terminated, so a close cut short
+        # (its task cancelled, as asyncio.run does when it ends) can run again.
+        await self._terminate(sandbox)
+        self.sandbox = None
 
     @staticmethod
     async def _terminate(sandbox: modal.Sandbox) -> None:
         try:
-            await sandbox.terminate.aio(wait=True)
-        except modal.exception.Error as exc:
-            logger.warning("terminating sandbox %s failed: %s", sandbox.object_id, exc)
+            with _modal_errors(f"terminating sandbox {sandbox.object_id}"):
+                await sandbox.terminate.aio(wait=True)
+        except BackendError as exc:
+            logger.warning("%s", exc)
 
     def __repr__(self) -> str:
         sandbox_id = self.sandbox.object_id if self.sandbox else self._attach_id
@@ -269,24 +361,32 @@ async def reap(
         dry_run: list only; terminate nothing.
 
     Returns:
-        The sandboxes found, and whether each was terminated.
+        The sandboxes found, and whether each was terminated (an app that does
+        not exist has none). A termination Modal refuses is logged, not raised.
+
+    Raises:
+        BackendAuthError: Modal refused the credentials.
+        BackendUnreachable: Modal's API could not be reached.
+        BackendError: any other refusal of Modal; the original is ``__cause__``.
 
     Cancelling the call lets a termination in progress finish, then stops:
     the sandboxes not reached yet keep running (run it again).
     """
-    try:
-        app = await modal.App.lookup.aio(app_name)
-    except modal.exception.NotFoundError:
-        return []
-    found: list[ReapedSandbox] = []
-    now = time.time()
-    async for sandbox in modal.Sandbox.list.aio(app_id=app.app_id, tags={TAG_PACKAGE: PACKAGE_TAG_VALUE}):
-        tags = await sandbox.get_tags.aio()
-        created = tags.get(TAG_CREATED, "")
-        age = now - int(created) if created.isdigit() else None
-        if older_than is not None and (age is None or age < older_than):
-            continue
-        if not dry_run:
-            await run_shielded(ModalBackend._terminate(sandbox))
-        found.append(ReapedSandbox(sandbox.object_id, tags, age, terminated=not dry_run))
-    return found
+    with _modal_errors(f"reaping the sandboxes of app {app_name!r}"):
+        try:
+            app = await modal.App.lookup.aio(app_name)
+        except modal.exception.NotFoundError:
+            return []
+        found: list[ReapedSandbox] = []
+        now = time.time()
+        listing = modal.Sandbox.list.aio(app_id=app.app_id, tags={TAG_PACKAGE: PACKAGE_TAG_VALUE})
+        async for sandbox in listing:
+            tags = await sandbox.get_tags.aio()
+            created = tags.get(TAG_CREATED, "")
+            age = now - int(created) if created.isdigit() else None
+            if older_than is not None and (age is None or age < older_than):
+                continue
+            if not dry_run:
+                await run_shielded(ModalBackend._terminate(sandbox))
+            found.append(ReapedSandbox(sandbox.object_id, tags, age, terminated=not dry_run))
+        return found

@@ -22,13 +22,24 @@ class GatewayBackend(Backend):
         url: ``http(s)://host:port[/base_url]`` of the gateway.
         token: the gateway's auth token (``KG_AUTH_TOKEN``), sent in a header.
         ssl_context: TLS context for ``https`` (e.g. trusting a private CA).
+        idle_disconnect: executors on this gateway close their kernel
+            websocket after this many idle seconds and reopen it on the next
+            run (None: keep it open). Set it when the way to the gateway bills
+            or times out open connections (a Modal tunnel: a
+            :class:`~async_modal_exec.SandboxPool` of Modal sandboxes passes
+            the ``ModalBackend``'s value).
 
     Raises:
         ValueError: the URL is not an absolute http(s) URL, or carries credentials.
     """
 
     def __init__(
-        self, url: str, token: str | None = None, *, ssl_context: ssl.SSLContext | None = None
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        idle_disconnect: float | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -36,6 +47,7 @@ class GatewayBackend(Backend):
         if parts.username or parts.password or parts.query:
             raise ValueError("put the token in token=, not in the URL (URLs end up in logs)")
         self.endpoint = GatewayEndpoint(url.rstrip("/"), token, ssl_context)
+        self.idle_disconnect = idle_disconnect
         self.timings: dict[str, float] = {}
 
     async def start(self) -> GatewayEndpoint:

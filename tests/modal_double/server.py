@@ -11,7 +11,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -290,6 +291,13 @@ class ModalDouble:
         apps: app name -> app id.
         named_secrets: name -> env dict, for ``modal.Secret.from_name``.
         unimplemented: names of RPCs the client called that the double does not implement.
+        calls: names of the RPCs called, in order.
+        pauses: RPC name -> seconds each call of it is held before it is served.
+        failures: RPC name -> a ``GRPCError`` that every call of it answers (a
+            fresh copy each time) until the entry is removed, e.g.
+            ``failures["AppGetOrCreate"] = GRPCError(Status.UNAUTHENTICATED, "bad token")``.
+            The client retries some statuses (UNAVAILABLE, INTERNAL, ...) a few
+            times first; it does not retry UNAUTHENTICATED, NOT_FOUND, INVALID_ARGUMENT.
     """
 
     def __init__(self) -> None:
@@ -302,6 +310,7 @@ class ModalDouble:
         self.unimplemented: list[str] = []
         self.calls: list[str] = []
         self.pauses: dict[str, float] = {}
+        self.failures: dict[str, GRPCError] = {}
         self._directory = tempfile.TemporaryDirectory(prefix="modal-double-")
         self.cert, key = make_certificate(Path(self._directory.name))
         self.server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -312,11 +321,27 @@ class ModalDouble:
         self.url = ""
 
     async def checkpoint(self, rpc: str) -> None:
-        """Record an RPC; hold it for ``pauses[rpc]`` seconds if a test asked to."""
+        """Record an RPC; hold it for ``pauses[rpc]`` seconds, then fail it with ``failures[rpc]``.
+
+        Raises:
+            GRPCError: a copy of ``failures[rpc]``, if a test set one.
+        """
         self.calls.append(rpc)
         pause = self.pauses.get(rpc)
         if pause:
             await asyncio.sleep(pause)
+        failure = self.failures.get(rpc)
+        if failure is not None:
+            raise GRPCError(failure.status, failure.message, failure.details)
+
+    @contextmanager
+    def failing(self, rpc: str, status: Status, message: str) -> Iterator[None]:
+        """Within the block, every call of ``rpc`` answers ``status`` (see ``failures``)."""
+        self.failures[rpc] = GRPCError(status, message)
+        try:
+            yield
+        finally:
+            del self.failures[rpc]
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client TLS context that trusts the tunnels' certificate."""

@@ -17,6 +17,7 @@ from .errors import (
     GatewayError,
     GatewayNotFound,
     GatewayUnreachable,
+    ProtocolError,
     gateway_error_for_status,
 )
 
@@ -48,6 +49,8 @@ class GatewayClient:
     @asynccontextmanager
     async def _request(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
         url = f"{self._base}{path}"
+        if self._session.closed:
+            raise GatewayUnreachable(f"the client of the gateway at {self._base} is closed")
         try:
             async with self._session.request(method, url, **kwargs) as response:
                 if response.status >= 400:
@@ -63,7 +66,12 @@ class GatewayClient:
         async with self._request(method, path, **kwargs) as response:
             if response.status == 204:
                 return None
-            return await response.json(content_type=None)
+            try:
+                return await response.json(content_type=None)
+            except ValueError as exc:
+                raise ProtocolError(
+                    f"{method} {path}: the gateway answered with a body that is not JSON"
+                ) from exc
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         """Poll ``/api/kernelspecs`` until the gateway answers, under one deadline.

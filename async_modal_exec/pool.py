@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
@@ -38,6 +39,14 @@ logger = logging.getLogger("async_modal_exec.pool")
 __all__ = ["SandboxPool"]
 
 _RETRY_PAUSE = 1.0
+
+
+class _PoolState(enum.Enum):
+    """Where a :class:`SandboxPool` is in its life."""
+
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
 
 
 @dataclass(eq=False)
@@ -105,7 +114,7 @@ class SandboxPool:
         self._waiting = 0
         self._changed = anyio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._state = "unopened"
+        self._state = _PoolState.UNOPENED
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -115,9 +124,9 @@ class SandboxPool:
         The pool owns that work: :meth:`aclose` stops it; nothing here waits,
         so there is nothing for a cancellation to interrupt.
         """
-        if self._state != "unopened":
-            raise ExecutorStateError(f"cannot start a pool that is {self._state}")
-        self._state = "open"
+        if self._state is not _PoolState.UNOPENED:
+            raise ExecutorStateError(f"cannot start a pool that is {self._state.value}")
+        self._state = _PoolState.OPEN
         if self.max_idle_time is not None:
             self._spawn(retire_idle(self.max_idle_time, self._idle_since, self._retire_idle))
         self._replenish()
@@ -135,8 +144,8 @@ class SandboxPool:
         with anyio.fail_after(timeout):
             async with self._changed:
                 while len(self._idle) < self.min_idle:
-                    if self._state != "open":
-                        raise ExecutorStateError(f"the pool is {self._state}")
+                    if self._state is not _PoolState.OPEN:
+                        raise ExecutorStateError(f"the pool is {self._state.value}")
                     await self._changed.wait()
 
     async def aclose(self) -> None:
@@ -144,9 +153,9 @@ class SandboxPool:
 
         Runs to completion when cancelled; the cancellation is re-raised after.
         """
-        if self._state == "closed":
+        if self._state is _PoolState.CLOSED:
             return
-        self._state = "closed"
+        self._state = _PoolState.CLOSED
         await run_shielded(self._drain())
 
     async def _drain(self) -> None:
@@ -200,14 +209,14 @@ class SandboxPool:
             yield warm.executor
         finally:
             self._lent.discard(warm.executor)
-            if self._state == "open":
+            if self._state is _PoolState.OPEN:
                 self._spawn(self._recycle(warm.sandbox, warm.executor))
             else:  # the pool closed meanwhile and already closed the executor
                 await run_shielded(warm.executor.aclose())
 
     async def _acquire(self, timeout: float) -> _Warm:
-        if self._state != "open":
-            raise ExecutorStateError(f"the pool is {self._state}")
+        if self._state is not _PoolState.OPEN:
+            raise ExecutorStateError(f"the pool is {self._state.value}")
         try:
             with anyio.fail_after(timeout):
                 while True:
@@ -235,7 +244,7 @@ class SandboxPool:
                 while not self._idle:
                     self._replenish()
                     await self._changed.wait()
-                    if self._state != "open":
+                    if self._state is not _PoolState.OPEN:
                         raise ExecutorStateError("the pool closed")
                 warm = self._idle.popleft()
             finally:
@@ -253,7 +262,7 @@ class SandboxPool:
 
     def _replenish(self) -> None:
         """Start sandboxes while fewer are ready or coming than wanted, within max_size."""
-        if self._state != "open":
+        if self._state is not _PoolState.OPEN:
             return
         wanted = max(self.min_idle, self._waiting)
         while len(self._idle) + self._starting < wanted and self.size < self.max_size:
@@ -296,7 +305,7 @@ class SandboxPool:
         return await executor.start()
 
     async def _put_idle(self, warm: _Warm) -> None:
-        if self._state != "open":  # closed meanwhile: nothing may outlive the drain
+        if self._state is not _PoolState.OPEN:  # closed meanwhile: nothing may outlive the drain
             await self._discard(warm.sandbox, warm.executor)
             return
         async with self._changed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -26,7 +27,8 @@ class LagProbe:
       waiting for a CPU (Linux ``schedstat``), so preemption on a busy machine
       does not count but computing or waiting does. Code that blocks the loop
       (a synchronous HTTP call, ``time.sleep``, a blocking Modal call) shows up
-      here directly.
+      here directly. Time the garbage collector ran during a callback is not
+      counted either (a full collection late in the suite can take 100+ ms).
     * ``max_lag``: how late a task sleeping ``interval`` seconds wakes up. It
       includes the above, plus time the operating system did not run this
       process at all (on a 2-core machine, eight kernels starting at once keep
@@ -73,7 +75,7 @@ async def measure_loop_lag(interval: float = 0.005) -> AsyncIterator[LagProbe]:
     loop_thread = threading.get_ident()
     original = asyncio.events.Handle._run
 
-    with _runqueue_clock() as waiting_for_cpu:
+    with _runqueue_clock() as waiting_for_cpu, _gc_clock(loop_thread) as collecting:
 
         def timed_run(handle: asyncio.events.Handle) -> None:
             if threading.get_ident() != loop_thread:
@@ -81,11 +83,12 @@ async def measure_loop_lag(interval: float = 0.005) -> AsyncIterator[LagProbe]:
                 return
             started = time.perf_counter()
             queued = waiting_for_cpu()
+            collected = collecting()
             try:
                 original(handle)
             finally:
                 wall = time.perf_counter() - started
-                took = wall - (waiting_for_cpu() - queued)
+                took = wall - (waiting_for_cpu() - queued) - (collecting() - collected)
                 probe.callbacks_wall.append(wall)
                 if took > probe.max_callback:
                     callback = handle._callback  # type: ignore[attr-defined]
@@ -101,6 +104,29 @@ async def measure_loop_lag(interval: float = 0.005) -> AsyncIterator[LagProbe]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+@contextlib.contextmanager
+def _gc_clock(thread: int) -> Iterator[Callable[[], float]]:
+    """Seconds the garbage collector has run in ``thread`` (a full collection can take
+    100+ ms after many tests; it is the interpreter's pause, not the code under test)."""
+    total = 0.0
+    began = 0.0
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        nonlocal total, began
+        if threading.get_ident() != thread:
+            return
+        if phase == "start":
+            began = time.perf_counter()
+        else:
+            total += time.perf_counter() - began
+
+    gc.callbacks.append(on_gc)
+    try:
+        yield lambda: total
+    finally:
+        gc.callbacks.remove(on_gc)
 
 
 @contextlib.contextmanager

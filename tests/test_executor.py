@@ -21,6 +21,7 @@ from async_modal_exec import (
     GatewayEndpoint,
     GatewayError,
     KernelDied,
+    KernelState,
     RecoveryOutcome,
     ResultEvent,
     StderrEvent,
@@ -372,3 +373,47 @@ async def test_dropped_websocket_reconnects_and_replays_missed_output(executor: 
     # Same session id on reconnect: the gateway replays what was sent meanwhile.
     assert result.stdout == "".join(f"{i}\n" for i in range(6))
     assert result.value is not None and result.value.text == "'end'"
+
+
+async def test_aclose_waits_for_the_running_execution_to_let_go(make_executor: MakeExecutor) -> None:
+    # Bug from reading: aclose() closed the websocket and deleted the kernel
+    # while the execution still ran (here: inside a host-tool call), and
+    # returned before it had stopped, against its docstring.
+    called = asyncio.Event()
+
+    async def slow_tool(x: int) -> int:
+        called.set()
+        await asyncio.sleep(1.0)
+        return x
+
+    executor = await make_executor(host_tools=[slow_tool])
+    running = asyncio.create_task(executor.run("slow_tool(1)"))
+    await asyncio.wait_for(called.wait(), 30)
+    await asyncio.wait_for(executor.aclose(), 15)
+    assert running.done(), "aclose returned while the execution still ran"
+    with pytest.raises(ExecutorStateError, match="closed"):
+        running.result()
+
+
+async def test_cancelled_run_of_a_kernel_ignoring_interrupts_returns_within_the_grace(
+    make_executor: MakeExecutor, tmp_path: Path
+) -> None:
+    # A cancelled run never waits for a replacement kernel: it is deferred to the next run.
+    executor = await make_executor(interrupt_grace=1.0)
+    await executor.run("lost = 1")
+    marker = tmp_path / "running"
+    code = (
+        f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\n"
+        "while True:\n    try:\n        time.sleep(0.05)\n    except KeyboardInterrupt:\n        pass"
+    )
+    running = asyncio.create_task(executor.run(code))
+    await until_running(marker)
+    began = time.monotonic()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert time.monotonic() - began < 2 * 1.0 + 1.5
+    assert executor.kernel_state is KernelState.LOST
+    after = await executor.run("'lost' in dir()", timeout=60)
+    assert after.value is not None and after.value.text == "False"
+    assert executor.kernel_state is KernelState.CONNECTED

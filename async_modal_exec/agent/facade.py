@@ -186,6 +186,16 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
 
     async def _send_tools(self, tools: Mapping[str, Any]) -> ExecutionResult | None:
         await self._ensure_started()
+        # Off the loop: inspecting tools reads and parses source files (tens
+        # of ms per tool, more on a busy machine), and the loop may be an app's.
+        on_host, needed, code = await anyio.to_thread.run_sync(self._plan_tools, tools)
+        self.core.host_tools.add(on_host)
+        await self._install(needed)
+        # An empty run still defines the host-tool stubs, so the first step finds them.
+        return await self.core.run(code) if code.strip() or on_host else None
+
+    def _plan_tools(self, tools: Mapping[str, Any]) -> tuple[dict[str, Any], list[Requirement], str]:
+        """Sort ``tools`` into host tools, requirements and the code defining the rest (no I/O)."""
         shippable: dict[str, Tool] = {}
         on_host: dict[str, Any] = {}
         stubs: list[str] = []
@@ -210,11 +220,8 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
             requirements, origin = requirements_of_tool(tool, explicit)
             logger.debug("requirements of tool %s (%s): %s", name, origin, [r.spec for r in requirements])
             needed += requirements
-        self.core.host_tools.add(on_host)
-        await self._install(needed)
         code = "\n".join([get_tools_definition_code(shippable) if shippable else "", *stubs])
-        # An empty run still defines the host-tool stubs, so the first step finds them.
-        return await self.core.run(code) if code.strip() or on_host else None
+        return on_host, needed, code
 
     def _host_reason(self, name: str, tool: Any, problem: str | None) -> str | None:
         """Why ``tool`` runs on the host, or None if it goes into the sandbox."""

@@ -28,6 +28,7 @@ from typing import IO
 import anyio
 
 from .._shield import run_shielded
+from .._timing import record_phase
 from ..errors import BackendStartError, ExecutorStateError
 from .base import Backend, GatewayEndpoint
 
@@ -156,7 +157,6 @@ class LocalBackend(Backend):
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
         self.nice = nice
-        self.startup_seconds: float | None = None
         self.timings: dict[str, float] = {}
         self._process: subprocess.Popen[bytes] | None = None
         self._runtime_dir: str | None = None
@@ -230,13 +230,8 @@ class LocalBackend(Backend):
             await self.aclose()
             raise
         self._endpoint = GatewayEndpoint(f"http://127.0.0.1:{port}", token)
-        self.startup_seconds = self.timings["gateway_process"] = time.monotonic() - begin
-        logger.info(
-            "local gateway (pid %s) listening on port %s after %.2f s",
-            self.pid,
-            port,
-            self.startup_seconds,
-        )
+        seconds = record_phase(self.timings, "gateway_process", begin, logger, "local ")
+        logger.debug("local gateway (pid %s) listening on port %s after %.2f s", self.pid, port, seconds)
         return self._endpoint
 
     async def _read_port(self) -> int:

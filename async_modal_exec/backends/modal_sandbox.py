@@ -34,6 +34,7 @@ from grpclib.exceptions import StreamTerminatedError
 
 from .. import launcher
 from .._shield import run_shielded
+from .._timing import record_phase
 from ..errors import (
     BackendAuthError,
     BackendError,
@@ -198,10 +199,6 @@ class ModalBackend(Backend):
         backend._terminate_on_close = terminate_on_close
         return backend
 
-    def _phase(self, name: str, began: float) -> None:
-        self.timings[name] = time.monotonic() - began
-        logger.info("modal %s: %.2f s", name.replace("_", " "), self.timings[name])
-
     async def start(self) -> GatewayEndpoint:
         """Create (or attach to) the sandbox and return its gateway endpoint via the tunnel.
 
@@ -234,7 +231,7 @@ class ModalBackend(Backend):
                 if self._attach_id is not None:
                     began = time.monotonic()
                     self.sandbox = await modal.Sandbox.from_id.aio(self._attach_id)
-                    self._phase("attach", began)
+                    record_phase(self.timings, "attach", began, logger, "modal ")
                 else:
                     await self._create()
                 return await self._endpoint()
@@ -249,7 +246,7 @@ class ModalBackend(Backend):
         app = kwargs.pop("app", None)
         if app is None:
             app = await modal.App.lookup.aio(self.app_name, create_if_missing=True)
-        self._phase("app_lookup", began)
+        record_phase(self.timings, "app_lookup", began, logger, "modal ")
         image = kwargs.pop("image", None) or default_image()
         ports = list(kwargs.pop("encrypted_ports", None) or [])
         if self.port not in ports:
@@ -285,11 +282,11 @@ class ModalBackend(Backend):
         # Shielded: the sandbox is created even if we stop waiting for it.
         await run_shielded(create())
         assert self.sandbox is not None
-        self._phase("create", began)
+        record_phase(self.timings, "create", began, logger, "modal ")
         logger.info("modal sandbox %s created", self.sandbox.object_id)
         began = time.monotonic()
         await self.sandbox.wait_until_ready.aio(timeout=self.ready_timeout)
-        self._phase("ready", began)
+        record_phase(self.timings, "ready", began, logger, "modal ")
 
     async def _endpoint(self) -> GatewayEndpoint:
         assert self.sandbox is not None
@@ -302,7 +299,7 @@ class ModalBackend(Backend):
             raise BackendStartError(
                 f"sandbox {self.sandbox.object_id} ({state}) has no encrypted tunnel for port {self.port}"
             )
-        self._phase("tunnel", began)
+        record_phase(self.timings, "tunnel", began, logger, "modal ")
         return GatewayEndpoint(tunnel.url, self.token, self.ssl_context)
 
     async def aclose(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
@@ -46,3 +46,39 @@ async def wait_shielded(task: asyncio.Future[Any]) -> None:
 
 async def _done(task: asyncio.Future[Any]) -> None:
     await asyncio.wait({task})
+
+
+class Completion:
+    """Idempotent clean-up steps, run to completion in a task of their own.
+
+    Callers of :meth:`run` share that task. A caller's cancellation does not
+    stop it (it is re-raised once the task is done). A task that was itself
+    cancelled (``asyncio.run`` cancels every task still running when its main
+    coroutine returns) is started again, up to ``attempts`` times, so the
+    steps must be safe to run again and pick up where they stopped. A failure
+    is raised to the callers, and the next call starts over.
+    """
+
+    def __init__(self, steps: Callable[[], Coroutine[Any, Any, None]], *, attempts: int = 3) -> None:
+        self._steps = steps
+        self._attempts = attempts
+        self._task: asyncio.Future[None] | None = None
+        self.finished = False
+
+    async def run(self) -> None:
+        """Run (or join) the steps until they finished; see the class docstring."""
+        for _ in range(self._attempts):
+            if self.finished:
+                return
+            if self._task is None or self._task.done():
+                self._task = asyncio.ensure_future(self._steps())
+            task = self._task
+            await wait_shielded(task)
+            if task.cancelled():
+                continue
+            error = task.exception()
+            if error is not None:
+                raise error
+            self.finished = True
+            return
+        raise asyncio.CancelledError("the clean-up task was cancelled again and again")

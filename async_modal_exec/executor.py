@@ -11,7 +11,6 @@ what the fold says, and recover the kernel when an execution is cut short.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import functools
 import logging
@@ -27,7 +26,7 @@ import anyio
 # otherwise run inside the event loop when the first executor is created.
 import anyio._backends._asyncio  # isort: skip
 
-from ._shield import run_shielded, wait_shielded
+from ._shield import Completion, run_shielded
 from ._timing import record_phase
 from .backends.base import Backend
 from .channel import ChannelLost, KernelChannel
@@ -140,8 +139,7 @@ class AsyncExecutor:
         self.liveness_interval = liveness_interval
         self._state = ExecutorState.UNOPENED
         self._close_requested = False
-        self._torn_down = False
-        self._teardown_task: asyncio.Future[None] | None = None
+        self._teardown_steps_once = Completion(self._teardown_steps)
         self._gateway: GatewayClient | None = None
         self._session: KernelSession | None = None
         self.startup_timings: dict[str, float] = {}
@@ -235,14 +233,7 @@ class AsyncExecutor:
     async def _teardown(self) -> None:
         """Close everything started, once; a teardown cut short is finished by the next call."""
         self._state = ExecutorState.CLOSED
-        if self._torn_down:
-            return
-        if self._teardown_task is None or self._teardown_task.done():
-            self._teardown_task = asyncio.ensure_future(self._teardown_steps())
-        task = self._teardown_task
-        await wait_shielded(task)
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        await self._teardown_steps_once.run()
 
     async def _teardown_steps(self) -> None:
         if self._session is not None:
@@ -251,7 +242,6 @@ class AsyncExecutor:
             await self._gateway.aclose()
         if self._owns_backend:
             await self.backend.aclose()
-        self._torn_down = True
 
     def _open_session(self) -> KernelSession:
         if self._state is not ExecutorState.OPEN or self._session is None:

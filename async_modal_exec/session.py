@@ -41,7 +41,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from ._shield import run_shielded, wait_shielded
+from ._shield import Completion, run_shielded
 from .channel import KernelChannel
 from .errors import AsyncModalExecError, ExecutorStateError, GatewayNotFound
 from .gateway import GatewayClient
@@ -101,7 +101,7 @@ class KernelSession:
         self._channel: KernelChannel | None = None
         self._ws_session = new_session_id()
         self._creation: asyncio.Future[None] | None = None
-        self._closer: asyncio.Future[None] | None = None
+        self._closer = Completion(self._close)
         self._idle_watch: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         # Host-tool stubs defined in the current kernel; None: not even the bridge.
@@ -374,12 +374,7 @@ class KernelSession:
             return
         if self._state is not KernelState.CLOSING:
             self._move(KernelState.CLOSING, "close requested")
-        if self._closer is None or self._closer.done():
-            self._closer = asyncio.ensure_future(self._close())
-        closer = self._closer
-        await wait_shielded(closer)
-        if not closer.cancelled() and closer.exception() is not None:
-            raise closer.exception()  # type: ignore[misc]
+        await self._closer.run()
 
     async def _close(self) -> None:
         """The steps of :meth:`close`; each can run again after a cut-short attempt."""

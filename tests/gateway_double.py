@@ -14,6 +14,7 @@ transition; the user-level paths run against the real one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -38,6 +39,8 @@ class GatewayDouble:
     create_delay: float = 0.0
     create_status: int = 201
     delete_status: int = 204
+    delete_delay: float = 0.0
+    delete_requests: int = 0
     ws_status: int | None = None  # refuse the websocket handshake with this HTTP status
     execute_delay: float = 0.0  # seconds an execute_request "runs" before going idle
     sockets: list[web.WebSocketResponse] = field(default_factory=list)
@@ -71,6 +74,8 @@ class GatewayDouble:
 
     async def _delete(self, request: web.Request) -> web.Response:
         kernel_id = request.match_info["kernel_id"]
+        self.delete_requests += 1
+        await asyncio.sleep(self.delete_delay)
         if self.delete_status >= 400:
             return web.Response(status=self.delete_status, text="scripted failure")
         if self.kernels.pop(kernel_id, None) is None:
@@ -95,15 +100,25 @@ class GatewayDouble:
         await ws.prepare(request)
         self.ws_sessions.append((kernel_id, request.query.get("session_id", "")))
         self.sockets.append(ws)
+        answers: set[asyncio.Task[None]] = set()
         try:
-            async for frame in ws:
+            async for frame in ws:  # answered in tasks, so close frames are read meanwhile
                 if frame.type is WSMsgType.TEXT:
-                    await self._answer(ws, json.loads(frame.data))
+                    answer = asyncio.create_task(self._answer(ws, json.loads(frame.data)))
+                    answers.add(answer)
+                    answer.add_done_callback(answers.discard)
         finally:
             self.sockets.remove(ws)
+            for answer in list(answers):
+                answer.cancel()
+            await asyncio.gather(*answers, return_exceptions=True)
         return ws
 
     async def _answer(self, ws: web.WebSocketResponse, message: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionError):  # the client left meanwhile
+            await self._answer_unguarded(ws, message)
+
+    async def _answer_unguarded(self, ws: web.WebSocketResponse, message: dict[str, Any]) -> None:
         msg_type = message["header"]["msg_type"]
         if msg_type == "execute_request":
             await ws.send_str(_reply(message, "status", "iopub", {"execution_state": "busy"}))

@@ -25,7 +25,7 @@ from smolagents.remote_executors import RemotePythonExecutor
 from smolagents.tools import Tool, get_tools_definition_code
 from smolagents.utils import AgentError
 
-from .._shield import run_shielded
+from .._shield import run_shielded, wait_shielded
 from ..backends.base import Backend
 from ..errors import ExecutionError, ExecutorStateError
 from ..executor import AsyncExecutor, ExecutorState
@@ -47,10 +47,6 @@ logger = logging.getLogger("async_modal_exec.agent")
 __all__ = ["Executor"]
 
 T = TypeVar("T")
-
-
-async def _wait_for(task: asyncio.Task[None]) -> None:
-    await asyncio.wait({task})
 
 
 def _unshippable_stub(name: str, reason: str) -> str:
@@ -332,7 +328,10 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
             return
         if self.bridge.on_core_loop():
             scheduled = self.bridge.closing_task
-            await run_shielded(_wait_for(scheduled) if scheduled is not None else self.core.aclose())
+            if scheduled is not None:
+                await wait_shielded(scheduled)
+            else:
+                await self.core.aclose()  # shielded itself
             self._closed_now()
         else:
             await run_shielded(anyio.to_thread.run_sync(self.cleanup))

@@ -27,8 +27,9 @@ class LagProbe:
       waiting for a CPU (Linux ``schedstat``), so preemption on a busy machine
       does not count but computing or waiting does. Code that blocks the loop
       (a synchronous HTTP call, ``time.sleep``, a blocking Modal call) shows up
-      here directly. Time the garbage collector ran during a callback is not
-      counted either (a full collection late in the suite can take 100+ ms).
+      here directly. Time the garbage collector ran (in any thread: it holds
+      the GIL) during a callback is not counted either; what earlier tests
+      left is collected and frozen before the measurement starts.
     * ``max_lag``: how late a task sleeping ``interval`` seconds wakes up. It
       includes the above, plus time the operating system did not run this
       process at all (on a 2-core machine, eight kernels starting at once keep
@@ -57,7 +58,8 @@ class LagProbe:
         return (
             f"longest callback {self.max_callback * 1000:.1f} ms ({self.slowest}), "
             f"longest including preemption {self.max_callback_wall * 1000:.1f} ms, "
-            f"wake-up lag {self.max_lag * 1000:.1f} ms"
+            f"wake-up lag {self.max_lag * 1000:.1f} ms, "
+            f"garbage collections {len(GC_PAUSES)} (longest {max(GC_PAUSES, default=0) * 1000:.1f} ms, not counted)"
         )
 
     async def _run(self) -> None:
@@ -71,11 +73,14 @@ class LagProbe:
 @asynccontextmanager
 async def measure_loop_lag(interval: float = 0.005) -> AsyncIterator[LagProbe]:
     """Run a lag probe, and time every callback of this loop, for the duration of the block."""
+    # What earlier tests left behind is not collected during the measurement.
+    gc.collect()
+    gc.freeze()
     probe = LagProbe(interval)
     loop_thread = threading.get_ident()
     original = asyncio.events.Handle._run
 
-    with _runqueue_clock() as waiting_for_cpu, _gc_clock(loop_thread) as collecting:
+    with _runqueue_clock() as waiting_for_cpu, _gc_clock() as collecting:
 
         def timed_run(handle: asyncio.events.Handle) -> None:
             if threading.get_ident() != loop_thread:
@@ -106,27 +111,34 @@ async def measure_loop_lag(interval: float = 0.005) -> AsyncIterator[LagProbe]:
                 await task
 
 
+GC_PAUSES: list[float] = []  # the collections of the last measurement, for its summary
+
+
 @contextlib.contextmanager
-def _gc_clock(thread: int) -> Iterator[Callable[[], float]]:
-    """Seconds the garbage collector has run in ``thread`` (a full collection can take
-    100+ ms after many tests; it is the interpreter's pause, not the code under test)."""
+def _gc_clock() -> Iterator[Callable[[], float]]:
+    """Seconds the garbage collector has run, in any thread: a collection holds the
+    GIL, so one in the agent's worker thread stalls the loop thread too (a full
+    collection late in the suite can take 100+ ms). It is the interpreter's
+    pause, not the code under test."""
     total = 0.0
     began = 0.0
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
         nonlocal total, began
-        if threading.get_ident() != thread:
-            return
         if phase == "start":
             began = time.perf_counter()
         else:
-            total += time.perf_counter() - began
+            pause = time.perf_counter() - began
+            total += pause
+            pauses.append(pause)
 
+    pauses: list[float] = []
     gc.callbacks.append(on_gc)
     try:
         yield lambda: total
     finally:
         gc.callbacks.remove(on_gc)
+        GC_PAUSES[:] = pauses
 
 
 @contextlib.contextmanager

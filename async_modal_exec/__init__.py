@@ -7,6 +7,7 @@
 
 from typing import TYPE_CHECKING, Any
 
+from ._usage import BlockingCallWarning
 from .backends import Backend, GatewayBackend, GatewayEndpoint, LocalBackend
 from .errors import (
     AsyncModalExecError,
@@ -96,6 +97,7 @@ __all__ = [
     "BackendNotFound",
     "BackendStartError",
     "BackendUnreachable",
+    "BlockingCallWarning",
     "CodeError",
     "DisplayEvent",
     "ErrorEvent",

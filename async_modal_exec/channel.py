@@ -13,12 +13,14 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from ._redact import redacting_logger
 from .errors import GatewayError, GatewayUnreachable, ProtocolError, gateway_error_for_status
 from .protocol import (
     V1_SUBPROTOCOL,
     decode_legacy_binary,
     decode_v1,
     encode_v1,
+    kernel_counter,
     kernel_died,
     kernel_info_request,
     msg_id_of,
@@ -66,6 +68,8 @@ class KernelChannel:
         self._ws: ClientConnection | None = None
         self._binary = False
         self._final = False  # closed for good: open() refuses
+        # The kernel's session and message number of the last message received.
+        self.last_counter: tuple[str, int] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -104,6 +108,7 @@ class KernelChannel:
                 # them up also costs a millisecond of loop time per connect.
                 proxy=None,
                 subprotocols=[websockets.Subprotocol(V1_SUBPROTOCOL)],
+                logger=redacting_logger("websockets.client", self._headers),  # handshake headers: no token
                 **kwargs,
             )
         except InvalidStatus as exc:
@@ -212,6 +217,7 @@ class KernelChannel:
             raise ProtocolError(f"kernel websocket sent a malformed frame: {frame[:200]!r}") from exc
         if not isinstance(message, dict):
             raise ProtocolError(f"kernel websocket sent JSON that is not an object: {message!r:.200}")
+        self.last_counter = kernel_counter(message) or self.last_counter
         return message
 
     async def aclose(self) -> None:
@@ -222,6 +228,30 @@ class KernelChannel:
         ws, self._ws = self._ws, None
         if ws is not None:
             await ws.close()
+
+    async def ping(self, timeout: float) -> bool:
+        """True if a websocket ping is answered within ``timeout`` seconds.
+
+        A connection can be dead without a FIN or RST (a black-holed link):
+        a send into it "succeeds" and is lost. This proves the way back.
+        Cancelling the call abandons the ping.
+        """
+        ws = self._ws
+        if ws is None or ws.close_code is not None:
+            return False
+        try:
+            pong = await ws.ping()
+            with anyio.fail_after(timeout):
+                await pong
+        except (ConnectionClosed, TimeoutError):
+            return False
+        return True
+
+    def abort(self) -> None:
+        """Drop the connection at once, without the closing handshake (a dead link would hold it)."""
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            ws.transport.abort()
 
     async def close_for_good(self) -> None:
         """Close the websocket and refuse to reopen it, also if a connect is in flight."""

@@ -209,46 +209,62 @@ class RecoveryOutcome(enum.Enum):
     """What the executor did to bring the kernel back after a timeout or cancellation.
 
     * ``INTERRUPTED``: the interrupt stopped the code; the kernel's state is kept.
-    * ``REPLACED``: the kernel ignored the interrupt and was replaced by a
-      fresh kernel before the call returned; its state is lost.
-    * ``DEFERRED``: the kernel could not be brought back in time (it ignored
-      the interrupt while the call was cancelled, it died, or the gateway
-      failed): the next run starts on a fresh kernel; its state is lost.
+    * ``REPLACED``: the kernel ignored the interrupt (or died meanwhile); a
+      fresh kernel is being started in the background and the next run uses
+      it; the state is lost.
+    * ``DEFERRED``: the kernel could not be brought back (the gateway failed
+      in a way that leaves it unknown): the next run starts on a fresh kernel;
+      the state is lost.
+    * ``UNREACHABLE``: the gateway could not be reached to interrupt the
+      kernel. The kernel is left as it is and the next run reconnects; its
+      state is kept if the kernel is fine (code still running finishes first).
+    * ``NOT_STARTED``: the timeout expired before the code was sent (waiting
+      for the executions before it, or for a kernel being replaced): nothing
+      ran, nothing was interrupted.
     """
 
     INTERRUPTED = "interrupted"
     REPLACED = "replaced"
     DEFERRED = "deferred"
+    UNREACHABLE = "unreachable"
+    NOT_STARTED = "not_started"
 
     @property
     def state_kept(self) -> bool:
-        """True if the kernel's variables survived."""
-        return self is RecoveryOutcome.INTERRUPTED
+        """True if the kernel's variables survived (or, for ``UNREACHABLE``, may have)."""
+        return self in _STATE_KEPT
 
     def describe(self) -> str:
         """One clause for messages and logs, e.g. ``"the kernel was interrupted (its state is kept)"``."""
         return _RECOVERY_TEXT[self]
 
 
+_STATE_KEPT = {RecoveryOutcome.INTERRUPTED, RecoveryOutcome.UNREACHABLE, RecoveryOutcome.NOT_STARTED}
 _RECOVERY_TEXT = {
     RecoveryOutcome.INTERRUPTED: "the kernel was interrupted (its state is kept)",
     RecoveryOutcome.REPLACED: (
-        "the kernel ignored the interrupt and was replaced by a fresh kernel (its state is lost)"
+        "the kernel ignored the interrupt (or died) and is being replaced by a fresh kernel"
+        " (its state is lost)"
     ),
     RecoveryOutcome.DEFERRED: (
-        "the kernel could not be brought back now; the next run starts on a fresh kernel (its state is lost)"
+        "the kernel could not be brought back; the next run starts on a fresh kernel (its state is lost)"
     ),
+    RecoveryOutcome.UNREACHABLE: (
+        "the gateway could not be reached to interrupt the kernel; the next run reconnects"
+        " (the kernel's state is kept if it is fine)"
+    ),
+    RecoveryOutcome.NOT_STARTED: "the code never started (nothing was interrupted; the state is kept)",
 }
 
 
 class ExecutionTimeout(ExecutionError, TimeoutError):
     """The execution's timeout expired.
 
-    The kernel was interrupted, so variables defined before the timed-out code
-    survive (``recovery`` is ``INTERRUPTED``). If the interrupt did not bring
-    the kernel back (code that swallows ``KeyboardInterrupt``), ``recovery``
-    says whether the kernel was replaced already or will be by the next run;
-    either way its state is gone and ``restarted`` is true.
+    ``recovery`` (a :class:`RecoveryOutcome`) says what happened to the
+    kernel: interrupted (variables defined before the timed-out code survive),
+    being replaced (code that swallows ``KeyboardInterrupt``, a frozen or dead
+    kernel: its state is gone and ``restarted`` is true), unreachable (kept as
+    it is), or the code never started.
 
     Attributes:
         recovery: a :class:`RecoveryOutcome`.
@@ -260,7 +276,7 @@ class ExecutionTimeout(ExecutionError, TimeoutError):
 
     @property
     def restarted(self) -> bool:
-        """True if the kernel's state is lost (replaced now or by the next run)."""
+        """True if the kernel's state is lost (it is replaced, now or by the next run)."""
         return not self.recovery.state_kept
 
 

@@ -11,6 +11,8 @@ what the fold says, and recover the kernel when an execution is cut short.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import enum
 import functools
 import logging
@@ -42,7 +44,16 @@ from .errors import (
 )
 from .gateway import GatewayClient
 from .host_tools import HostTools
-from .protocol import ExecutionFold, execute_request, input_reply, new_msg_id
+from .protocol import (
+    ExecutionFold,
+    execute_request,
+    input_reply,
+    kernel_counter,
+    kernel_info_request,
+    msg_id_of,
+    new_msg_id,
+    parent_msg_id,
+)
 from .results import Event, ExecutionResult
 from .session import KernelSession, KernelState
 
@@ -55,7 +66,7 @@ DEFAULT_MAX_OUTPUT_CHARS = 10_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
 _RECONNECT_ATTEMPTS = 3
 _SETUP_TIMEOUT = 10.0  # defining the host-tool stubs in a kernel
-_REPLACE_TIMEOUT = 30.0  # a timed-out run replacing a kernel that ignored the interrupt
+_LAST_LOOK = 1.0  # recovery: how long a websocket ping may take (a dead link, or a stuck kernel?)
 _IOPUB_GRACE = 3.0  # after the execute_reply, how long IOPub may stay silent before idle
 
 
@@ -142,6 +153,8 @@ class AsyncExecutor:
         self._teardown_steps_once = Completion(self._teardown_steps)
         self._gateway: GatewayClient | None = None
         self._session: KernelSession | None = None
+        # Messages read ahead while probing after a reconnect, for the running execution.
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self.startup_timings: dict[str, float] = {}
         self.host_tools = host_tools if isinstance(host_tools, HostTools) else HostTools(host_tools or ())
 
@@ -312,16 +325,31 @@ class AsyncExecutor:
         """The execution driver of :meth:`run` and :meth:`stream`.
 
         Takes the kernel's turn (a connected websocket to a live kernel),
-        defines missing host-tool stubs, then drives ``code``.
+        defines missing host-tool stubs, then drives ``code``. One deadline
+        covers it all, waiting for the turn included.
         """
         timeout = self._timeout(timeout)
-        async with self._open_session().turn() as channel:
-            await self._ensure_host_tools(channel)
-            async with aclosing(self._drive(channel, code, fold, timeout)) as events:
-                async for event in events:
-                    yield event
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        session = self._open_session()
+        started = False
+        try:
+            async with session.turn(deadline=deadline) as channel:
+                started = True
+                await self._ensure_host_tools(channel, deadline)
+                async with aclosing(self._drive(channel, code, fold, deadline)) as events:
+                    async for event in events:
+                        yield event
+        except TimeoutError as exc:
+            if started or isinstance(exc, ExecutionTimeout):
+                raise
+            outcome = RecoveryOutcome.NOT_STARTED
+            raise ExecutionTimeout(
+                f"execution timed out after {timeout} s; {outcome.describe()}",
+                fold.result(),
+                recovery=outcome,
+            ) from None
 
-    async def _ensure_host_tools(self, channel: KernelChannel) -> None:
+    async def _ensure_host_tools(self, channel: KernelChannel, deadline: float) -> None:
         """Define the stubs of host tools the current kernel lacks (all of them in a new kernel)."""
         session = self._open_session()
         stubbed = session.stubbed
@@ -332,7 +360,8 @@ class AsyncExecutor:
         setup = functools.partial(self.host_tools.setup_code, missing, install_bridge=stubbed is None)
         code = await anyio.to_thread.run_sync(setup)
         fold = self._new_fold(code)
-        async with aclosing(self._drive(channel, code, fold, _SETUP_TIMEOUT)) as events:
+        setup_deadline = min(deadline, time.monotonic() + _SETUP_TIMEOUT)
+        async with aclosing(self._drive(channel, code, fold, setup_deadline)) as events:
             async for _ in events:
                 pass
         result = fold.result()
@@ -344,11 +373,15 @@ class AsyncExecutor:
         session.stubbed = (stubbed or set()) | set(missing)
 
     async def _drive(
-        self, channel: KernelChannel, code: str, fold: ExecutionFold, timeout: float | None
+        self, channel: KernelChannel, code: str, fold: ExecutionFold, deadline: float
     ) -> AsyncGenerator[Event, None]:
-        """Send ``code`` and yield its events until the kernel goes idle (the session is held)."""
+        """Send ``code`` and yield its events until the kernel goes idle (the session is held).
+
+        ``deadline`` is a ``time.monotonic()`` time (``math.inf``: none).
+        """
         session = self._open_session()
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        began = time.monotonic()
+        self._pending.clear()
         request = execute_request(
             code,
             session=session.ws_session,
@@ -361,7 +394,7 @@ class AsyncExecutor:
             quiet_from: float | None = None  # once replied: when the last message came
             while not fold.done:
                 until = deadline if quiet_from is None else min(deadline, quiet_from + _IOPUB_GRACE)
-                message = await self._receive(channel, fold, until)
+                message = await self._receive(channel, fold, until, request)
                 if message is None:
                     if quiet_from is not None and time.monotonic() < deadline:
                         # Like nbclient's iopub_timeout: the kernel answered on
@@ -390,14 +423,15 @@ class AsyncExecutor:
             # bring the kernel back to idle before anyone else uses it.
             if session.closing and isinstance(exc, Exception):
                 raise ExecutorStateError("the executor was closed while the execution ran") from exc
-            outcome = await run_shielded(self._recover(channel, fold, replace_now=False))
+            outcome = await run_shielded(self._recover(channel, fold))
             if outcome is not None:
                 logger.info("execution stopped (%r); %s", exc, outcome.describe())
             raise
         if not fold.done:
-            outcome = await run_shielded(self._recover(channel, fold, replace_now=True))
+            outcome = await run_shielded(self._recover(channel, fold))
             if outcome is None:
                 raise ExecutorStateError("the executor was closed while the execution ran")
+            timeout = round(deadline - began, 3)
             logger.info("execution timed out after %s s; %s", timeout, outcome.describe())
             raise ExecutionTimeout(
                 f"execution timed out after {timeout} s; {outcome.describe()}",
@@ -443,18 +477,27 @@ class AsyncExecutor:
             await self._send(channel, input_reply(value, session=session.ws_session, parent=request))
 
     async def _receive(
-        self, channel: KernelChannel, fold: ExecutionFold, deadline: float
+        self,
+        channel: KernelChannel,
+        fold: ExecutionFold,
+        deadline: float,
+        request: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """The next message, or None at the deadline.
 
         Reconnects a dropped websocket (same session: the gateway replays what
         was missed), and checks the kernel over REST whenever the websocket has
         been silent for ``liveness_interval``: a deleted or dead kernel does not
-        always say so on the websocket. Every wait takes what is left of ``deadline``.
+        always say so on the websocket. Every wait takes what is left of
+        ``deadline``. If the connection dropped before anything of ``request``
+        came back, the request may never have reached the kernel: see
+        :meth:`_resend_if_never_received`.
         """
         session = self._open_session()
         reconnects = 0
         while True:
+            if self._pending:
+                return self._pending.popleft()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -468,14 +511,78 @@ class AsyncExecutor:
                     raise ExecutorStateError("the executor is closed") from exc
                 session.dropped(f"the websocket closed: {exc}")
                 reconnects += 1
+                last_seen = channel.last_counter
                 with anyio.move_on_after(deadline - time.monotonic()):
                     await self._reconnect_or_die(session, fold, reconnects)
+                    if request is not None and not fold.acknowledged and channel.is_open:
+                        await self._resend_if_never_received(channel, fold, request, last_seen)
                 continue
             if message is not None:
                 return message
             if wait < remaining:
                 with anyio.move_on_after(deadline - time.monotonic()):
                     await self._check_alive(session, fold)
+
+    async def _resend_if_never_received(
+        self,
+        channel: KernelChannel,
+        fold: ExecutionFold,
+        request: Mapping[str, Any],
+        last_seen: tuple[str, int] | None,
+    ) -> None:
+        """Send ``request`` again if the kernel never received it; never run it twice.
+
+        A request sent just before the connection dropped may be lost with
+        it. The kernel numbers every message it sends, so a probe
+        (``kernel_info_request``) tells: if every number between the last
+        message seen before the drop and the probe's first answer is
+        accounted for, the kernel never started the request (shell requests
+        are handled in order, and a started one sends at least four
+        messages). Gateways "nudge" a reconnected kernel with
+        ``kernel_info_request``s of their own: each such request seen (by its
+        status messages) accounts for three numbers (busy, reply, idle). In
+        doubt, nothing is sent again. Anything that arrives meanwhile is kept
+        for the fold.
+        """
+        probe = kernel_info_request(session=self._open_session().ws_session)
+        with contextlib.suppress(ChannelLost):  # dropped again: the next receive reconnects and asks again
+            await self._probe_and_resend(channel, fold, request, last_seen, probe)
+
+    async def _probe_and_resend(
+        self,
+        channel: KernelChannel,
+        fold: ExecutionFold,
+        request: Mapping[str, Any],
+        last_seen: tuple[str, int] | None,
+        probe: Mapping[str, Any],
+    ) -> None:
+        await channel.send(probe)
+        while True:
+            message = await channel.receive()
+            if parent_msg_id(message) != msg_id_of(probe):
+                if fold.belongs(message):
+                    self._pending.append(message)
+                    return  # it did arrive
+                self._pending.append(message)
+                continue
+            answer = kernel_counter(message)
+            if last_seen is None or answer is None or answer[0] != last_seen[0]:
+                return
+            foreign = {
+                parent_msg_id(m)
+                for m in self._pending
+                if (counter := kernel_counter(m)) is not None and last_seen[1] < counter[1] < answer[1]
+            }
+            unexplained = answer[1] - last_seen[1] - 1 - 3 * len(foreign)
+            if unexplained == 0:
+                logger.info("the request was lost with the connection; sending it again")
+                await channel.send(request)
+            else:
+                logger.info(
+                    "%d messages of the kernel unaccounted for after a reconnect: not sending again",
+                    unexplained,
+                )
+            return
 
     async def _check_alive(self, session: KernelSession, fold: ExecutionFold) -> None:
         why = await session.check_alive()
@@ -497,43 +604,46 @@ class AsyncExecutor:
         except GatewayUnreachable as exc:
             logger.info("reconnecting failed (attempt %d): %s", attempt, exc)
 
-    async def _recover(
-        self, channel: KernelChannel, fold: ExecutionFold, *, replace_now: bool
-    ) -> RecoveryOutcome | None:
-        """Interrupt the kernel and drain our request; if it stays busy, replace it.
+    async def _recover(self, channel: KernelChannel, fold: ExecutionFold) -> RecoveryOutcome | None:
+        """Interrupt the kernel and drain the request; say what became of the kernel.
 
-        With ``replace_now`` (a timeout) the replacement happens here, bounded
-        by 30 s; without (a cancellation, a failure) the kernel is marked lost
-        and the next run replaces it, so a cancelled call never waits for a
-        new kernel. Returns what was done (None: nothing to do, or closing).
+        Bounded in time: the interrupt and the drain share one
+        ``interrupt_grace``, and a websocket ping (is it the link or the
+        kernel?) takes at most 1 s more. A kernel that stays busy, or died, is replaced in the
+        background (:meth:`KernelSession.replace_soon`), so no caller waits for
+        a new kernel. Returns None when there is nothing to do (or the
+        executor is closing).
         """
         session = self._session
         if session is None or fold.done or session.closing:
             return None
+        grace = time.monotonic() + self.interrupt_grace
         try:
-            with anyio.fail_after(self.interrupt_grace):
-                await session.interrupt()
-            grace = time.monotonic() + self.interrupt_grace
-            while not fold.done:
+            try:
+                with anyio.fail_after(self.interrupt_grace):
+                    await session.interrupt()
+            except (GatewayUnreachable, TimeoutError) as exc:
+                logger.warning("cannot reach the gateway to interrupt kernel %s: %r", session.kernel_id, exc)
+                session.discard_connection("the gateway is unreachable")
+                return RecoveryOutcome.UNREACHABLE
+            while not fold.done and not fold.kernel_dead:
                 message = await self._receive(channel, fold, grace)
                 if message is None:
                     break
                 fold.feed(message)
                 fold.take_input_request()  # the interrupt ends input(): nothing to answer
-                if fold.kernel_dead:
-                    session.mark_lost("the kernel died while interrupted")
-                    return RecoveryOutcome.DEFERRED
-            if fold.done:
+            if fold.done and not fold.kernel_dead:
                 return RecoveryOutcome.INTERRUPTED
-            if not replace_now:
-                logger.warning("kernel %s ignored the interrupt; the next run replaces it", session.kernel_id)
-                session.mark_lost("the kernel ignored an interrupt")
-                return RecoveryOutcome.DEFERRED
-            logger.warning(
-                "kernel %s ignored the interrupt; replacing it with a fresh kernel", session.kernel_id
-            )
-            with anyio.fail_after(_REPLACE_TIMEOUT):
-                await session.replace()
+            if not fold.kernel_dead and not await channel.ping(_LAST_LOOK):
+                # Not the kernel: the link is dead (no pong). Keep the kernel.
+                session.discard_connection("the websocket went dead")
+                return RecoveryOutcome.UNREACHABLE
+            why = "the kernel died" if fold.kernel_dead else "the kernel ignored an interrupt"
+            logger.warning("%s (kernel %s); replacing it with a fresh kernel", why, session.kernel_id)
+            session.replace_soon(why)
+            return RecoveryOutcome.REPLACED
+        except KernelDied as exc:
+            session.replace_soon(str(exc))
             return RecoveryOutcome.REPLACED
         except (AsyncModalExecError, ChannelLost, TimeoutError) as exc:
             logger.warning(

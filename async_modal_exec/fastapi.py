@@ -20,15 +20,21 @@ Routes of :func:`sessions_router` (bearer token on each; 401 without it):
 * ``POST /sessions/{id}/interrupt`` -> 204; ``DELETE /sessions/{id}`` -> 204
 
 A client that disconnects mid-run gets its execution cancelled, which
-interrupts the kernel. Sessions idle for ``idle_timeout`` seconds are closed; a
-session is idle from the end of its last request, never while its code runs.
-An unknown, deleted or expired session is answered with 404.
+interrupts the kernel; one that disconnects while its ``POST /sessions`` waits
+for a free executor gets that wait cancelled, and no session is made for it.
+Request bodies over ``max_body_bytes`` are refused with 413 as soon as that
+many bytes arrived (chunked bodies too), before the rest is read. SSE streams
+send a ``: keep-alive`` comment after ``keepalive`` seconds without an event.
+Sessions idle for ``idle_timeout`` seconds are closed; a session is idle from
+the end of its last request, never while its code runs. An unknown, deleted or
+expired session is answered with 404.
 """
 
 import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,14 +43,17 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio
+from anyio.lowlevel import checkpoint
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from ._idle import retire_idle
-from ._shield import run_shielded
-from .errors import ExecutionError, PoolExhausted, SessionNotFound
+from ._shield import run_shielded, wait_shielded
+from .errors import ExecutionError, ExecutorStateError, PoolExhausted, SessionNotFound
 from .executor import AsyncExecutor
 from .pool import SandboxPool
 from .results import ErrorEvent, Event, ResultEvent, StderrEvent, StdoutEvent
@@ -79,15 +88,45 @@ class SessionStore:
         self.idle_timeout = idle_timeout
         self._sessions: dict[str, _Session] = {}
         self._expiry: asyncio.Task[None] | None = None
+        self._creating: set[anyio.CancelScope] = set()  # creates waiting for an executor
+        self._closed = False
 
     def start(self) -> None:
         """Start closing sessions idle for ``idle_timeout`` seconds (in a task :meth:`aclose` stops)."""
         self._expiry = asyncio.create_task(retire_idle(self.idle_timeout, self._idle_since, self._close_idle))
 
     async def create(self) -> _Session:
-        """A new session on a pooled executor (raises PoolExhausted if none frees up)."""
+        """A new session on a pooled executor, waiting for one up to the pool's ``acquire_timeout``.
+
+        Raises:
+            PoolExhausted: no executor became free in time.
+            ExecutorStateError: the store or the pool is closed, or closed while
+                this call waited.
+
+        Cancelling the call at any point before it returns leaves nothing
+        behind: no session is registered, and an executor it already had goes
+        straight back to the pool. (The sessions router cancels it when the
+        client disconnects.)
+        """
+        if self._closed:
+            raise ExecutorStateError("the session store is closed")
         stack = AsyncExitStack()
-        executor = await stack.enter_async_context(self.pool.session())
+        try:
+            with anyio.CancelScope() as waiting:  # aclose() cancels it
+                self._creating.add(waiting)
+                try:
+                    executor = await stack.enter_async_context(self.pool.session())
+                    # A cancellation already on its way when the executor came
+                    # (a client that left at that moment) lands here, before
+                    # the session exists.
+                    await checkpoint()
+                finally:
+                    self._creating.discard(waiting)
+            if waiting.cancel_called:
+                raise ExecutorStateError("the session store closed while this session was being created")
+        except BaseException:
+            await run_shielded(stack.aclose())
+            raise
         session = _Session(secrets.token_urlsafe(16), executor, stack)
         self._sessions[session.id] = session
         return session
@@ -137,14 +176,34 @@ class SessionStore:
         await run_shielded(session.stack.aclose())
 
     async def aclose(self) -> None:
-        """Close every session (shielded from cancellation)."""
+        """Close every session, all at once, and end the creates still waiting; safe twice.
+
+        A create waiting for an executor raises ExecutorStateError at once, and
+        so does every later one. A session that fails to close is logged; the
+        others are closed all the same. Runs to completion when cancelled; the
+        cancellation is re-raised after.
+        """
+        self._closed = True
+        for waiting in list(self._creating):
+            waiting.cancel()
+        await run_shielded(self._close_all())
+
+    async def _close_all(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry
         sessions, self._sessions = list(self._sessions.values()), {}
-        for session in sessions:
-            await run_shielded(session.stack.aclose())
+        async with anyio.create_task_group() as group:
+            for session in sessions:
+                group.start_soon(self._close, session)
+
+    @staticmethod
+    async def _close(session: _Session) -> None:
+        try:
+            await session.stack.aclose()
+        except Exception:  # one failing close must not keep the others (or the pool) open
+            logger.exception("closing session %s failed", session.id)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -163,8 +222,15 @@ def pool_lifespan(
 ) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     """A FastAPI ``lifespan`` that starts the pool with the app and drains it on shutdown.
 
-    The pool and the session store are on ``app.state``; shutdown closes the
-    sessions, then terminates every sandbox (also when shutdown is cancelled).
+    The pool and the session store are on ``app.state``; shutdown ends the
+    creates still waiting for an executor, closes the sessions (all at once),
+    then terminates every sandbox (also when shutdown is cancelled).
+
+    uvicorn starts the lifespan shutdown only once every request has ended:
+    give it ``timeout_graceful_shutdown`` (``--timeout-graceful-shutdown``),
+    after which it cancels the requests still running (a cancelled run
+    interrupts its kernel, a cancelled create gives its executor back).
+    Without it, shutdown waits as long as the longest request.
     """
 
     @asynccontextmanager
@@ -190,11 +256,14 @@ def _pool(request: Request) -> SandboxPool:
 
 
 async def pooled_executor(request: Request) -> AsyncIterator[AsyncExecutor]:
-    """Dependency: an executor on a fresh kernel for this request (503 if the pool is exhausted)."""
+    """Dependency: an executor on a fresh kernel for this request.
+
+    503 if the pool is exhausted, or closed (the app is shutting down).
+    """
     try:
         session = _pool(request).session()
         executor = await session.__aenter__()
-    except PoolExhausted as exc:
+    except (PoolExhausted, ExecutorStateError) as exc:
         raise HTTPException(503, str(exc)) from exc
     try:
         yield executor
@@ -241,8 +310,107 @@ def _not_found_as_404() -> Iterator[None]:
         raise HTTPException(404, str(exc)) from exc
 
 
+def _body_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic's errors for a request body, located as FastAPI locates them (``("body", ...)``).
+
+    Malformed JSON carries the raw body as its input: it is not echoed back.
+    """
+    errors: list[dict[str, Any]] = []
+    for error in exc.errors(include_url=False):
+        located = {**error, "loc": ("body", *error["loc"])}
+        if error["type"] == "json_invalid":
+            located["input"] = {}
+        errors.append(located)
+    return errors
+
+
 def _sse(kind: str, data: Any) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+_KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+
+
+@dataclass
+class _Client:
+    """Whether the HTTP client of a request is gone (see :func:`_cancelled_on_disconnect`)."""
+
+    gone: bool = False
+
+
+@asynccontextmanager
+async def _cancelled_on_disconnect(request: Request) -> AsyncIterator[_Client]:
+    """Run the block; cancel it when the client disconnects (``client.gone`` says so after).
+
+    Call it once the request body is read (or for a route without one): the
+    watcher takes every ASGI message that arrives meanwhile.
+    """
+    client = _Client()
+    error: Exception | None = None
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            client.gone = True
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            yield client
+        except Exception as exc:  # raised as it is, not wrapped in the task group's ExceptionGroup
+            error = exc
+        group.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
+async def _sse_events(
+    sessions: SessionStore, session_id: str, code: str, timeout: float | None, keepalive: float | None
+) -> AsyncIterator[bytes]:
+    """The SSE body of one streamed run: its events, ``failure`` if it failed, then ``end``.
+
+    The execution is driven by a task of its own, so that a silent stretch
+    can be filled with keep-alive comments without cancelling it. The session
+    is in use until the last event. Closing (or cancelling) the generator,
+    which Starlette does when the client disconnects, cancels that task: the
+    stream is closed, which interrupts the kernel, and the generator returns
+    once it is done.
+    """
+    # A small queue: the execution is read no faster than the client takes it.
+    chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)  # None: nothing more
+
+    async def produce() -> None:
+        try:
+            async with (
+                sessions.use(session_id) as session,
+                aclosing(session.executor.stream(code, timeout=timeout)) as stream,
+            ):
+                async for event in stream:
+                    await chunks.put(_sse(event.kind, _event_jsonable(event)))
+        except (ExecutionError, SessionNotFound) as exc:  # SessionNotFound: deleted meanwhile
+            await chunks.put(_sse("failure", {"type": type(exc).__name__, "message": str(exc)}))
+        except Exception:
+            await chunks.put(None)  # the generator raises it, as it would have raised it itself
+            raise
+        await chunks.put(_sse("end", {}))
+        await chunks.put(None)
+
+    producer = asyncio.create_task(produce())
+    try:
+        while True:
+            chunk: bytes | None = _KEEPALIVE
+            with anyio.move_on_after(math.inf if keepalive is None else keepalive):
+                chunk = await chunks.get()  # cancelled by the deadline: nothing is lost
+            if chunk is None:
+                break
+            yield chunk
+    finally:
+        producer.cancel()  # a no-op once it is done
+        await wait_shielded(producer)
+        failed = None if producer.cancelled() else producer.exception()
+    if failed is not None:
+        raise failed
 
 
 def sessions_router(
@@ -251,18 +419,33 @@ def sessions_router(
     max_code_bytes: int = 1_000_000,
     max_body_bytes: int = 2_000_000,
     run_timeout: float | None = 300.0,
+    keepalive: float | None = 15.0,
 ) -> APIRouter:
     """An ``APIRouter`` for code-execution sessions (see the module docstring).
 
     Args:
         token: the bearer token every request must carry.
         max_code_bytes: longest code accepted (413 beyond).
-        max_body_bytes: largest request body accepted (413 beyond, before parsing).
+        max_body_bytes: largest request body accepted: 413 as soon as more has
+            arrived (or a larger ``Content-Length`` is announced), without
+            reading the rest; the connection is then closed.
         run_timeout: default and maximum execution timeout in seconds.
+        keepalive: seconds without an event after which an SSE stream sends a
+            ``: keep-alive`` comment, so proxies do not cut a stream whose code
+            runs silently (None: never).
     """
     if not token:
         raise ValueError("sessions_router needs a non-empty token")
+    if keepalive is not None and keepalive <= 0:
+        raise ValueError("keepalive must be positive (or None)")
     bearer = HTTPBearer(auto_error=False)
+    too_large = HTTPException(
+        413,
+        f"request body over {max_body_bytes} bytes",
+        # Closing the connection is what stops the client sending the rest:
+        # on a kept-alive connection the server would have to read it all.
+        headers={"Connection": "close"},
+    )
 
     async def authorised(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
@@ -271,7 +454,23 @@ def sessions_router(
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            raise HTTPException(413, f"request body over {max_body_bytes} bytes")
+            raise too_large
+
+    async def run_request(request: Request) -> RunRequest:
+        # Read here rather than declared as a body parameter: FastAPI reads a
+        # declared body whole, before any dependency (the token check too) runs.
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    raise too_large
+        except ClientDisconnect as exc:
+            raise HTTPException(400, "the client disconnected while sending the body") from exc
+        try:
+            return RunRequest.model_validate_json(bytes(body))
+        except ValidationError as exc:  # FastAPI's 422, as for a declared body
+            raise RequestValidationError(_body_errors(exc)) from None
 
     def store(request: Request) -> SessionStore:
         sessions = getattr(request.app.state, SESSIONS_STATE, None)
@@ -289,62 +488,55 @@ def sessions_router(
 
     router = APIRouter(prefix="/sessions", dependencies=[Depends(authorised)], tags=["sessions"])
     Store = Annotated[SessionStore, Depends(store)]
+    # The body is read by run_request(), so the schema is declared here for the docs.
+    body_schema = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": RunRequest.model_json_schema()}},
+        }
+    }
 
-    @router.post("", status_code=201)
-    async def create_session(sessions: Store) -> dict[str, str]:
+    @router.post("", status_code=201, response_model=dict[str, str])
+    async def create_session(request: Request, sessions: Store) -> dict[str, str] | Response:
+        # Waiting for a free executor can take up to the pool's acquire_timeout:
+        # a client that gives up meanwhile must not take the next free one
+        # into a session nobody knows about.
         try:
-            session = await sessions.create()
-        except PoolExhausted as exc:
+            async with _cancelled_on_disconnect(request) as client:
+                session = await sessions.create()
+        except (PoolExhausted, ExecutorStateError) as exc:  # ExecutorStateError: shutting down
             raise HTTPException(503, str(exc)) from exc
+        if client.gone:
+            logger.info("client left while waiting for a session: nothing was created")
+            return Response(status_code=499)
         return {"id": session.id}
 
-    @router.post("/{session_id}/run")
-    async def run(session_id: str, body: RunRequest, request: Request, sessions: Store) -> Response:
-        code, timeout = checked(body)
+    @router.post("/{session_id}/run", openapi_extra=body_schema)
+    async def run(session_id: str, request: Request, sessions: Store) -> Response:
+        code, timeout = checked(await run_request(request))
         result: dict[str, Any] | None = None
         with _not_found_as_404():
-            async with sessions.use(session_id) as session, anyio.create_task_group() as group:
-
-                async def watch_disconnect() -> None:
-                    # The body is read: the next ASGI message can only be the disconnect.
-                    while (await request.receive())["type"] != "http.disconnect":
-                        pass
-                    logger.info("client left session %s mid-run: interrupting", session_id)
-                    group.cancel_scope.cancel()  # cancelling the run interrupts the kernel
-
-                group.start_soon(watch_disconnect)
+            async with sessions.use(session_id) as session, _cancelled_on_disconnect(request) as client:
                 try:
+                    # A disconnect cancels the run, which interrupts the kernel.
                     result = (await session.executor.run(code, timeout=timeout)).to_jsonable()
                 except ExecutionError as exc:
                     result = {**exc.result.to_jsonable(), "failure": f"{type(exc).__name__}: {exc}"}
-                group.cancel_scope.cancel()
+        if client.gone:
+            logger.info("client left session %s mid-run: interrupted", session_id)
         if result is None:
             return Response(status_code=499)  # the client is gone
         return Response(json.dumps(result), media_type="application/json")
 
-    @router.post("/{session_id}/stream")
-    async def stream(session_id: str, body: RunRequest, sessions: Store) -> StreamingResponse:
-        code, timeout = checked(body)
+    @router.post("/{session_id}/stream", openapi_extra=body_schema)
+    async def stream(session_id: str, request: Request, sessions: Store) -> StreamingResponse:
+        code, timeout = checked(await run_request(request))
         with _not_found_as_404():
             sessions.get(session_id)  # restarts its idle clock: events() takes over in a moment
-
-        async def events() -> AsyncIterator[bytes]:
-            # The session is in use until the stream's last event. A client
-            # that disconnects cancels this generator, which closes the stream
-            # and so interrupts the kernel.
-            try:
-                async with (
-                    sessions.use(session_id) as session,
-                    aclosing(session.executor.stream(code, timeout=timeout)) as stream,
-                ):
-                    async for event in stream:
-                        yield _sse(event.kind, _event_jsonable(event))
-            except (ExecutionError, SessionNotFound) as exc:  # SessionNotFound: deleted meanwhile
-                yield _sse("failure", {"type": type(exc).__name__, "message": str(exc)})
-            yield _sse("end", {})
-
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            _sse_events(sessions, session_id, code, timeout, keepalive),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
 
     @router.post("/{session_id}/interrupt", status_code=204)

@@ -38,7 +38,10 @@ class GatewayClient:
         self._base = endpoint.base_url.rstrip("/")
         self._session = aiohttp.ClientSession(
             headers=endpoint.headers,
-            connector=aiohttp.TCPConnector(ssl=endpoint.ssl if endpoint.ssl else True),
+            # Idle connections are dropped after a second: one that died
+            # silently meanwhile (a NAT entry timing out) would swallow the
+            # next request, and REST calls are rare enough to reconnect.
+            connector=aiohttp.TCPConnector(ssl=endpoint.ssl if endpoint.ssl else True, keepalive_timeout=1.0),
             timeout=aiohttp.ClientTimeout(total=request_timeout),
         )
 
@@ -103,11 +106,21 @@ class GatewayClient:
                 await anyio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.25)
 
-    async def create_kernel(self, name: str | None = None) -> str:
-        """Start a kernel; return its id."""
+    async def create_kernel(self, name: str | None = None, *, kernel_id: str | None = None) -> str:
+        """Start a kernel; return its id.
+
+        Args:
+            name: kernel spec (None: the gateway's default).
+            kernel_id: the id to give it (a UUID). Jupyter Server and Kernel
+                Gateway honour it, so a caller that loses the answer still
+                knows which kernel to delete; a gateway that does not answers
+                with an id of its own, which is returned.
+        """
         body: dict[str, Any] = {}
         if name:
             body["name"] = name
+        if kernel_id:
+            body["kernel_id"] = kernel_id
         reply = await self._json("POST", "/api/kernels", json=body)
         if not isinstance(reply, dict) or not isinstance(reply.get("id"), str):
             raise GatewayError(f"unexpected answer to kernel creation: {reply!r}")

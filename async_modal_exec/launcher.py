@@ -22,12 +22,17 @@ What it changes compared with ``jupyter kernelgateway``:
   one fully deserializes every output message, parsing its dates with
   dateutil, and content twice for status messages: about a fifth of the
   gateway's CPU time per execution.
-* IPython kernels start with ``--Kernel._execute_sleep=0``. ipykernel sleeps
+* IPython kernels start with ``--Kernel._execute_sleep=0`` and two snippets in
+  ``exec_lines``: :data:`SURROGATE_SAFE_PACK` (a lone surrogate in output,
+  ``print('x\\ud800y')``, arrives as U+FFFD instead of losing the message) and
+  :data:`THREAD_PARENTS` (a thread's output belongs to the cell that started
+  it, not to whichever cell runs when it prints). Other kernel specs are left alone.
+* ``--Kernel._execute_sleep=0``: ipykernel sleeps
   0.5 ms before every ``execute_reply`` so that clients which stop at the
   reply (not at the ``idle`` status) see the last output first; our client
   ends an execution on IOPub's ``idle``, which the kernel publishes after the
   output on the same ordered socket, so the sleep only adds latency (0.4 to
-  0.9 ms per execution, measured). Other kernel specs are left alone.
+  0.9 ms per execution, measured).
 * ``--port 0`` binds a free port; the bound port is printed on stdout as
   ``ASYNC_MODAL_EXEC_GATEWAY_PORT=<port>`` once the gateway listens.
 * On Linux the gateway becomes a child subreaper: processes that kernels start
@@ -89,7 +94,115 @@ def _no_delay_connection_class() -> type[Any]:
     return NoDelayWebsocketConnection
 
 
-KERNEL_TUNING_ARGS = ("--Kernel._execute_sleep=0",)
+# Runs in the kernel at start (``exec_lines``, in a namespace of its own, so the
+# user's sees nothing). jupyter_client packs messages as UTF-8 with
+# ``surrogateescape``, which fails for a lone surrogate outside U+DC80-U+DCFF
+# (``print('x\ud800y')``): the whole stream message was lost, a traceback went to
+# stderr, and a display raised UnicodeEncodeError in the user's code. Only when
+# that happens, the message is packed again with every lone surrogate replaced
+# by U+FFFD, which is also what the client makes of the bytes surrogateescape
+# produces. Kernels whose internals differ keep their stock behaviour.
+SURROGATE_SAFE_PACK = r"""
+def _install():
+    import re
+    from ipykernel.kernelapp import IPKernelApp
+
+    session = IPKernelApp.instance().session
+    original = session.pack
+    lone = re.compile("[\ud800-\udfff]")
+
+    def clean(obj):
+        if isinstance(obj, str):
+            return lone.sub("\ufffd", obj)
+        if isinstance(obj, dict):
+            return {clean(key): clean(value) for key, value in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [clean(value) for value in obj]
+        return obj
+
+    def pack(obj):
+        try:
+            return original(obj)
+        except UnicodeEncodeError:
+            return original(clean(obj))
+
+    session.pack = pack
+
+try:
+    _install()
+except Exception as exc:
+    import sys
+    print(f"async_modal_exec: lone surrogates stay unsafe in this kernel: {exc!r}", file=sys.__stderr__)
+"""
+
+# Also runs in the kernel at start. ipykernel 7 keeps the parent header (the
+# request that output belongs to) in context variables, and a new thread starts
+# with an empty context: its output fell back to whichever cell was current, so
+# a thread started by cell A that printed after A ended showed up in cell B's
+# result. Here a thread takes the parent of the code that starts it, and a
+# ThreadPoolExecutor job the parent of the code that submits it (a worker
+# started for one cell is reused by later ones). Only ipykernel's variables are
+# carried (by name), nothing else of the starter's context.
+THREAD_PARENTS = r"""
+def _install():
+    import contextvars
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = frozenset({"parent_header", "shell_parent", "shell_parent_ident"})
+
+    def parents():
+        return [(var, value) for var, value in contextvars.copy_context().items() if var.name in names]
+
+    thread_start = threading.Thread.start
+
+    def start(self, *args, **kwargs):
+        inherited = parents()
+        if inherited:
+            run = self.run
+
+            def run_with_parent():
+                try:
+                    for var, value in inherited:
+                        var.set(value)
+                    run()
+                finally:
+                    self.__dict__.pop("run", None)  # no thread -> closure -> thread cycle left
+
+            self.run = run_with_parent
+        return thread_start(self, *args, **kwargs)
+
+    pool_submit = ThreadPoolExecutor.submit
+
+    def submit(self, fn, /, *args, **kwargs):
+        inherited = parents()
+        if not inherited:
+            return pool_submit(self, fn, *args, **kwargs)
+
+        def call(*args, **kwargs):
+            tokens = [(var, var.set(value)) for var, value in inherited]
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                for var, token in reversed(tokens):
+                    var.reset(token)
+
+        return pool_submit(self, call, *args, **kwargs)
+
+    threading.Thread.start = start
+    ThreadPoolExecutor.submit = submit
+
+try:
+    _install()
+except Exception as exc:
+    import sys
+    print(f"async_modal_exec: thread output keeps ipykernel's routing: {exc!r}", file=sys.__stderr__)
+"""
+
+KERNEL_TUNING_ARGS = (
+    f"--IPKernelApp.exec_lines=exec({SURROGATE_SAFE_PACK!r}, {{}}); exec({THREAD_PARENTS!r}, {{}})",
+    "--Kernel._execute_sleep=0",
+)
 
 
 def _runs_ipykernel(argv: list[str]) -> bool:

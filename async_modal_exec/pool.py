@@ -242,10 +242,12 @@ class SandboxPool:
             self._waiting += 1
             try:
                 while not self._idle:
-                    self._replenish()
-                    await self._changed.wait()
+                    # Checked before every wait: the pool can close while this
+                    # waits for the lock, or between health checks in _acquire.
                     if self._state is not _PoolState.OPEN:
                         raise ExecutorStateError("the pool closed")
+                    self._replenish()
+                    await self._changed.wait()
                 warm = self._idle.popleft()
             finally:
                 self._waiting -= 1

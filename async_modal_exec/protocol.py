@@ -223,31 +223,169 @@ def kernel_died(message: Mapping[str, Any]) -> bool:
     return isinstance(content, Mapping) and content.get("execution_state") in {"dead", "restarting"}
 
 
+def bundle_chars(data: Mapping[str, Any]) -> int:
+    """The characters of a mime bundle as the kernel sent it: what the output cap counts.
+
+    Strings (base64 for images) count their length, lists of strings (multi-line
+    text) the sum, any other JSON value the length of its JSON text.
+    """
+    total = 0
+    for value in data.values():
+        if isinstance(value, str):
+            total += len(value)
+        elif isinstance(value, list) and all(isinstance(part, str) for part in value):
+            total += sum(len(part) for part in value)
+        else:
+            total += len(json.dumps(value, default=repr))
+    return total
+
+
 @dataclass
 class OutputCap:
-    """Caps the stdout + stderr text kept for one execution.
+    """Caps the output kept for one execution: stdout, stderr, displays and the value.
 
-    Text past ``max_chars`` is dropped and counted; the result then ends with a
-    visible marker saying how much was dropped.
+    One budget of ``max_chars`` characters, spent in arrival order. Stream text
+    past it is dropped and counted. A rich output (``display_data``,
+    ``update_display_data``, ``execute_result``) counts :func:`bundle_chars` of
+    its bundle: kept whole if it fits; otherwise only its ``text/plain`` is kept,
+    cut to the room left (the other mime types are dropped and counted); with
+    no room or no ``text/plain`` it is dropped entirely. The result then ends
+    with a visible marker saying how much was dropped.
     """
 
     max_chars: int | None
     kept: int = 0
     dropped: int = 0
+    rich_cut: int = 0  # rich outputs reduced to (part of) their text/plain
+    rich_dropped: int = 0  # rich outputs dropped entirely
+
+    def _room(self) -> int:
+        assert self.max_chars is not None
+        return max(self.max_chars - self.kept, 0)
 
     def take(self, text: str) -> str:
+        """The part of stream ``text`` that fits (the rest is counted as dropped)."""
         if self.max_chars is None:
             return text
-        room = max(self.max_chars - self.kept, 0)
-        kept = text[:room]
+        kept = text[: self._room()]
         self.kept += len(kept)
         self.dropped += len(text) - len(kept)
         return kept
 
+    def take_rich(self, data: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool] | None:
+        """The part of the mime bundle ``data`` that fits and whether it was cut; None: nothing fits."""
+        if self.max_chars is None:
+            return data, False
+        size = bundle_chars(data)
+        room = self._room()
+        if size <= room:
+            self.kept += size
+            return data, False
+        text = data.get("text/plain")
+        if isinstance(text, list):
+            text = "".join(str(part) for part in text)
+        kept = text[:room] if isinstance(text, str) else ""
+        self.kept += len(kept)
+        self.dropped += size - len(kept)
+        if not kept:
+            self.rich_dropped += 1
+            return None
+        self.rich_cut += 1
+        return {"text/plain": kept}, True
 
-def truncation_marker(dropped: int) -> str:
-    """The line appended to stdout when the output cap dropped ``dropped`` characters."""
-    return f"\n[async_modal_exec: output truncated, {dropped} characters dropped]\n"
+
+def truncation_marker(dropped: int, rich_cut: int = 0, rich_dropped: int = 0) -> str:
+    """The line appended to stdout when the output cap dropped ``dropped`` characters.
+
+    ``rich_cut`` rich outputs were reduced to their ``text/plain``, ``rich_dropped``
+    dropped entirely; the marker says so when either is not zero.
+    """
+    details = []
+    if rich_cut:
+        details.append(f"{rich_cut} rich output{'s' if rich_cut != 1 else ''} cut to text/plain")
+    if rich_dropped:
+        noun = "" if details else f" rich output{'s' if rich_dropped != 1 else ''}"
+        details.append(f"{rich_dropped}{noun} dropped")
+    detail = f"; {', '.join(details)}" if details else ""
+    return f"\n[async_modal_exec: output truncated, {dropped} characters dropped{detail}]\n"
+
+
+def kernel_counter(message: Mapping[str, Any]) -> tuple[str, int] | None:
+    """The kernel session and message counter in a message's id, or None.
+
+    jupyter_client's ``Session`` names what a kernel sends
+    ``<session>_<pid>_<counter>``, one counter for every message of that
+    session (all channels), so a jump in the counters that arrive means
+    messages were lost on the way.
+    """
+    header = message.get("header")
+    msg_id = header.get("msg_id") if isinstance(header, Mapping) else None
+    if not isinstance(msg_id, str):
+        return None
+    source, _, counter = msg_id.rpartition("_")
+    if not source or not counter.isdigit():
+        return None
+    return source, int(counter)
+
+
+class LossTracker:
+    """Counts the kernel's messages lost during one execution, from the counters in their ids.
+
+    Tracking starts with the request's first message (its ``busy`` status)
+    and ends with its ``idle``: every counter in between belongs to a message
+    this client must see (IOPub is broadcast; the shell and stdin messages in
+    that window are this request's), except the ``execute_reply``, which may
+    still be on its way on the shell channel when ``idle`` arrives. A counter
+    seen twice is a duplicate (a replay after a reconnect) and is dropped.
+    Kernels whose ids do not carry a counter are not tracked.
+    """
+
+    def __init__(self) -> None:
+        self._source: str | None = None
+        self._first: int | None = None
+        self._last: int | None = None
+        self._seen: set[int] = set()
+        self.closed = False
+
+    def see(self, message: Mapping[str, Any], *, ours: bool) -> bool:
+        """Record ``message``; False if it is a duplicate to drop."""
+        found = kernel_counter(message)
+        if found is None or self.closed:
+            return True
+        source, counter = found
+        if self._source is None:
+            if not ours:
+                return True
+            self._source, self._first = source, counter
+        if source != self._source:
+            return True  # another kernel session (e.g. the kernel restarted): not ours to count
+        if counter in self._seen:
+            return False
+        self._seen.add(counter)
+        return True
+
+    def close(self, message: Mapping[str, Any] | None) -> None:
+        """The request ended (at ``message``, its idle status; None if that was lost)."""
+        found = kernel_counter(message) if message is not None else None
+        if found is not None and found[0] == self._source:
+            self._last = found[1]
+        elif self._seen:
+            self._last = max(self._seen)
+        self.closed = True
+
+    def lost(self, *, replied: bool) -> int:
+        """Messages missing from the window (0 while it is open)."""
+        if not self.closed or self._first is None or self._last is None:
+            return 0
+        window = self._last - self._first + 1
+        seen = sum(1 for counter in self._seen if self._first <= counter <= self._last)
+        return max(window - seen - (0 if replied else 1), 0)
+
+
+def loss_marker(lost: int) -> str:
+    """The line appended to stdout when ``lost`` messages of the kernel never arrived."""
+    noun = "message" if lost == 1 else "messages"
+    return f"\n[async_modal_exec: output incomplete, {lost} {noun} of the kernel lost on the way]\n"
 
 
 class ExecutionFold:
@@ -267,6 +405,7 @@ class ExecutionFold:
         self.done = False
         self.replied = False  # the shell's execute_reply arrived
         self.kernel_dead = False  # the kernel said it died (status dead / restarting)
+        self.acknowledged = False  # a message of this request arrived: the kernel got it
         self._input_request: Mapping[str, Any] | None = None
         self._stdout: list[str] = []
         self._stderr: list[str] = []
@@ -275,6 +414,7 @@ class ExecutionFold:
         self._error: RemoteError | None = None
         self._execution_count: int | None = None
         self._cap = OutputCap(max_output_chars)
+        self._loss = LossTracker()
 
     def belongs(self, message: Mapping[str, Any]) -> bool:
         """True if ``message`` answers this request."""
@@ -285,7 +425,11 @@ class ExecutionFold:
         if kernel_died(message):
             self.kernel_dead = True
             return []
-        if self.done or not self.belongs(message):
+        ours = self.belongs(message)
+        self.acknowledged = self.acknowledged or ours
+        if not self._loss.see(message, ours=ours):
+            return []  # a duplicate (replayed after a reconnect)
+        if self.done or not ours:
             return []
         if msg_type_of(message) == "input_request":
             self._input_request = message
@@ -297,12 +441,19 @@ class ExecutionFold:
         if handler is None:
             return []
         events: list[Event] = handler(content)
+        if self.done:
+            self._loss.close(message)
         return events
 
     def _on_status(self, content: Mapping[str, Any]) -> list[Event]:
         if content.get("execution_state") == "idle":
             self.done = True
         return []
+
+    @property
+    def lost_messages(self) -> int:
+        """Messages of the kernel that never arrived during this request (see :class:`LossTracker`)."""
+        return self._loss.lost(replied=self.replied)
 
     def _on_stream(self, content: Mapping[str, Any]) -> list[Event]:
         text = content.get("text")
@@ -321,8 +472,16 @@ class ExecutionFold:
         data = content.get("data")
         if not isinstance(data, Mapping):
             return None
+        taken = self._cap.take_rich(data)
+        if taken is None:
+            return None
+        kept, truncated = taken
         metadata = content.get("metadata")
-        return RichOutput(decode_mime_bundle(data), dict(metadata) if isinstance(metadata, Mapping) else {})
+        return RichOutput(
+            decode_mime_bundle(kept),
+            dict(metadata) if isinstance(metadata, Mapping) else {},
+            truncated=truncated,
+        )
 
     def _on_display_data(self, content: Mapping[str, Any]) -> list[Event]:
         output = self._rich(content)
@@ -334,10 +493,10 @@ class ExecutionFold:
     _on_update_display_data = _on_display_data
 
     def _on_execute_result(self, content: Mapping[str, Any]) -> list[Event]:
+        self._take_count(content)
         output = self._rich(content)
         if output is None:
             return []
-        self._take_count(content)
         self._value = output
         return [ResultEvent(output, self._execution_count)]
 
@@ -365,6 +524,7 @@ class ExecutionFold:
     def assume_done(self) -> None:
         """End the fold without the idle status (it was lost after the reply came)."""
         self.done = True
+        self._loss.close(None)
 
     def _on_execute_reply(self, content: Mapping[str, Any]) -> list[Event]:
         self.replied = True
@@ -390,7 +550,10 @@ class ExecutionFold:
         """The result so far (the final one once :attr:`done`)."""
         stdout = "".join(self._stdout)
         if self._cap.dropped:
-            stdout += truncation_marker(self._cap.dropped)
+            stdout += truncation_marker(self._cap.dropped, self._cap.rich_cut, self._cap.rich_dropped)
+        lost = self.lost_messages
+        if lost:
+            stdout += loss_marker(lost)
         return ExecutionResult(
             stdout=stdout,
             stderr="".join(self._stderr),
@@ -399,4 +562,5 @@ class ExecutionFold:
             error=self._error,
             execution_count=self._execution_count,
             truncated_chars=self._cap.dropped,
+            lost_messages=lost,
         )

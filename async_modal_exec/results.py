@@ -57,10 +57,14 @@ class RichOutput:
         data: mime type -> value. Images (``image/png``, ``image/jpeg`` ...) are
             ``bytes``; ``application/json`` is the decoded object; text types are ``str``.
         metadata: the kernel's metadata for the value (sizes, ...).
+        truncated: True when the output cap did not leave room for the whole
+            bundle: only its ``text/plain`` is kept (itself cut to the room
+            left), every other mime type is dropped.
     """
 
     data: Mapping[str, Any]
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    truncated: bool = False
 
     @property
     def text(self) -> str | None:
@@ -78,12 +82,15 @@ class RichOutput:
         ]
 
     def to_jsonable(self) -> dict[str, Any]:
-        """A JSON-ready dict (binary values base64-encoded again)."""
+        """A JSON-ready dict (binary values base64-encoded again; ``"truncated": true`` if cut)."""
         data = {
             mime: base64.b64encode(value).decode() if isinstance(value, bytes) else value
             for mime, value in self.data.items()
         }
-        return {"data": data, "metadata": dict(self.metadata)}
+        jsonable: dict[str, Any] = {"data": data, "metadata": dict(self.metadata)}
+        if self.truncated:
+            jsonable["truncated"] = True
+        return jsonable
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,13 @@ class ExecutionResult:
         displays: every ``display_data`` output, in order.
         error: the exception the code raised, if any.
         execution_count: the kernel's execution counter for this request.
-        truncated_chars: characters of stdout/stderr dropped by the output cap.
+        truncated_chars: characters dropped by the output cap: of stdout and
+            stderr, and of the mime bundles of displays and of the value (as
+            the kernel sent them, e.g. base64 for images); see
+            :attr:`RichOutput.truncated`.
+        lost_messages: messages of the kernel that never arrived (a link cut,
+            an overflowing queue on the way): the result is then
+            :attr:`incomplete`, and stdout ends with a marker saying so.
     """
 
     stdout: str = ""
@@ -130,6 +143,12 @@ class ExecutionResult:
     error: RemoteError | None = None
     execution_count: int | None = None
     truncated_chars: int = 0
+    lost_messages: int = 0
+
+    @property
+    def incomplete(self) -> bool:
+        """True if some of the kernel's messages were lost on the way (see ``lost_messages``)."""
+        return self.lost_messages > 0
 
     @property
     def ok(self) -> bool:
@@ -170,6 +189,7 @@ class ExecutionResult:
                     },
                     "execution_count": self.execution_count,
                     "truncated_chars": self.truncated_chars,
+                    "lost_messages": self.lost_messages,
                 },
                 default=repr,
             )

@@ -35,7 +35,9 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -43,7 +45,7 @@ import anyio
 
 from ._shield import Completion, run_shielded
 from .channel import KernelChannel
-from .errors import AsyncModalExecError, ExecutorStateError, GatewayNotFound
+from .errors import AsyncModalExecError, ExecutorStateError, GatewayError, GatewayNotFound
 from .gateway import GatewayClient
 from .protocol import new_session_id
 
@@ -53,6 +55,8 @@ __all__ = ["KernelSession", "KernelState"]
 
 CONFIRM_TIMEOUT = 30.0  # a new websocket: how long until the kernel's IOPub must answer
 CLOSE_WAIT = 10.0  # close(): longest wait for a creation in flight, then for the running operation
+REUSE_CHECK_AFTER = 1.0  # a websocket idle this long is pinged before the next request
+PING_TIMEOUT = 1.0
 
 
 class KernelState(enum.Enum):
@@ -103,6 +107,7 @@ class KernelSession:
         self._creation: asyncio.Future[None] | None = None
         self._closer = Completion(self._close)
         self._idle_watch: asyncio.Task[None] | None = None
+        self._replacing: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         # Host-tool stubs defined in the current kernel; None: not even the bridge.
         self.stubbed: set[str] | None = None
@@ -161,14 +166,22 @@ class KernelSession:
             await self._create_and_connect("open")
 
     @asynccontextmanager
-    async def turn(self, *, fresh: bool = False) -> AsyncIterator[KernelChannel]:
+    async def turn(self, *, fresh: bool = False, deadline: float = math.inf) -> AsyncIterator[KernelChannel]:
         """Hold the session for one operation and yield a connected websocket.
 
         Waits for the operations called before (FIFO). A ``DISCONNECTED``
         session reconnects; a ``LOST`` one (or any, with ``fresh``) gets a
-        brand-new kernel first.
+        brand-new kernel first. A connection idle for a while is pinged
+        before it is used, and replaced if the ping is not answered: a request
+        sent into a dead link would be lost.
+
+        Args:
+            fresh: replace the kernel first (``restart()``).
+            deadline: a ``time.monotonic()`` time by which the websocket must
+                be ready (waiting for the turn included).
 
         Raises:
+            TimeoutError: not ready by ``deadline``.
             ExecutorStateError: the session is closing or closed.
             GatewayError: reconnecting or replacing the kernel failed (the next
                 turn tries again).
@@ -176,15 +189,18 @@ class KernelSession:
         Cancelling the call while it waits its turn changes nothing; during a
         replacement, the session stays ``LOST`` and the next turn finishes it.
         """
-        async with self._lock:
+        with anyio.fail_after(_seconds_until(deadline)):
+            await self._lock.acquire()
+        try:
             self._check_usable()
-            if fresh:
-                self.mark_lost("restart requested")
-            channel = await self._ready()
-            try:
-                yield channel
-            finally:
-                self.last_activity = time.monotonic()
+            with anyio.fail_after(_seconds_until(deadline)):
+                if fresh:
+                    self.mark_lost("restart requested")
+                channel = await self._ready()
+            yield channel
+        finally:
+            self.last_activity = time.monotonic()
+            self._lock.release()
 
     def _check_usable(self) -> None:
         if self.closing:
@@ -193,8 +209,14 @@ class KernelSession:
             raise ExecutorStateError("the executor is not started: use 'async with' or await start()")
 
     async def _ready(self) -> KernelChannel:
-        if self._state is KernelState.CONNECTED and not self._usable_channel().is_open:
-            self._move(KernelState.DISCONNECTED, "the websocket closed while idle")
+        if self._state is KernelState.CONNECTED:
+            channel = self._usable_channel()
+            if not channel.is_open:
+                self._move(KernelState.DISCONNECTED, "the websocket closed while idle")
+            elif time.monotonic() - self.last_activity > REUSE_CHECK_AFTER and not await channel.ping(
+                PING_TIMEOUT
+            ):
+                self.discard_connection(f"no pong within {PING_TIMEOUT} s after idling")
         if self._state is KernelState.DISCONNECTED:
             try:
                 await self.reconnect()
@@ -242,10 +264,21 @@ class KernelSession:
         self._move(KernelState.CONNECTED, f"kernel {self._kernel_id} ready")
 
     async def _create_kernel(self) -> None:
+        # The id is chosen here and known before the request: if the answer
+        # is lost (the connection drops after the gateway acted), close() and
+        # the next replacement still delete that kernel (a 404 is fine).
+        chosen = str(uuid.uuid4())
+        self._kernel_id = chosen
+
         async def create() -> None:
-            # Stored inside the shielded work: a cancellation (or close()) that
-            # lands while the gateway creates the kernel must not lose its id.
-            self._kernel_id = await self.gateway.create_kernel(self.kernel_name)
+            # Shielded: a cancellation (or close()) that lands while the gateway
+            # creates the kernel must not lose the id it answers with.
+            try:
+                self._kernel_id = await self.gateway.create_kernel(self.kernel_name, kernel_id=chosen)
+            except GatewayError as exc:
+                if exc.status is not None and 400 <= exc.status < 500:
+                    self._kernel_id = None  # refused: nothing was created
+                raise
 
         creation = self._creation = asyncio.ensure_future(create())
         try:
@@ -267,6 +300,34 @@ class KernelSession:
         channel = self._usable_channel()
         await channel.open()
         self._move(KernelState.CONNECTED, "reconnected with the same session")
+
+    def discard_connection(self, why: str) -> None:
+        """Drop a websocket that cannot be trusted (-> ``DISCONNECTED``); the next turn reconnects."""
+        if self._channel is not None:
+            self._channel.abort()
+        self.dropped(why)
+
+    def replace_soon(self, why: str) -> None:
+        """Mark the kernel lost and start replacing it in the background.
+
+        The replacement is a task the session owns; it takes its turn like
+        any operation, so a turn queued before it replaces the kernel itself.
+        A failure is logged and leaves the session ``LOST`` (the next turn
+        tries again). :meth:`close` stops it.
+        """
+        self.mark_lost(why)
+        if self._state is KernelState.LOST and (self._replacing is None or self._replacing.done()):
+            self._replacing = asyncio.create_task(self._replace_when_free())
+
+    async def _replace_when_free(self) -> None:
+        try:
+            async with self._lock:
+                if self._state is KernelState.LOST:
+                    old = self._kernel_id
+                    await self.replace()
+                    logger.info("kernel %s replaced by a fresh kernel %s", old, self._kernel_id)
+        except AsyncModalExecError as exc:
+            logger.warning("replacing kernel %s failed: %s; the next run tries again", self._kernel_id, exc)
 
     def dropped(self, why: str) -> None:
         """The websocket closed under a running operation (``CONNECTED`` -> ``DISCONNECTED``)."""
@@ -378,11 +439,12 @@ class KernelSession:
 
     async def _close(self) -> None:
         """The steps of :meth:`close`; each can run again after a cut-short attempt."""
-        watch, self._idle_watch = self._idle_watch, None
-        if watch is not None:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+        for task in (self._idle_watch, self._replacing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._idle_watch = self._replacing = None
         if self._channel is not None:
             await self._channel.close_for_good()  # wakes a running execution
         creation = self._creation
@@ -410,3 +472,7 @@ class KernelSession:
 
 async def _wait(future: asyncio.Future[None]) -> None:
     await future
+
+
+def _seconds_until(deadline: float) -> float | None:
+    return None if deadline == math.inf else deadline - time.monotonic()

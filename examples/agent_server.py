@@ -92,4 +92,7 @@ if __name__ == "__main__":
 
     if not os.environ.get("API_TOKEN"):
         print(f"sessions API token: {API_TOKEN}")
-    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))
+    # uvicorn runs the app's shutdown only once every request has ended: give
+    # requests a few seconds, then cancel them (pending creates stop waiting,
+    # running code is interrupted) instead of waiting for the longest one.
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")), timeout_graceful_shutdown=3)

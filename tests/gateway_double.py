@@ -60,7 +60,8 @@ class GatewayDouble:
         await asyncio.sleep(self.create_delay)  # the kernel is created even if the client left
         if self.create_status >= 400:
             return web.Response(status=self.create_status, text="scripted failure")
-        kernel_id = str(uuid.uuid4())
+        body = await request.json() if request.can_read_body else {}
+        kernel_id = str(body.get("kernel_id") or uuid.uuid4())  # honoured, as Jupyter Server does
         self.kernels[kernel_id] = {"id": kernel_id, "execution_state": "idle", "connections": 0}
         self.created.append(kernel_id)
         return web.json_response(self.kernels[kernel_id], status=201)

@@ -242,3 +242,21 @@ def test_process_exit_without_cleanup_stops_everything() -> None:
     assert done.returncode == 0, done.stderr
     kernel_pid, gateway_pid = (int(x) for x in done.stdout.split())
     assert asyncio.run(wait_gone([kernel_pid, gateway_pid], timeout=10)) == []
+
+
+async def test_a_sync_call_inside_a_running_loop_warns(agent_executor: Executor) -> None:
+    # The sandbox lives on the facade's own loop thread; calling the facade from
+    # this (running) loop blocks it for as long as the sandbox takes.
+    import warnings
+
+    from async_modal_exec import BlockingCallWarning
+
+    # From a worker thread no loop runs there: nothing to warn about.
+    assert await asyncio.to_thread(lambda: agent_executor("1 + 1").output) == "2"
+    with pytest.warns(BlockingCallWarning, match=r"await run_agent\(agent, task\)") as caught:
+        assert agent_executor("2 + 2").output == "4"
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the call above
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert await asyncio.to_thread(lambda: agent_executor("3 + 3").output) == "6"
+        await asyncio.to_thread(agent_executor.cleanup)

@@ -413,7 +413,78 @@ async def test_cancelled_run_of_a_kernel_ignoring_interrupts_returns_within_the_
     with pytest.raises(asyncio.CancelledError):
         await running
     assert time.monotonic() - began < 2 * 1.0 + 1.5
-    assert executor.kernel_state is KernelState.LOST
+    # The kernel is being replaced in the background (no caller waits for it).
+    assert executor.kernel_state in (KernelState.LOST, KernelState.CREATING)
     after = await executor.run("'lost' in dir()", timeout=60)
     assert after.value is not None and after.value.text == "False"
     assert executor.kernel_state is KernelState.CONNECTED
+
+
+async def test_displays_count_toward_the_output_cap(make_executor: MakeExecutor) -> None:
+    # 5 images of 0.53 M base64 characters each under a 1 M cap: the first is kept
+    # whole, the others shrink to their text/plain; the print after them still fits.
+    executor = await make_executor(max_output_chars=1_000_000)
+    code = (
+        "import base64, os\nfrom IPython.display import display\n"
+        "b64 = base64.b64encode(b'\\x89PNG' + os.urandom(400_000)).decode()\n"
+        "for i in range(5):\n    display({'image/png': b64, 'text/plain': f'<image {i}>'}, raw=True)\n"
+        "print('done')\nlen(b64)"
+    )
+    result = await executor.run(code, timeout=60)
+    assert result.ok, result.error
+    b64_chars = 4 * -(-400_004 // 3)
+    assert len(result.images) == 1 and len(result.images[0][1]) == 400_004
+    assert [d.text for d in result.displays] == [f"<image {i}>" for i in range(5)]
+    assert [d.truncated for d in result.displays] == [False, True, True, True, True]
+    assert result.value is not None and result.value.text == str(b64_chars)
+    assert result.truncated_chars == 4 * b64_chars
+    assert result.stdout.startswith("done\n")
+    assert f"output truncated, {4 * b64_chars} characters dropped; 4 rich outputs cut to text/plain" in (
+        result.stdout
+    )
+
+
+async def test_lone_surrogates_arrive_as_replacement_characters(executor: AsyncExecutor) -> None:
+    # A lone surrogate cannot be encoded as UTF-8: the kernel used to fail to
+    # send the whole stream message (the line vanished, a traceback went to stderr).
+    result = await executor.run(
+        "print('before')\nprint('x\\ud800y')\nprint('after')\n"
+        "from IPython.display import display\ndisplay({'text/plain': 'd\\udbffe'}, raw=True)\n"
+        "'v\\udfff'"
+    )
+    assert result.ok, result.error
+    assert result.stdout == "before\nx\ufffdy\nafter\n"
+    assert result.stderr == ""
+    assert result.displays[0].text == "d\ufffde"
+    assert result.value is not None and result.value.text == "'v\\udfff'"  # repr() escapes it already
+    # Stderr too, and nothing the launcher set up is visible in the user's namespace.
+    result = await executor.run(
+        "import sys\nprint('e\\ud800', file=sys.stderr)\n"
+        "[n for n in ('_install', 'pack', 'clean', 'lone', 'original', 'session', 'exc') if n in dir()]"
+    )
+    assert result.stderr == "e\ufffd\n"
+    assert result.value is not None and result.value.text == "[]"
+
+
+async def test_output_of_a_thread_goes_to_the_cell_that_started_it(executor: AsyncExecutor) -> None:
+    # ipykernel 7 keeps the parent header in context variables, which new threads
+    # do not inherit: a thread's late print fell back to whichever cell was running.
+    started = await executor.run(
+        "import threading, time\n"
+        "def late():\n    time.sleep(0.5)\n    print('late', flush=True)\n"
+        "threading.Thread(target=late).start()\n'started'"
+    )
+    assert started.stdout == ""
+    later = await executor.run("import time\ntime.sleep(1)\nprint('b')")
+    assert later.stdout == "b\n"
+    # While its cell still runs, a thread's output (and a pool worker's) belongs to it.
+    both = await executor.run(
+        "import threading\nfrom concurrent.futures import ThreadPoolExecutor\n"
+        "pool = ThreadPoolExecutor(1)\n"
+        "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
+        "pool.submit(print, 'pool 1').result()"
+    )
+    assert both.stdout == "thread\npool 1\n"
+    # A pool worker started by an earlier cell prints for the cell that submitted the work.
+    reused = await executor.run("pool.submit(print, 'pool 2').result()\npool.shutdown()")
+    assert reused.stdout == "pool 2\n"

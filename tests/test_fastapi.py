@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -14,30 +15,34 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import aiohttp
 import httpx
 import pytest
 import uvicorn
 from fastapi import Depends, FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from async_modal_exec import (
     AsyncExecutor,
     AsyncModalExecError,
+    ExecutorStateError,
     GatewayBackend,
     GatewayEndpoint,
     SandboxPool,
     SessionNotFound,
 )
+from async_modal_exec.backends.local import _process_tree
 from async_modal_exec.fastapi import SessionStore, pool_lifespan, pooled_executor, sessions_router
 from async_modal_exec.gateway import GatewayClient
 
-from .helpers import descendants, measure_loop_lag, wait_gone
+from .helpers import descendants, measure_loop_lag, sleeper, until_running, wait_gone
 
 TOKEN = "test-token-3c9a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @contextlib.asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[str]:
+async def serve(app: ASGIApp) -> AsyncIterator[str]:
     """Run ``app`` on a real uvicorn server on 127.0.0.1 (a free port); yield its base URL."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
@@ -53,12 +58,19 @@ async def serve(app: FastAPI) -> AsyncIterator[str]:
         await asyncio.wait_for(task, 60)
 
 
-def make_app(gateway: GatewayEndpoint, session_idle_timeout: float = 600, **pool_options: Any) -> FastAPI:
+def make_app(
+    gateway: GatewayEndpoint,
+    session_idle_timeout: float = 600,
+    router_options: dict[str, Any] | None = None,
+    **pool_options: Any,
+) -> FastAPI:
     def pool() -> SandboxPool:
         return SandboxPool(lambda: GatewayBackend(gateway.base_url, gateway.token), **pool_options)
 
     app = FastAPI(lifespan=pool_lifespan(pool, session_idle_timeout=session_idle_timeout))
-    app.include_router(sessions_router(token=TOKEN, max_code_bytes=10_000, run_timeout=60))
+    app.include_router(
+        sessions_router(token=TOKEN, max_code_bytes=10_000, run_timeout=60, **(router_options or {}))
+    )
 
     @app.post("/quick")
     async def quick(
@@ -197,8 +209,11 @@ async def test_client_disconnect_interrupts_the_kernel(gateway: GatewayEndpoint)
         assert time.monotonic() - began < 10, "the abandoned 60 s sleep was not interrupted"
 
 
-async def test_example_app_runs_with_one_command_and_shuts_down_clean() -> None:
-    # `python examples/agent_server.py`, as a newcomer runs it: offline scripted model, local pool.
+@contextlib.asynccontextmanager
+async def example_server() -> AsyncIterator[tuple[asyncio.subprocess.Process, httpx.AsyncClient]]:
+    """`python examples/agent_server.py`, as a newcomer runs it (offline scripted model, local
+    pool), up and answering. Whatever it started is killed on the way out if it did not exit:
+    a failing test leaves no gateway behind."""
     before = set(descendants())
     with socket.socket() as probe_socket:
         probe_socket.bind(("127.0.0.1", 0))
@@ -217,21 +232,71 @@ async def test_example_app_runs_with_one_command_and_shuts_down_clean() -> None:
                 except httpx.TransportError:
                     assert time.monotonic() < deadline, "the example server did not come up"
                     await asyncio.sleep(0.2)
-            response = await client.post("/agent", json={"task": "Sum the numbers 1 to 10."})
-            assert response.status_code == 200, response.text
-            assert response.json()["answer"] == {"total": 55}
-            session = await new_session(client)
-            async with client.stream(
-                "POST", f"/sessions/{session}/stream", json={"code": "print('streamed')"}, headers=AUTH
-            ) as stream:
-                body = "".join([chunk async for chunk in stream.aiter_text()])
-            assert "event: stdout" in body and "streamed" in body and "event: end" in body
+            yield process, client
     finally:
         if process.returncode is None:
+            tree = [pid for pid in descendants() if pid not in before]
             process.send_signal(signal.SIGINT)
-            await asyncio.wait_for(process.wait(), 60)
+            try:
+                await asyncio.wait_for(process.wait(), 60)
+            except asyncio.TimeoutError:  # not yet the builtin one on Python 3.10
+                for pid in tree:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                await process.wait()
+                await wait_gone(tree)
+
+
+async def interrupt_and_wait(process: asyncio.subprocess.Process, limit: float) -> float:
+    """SIGINT the server; seconds until it exited, and every process it had started is gone."""
+    tree = [pid for pid, _ in _process_tree(process.pid)]  # orphans leave our tree once it exits
+    began = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    try:
+        await asyncio.wait_for(process.wait(), limit)
+    except asyncio.TimeoutError:
+        pytest.fail(f"the server still ran {limit} s after SIGINT")
+    assert await wait_gone(tree) == [], "processes left running after the server exited"
+    return time.monotonic() - began
+
+
+async def test_example_app_runs_with_one_command_and_shuts_down_clean() -> None:
+    async with example_server() as (process, client):
+        response = await client.post("/agent", json={"task": "Sum the numbers 1 to 10."})
+        assert response.status_code == 200, response.text
+        assert response.json()["answer"] == {"total": 55}
+        session = await new_session(client)
+        async with client.stream(
+            "POST", f"/sessions/{session}/stream", json={"code": "print('streamed')"}, headers=AUTH
+        ) as stream:
+            body = "".join([chunk async for chunk in stream.aiter_text()])
+        assert "event: stdout" in body and "streamed" in body and "event: end" in body
+        await interrupt_and_wait(process, 60)
     assert process.returncode == 0
-    assert await wait_gone([pid for pid in descendants() if pid not in before]) == []
+
+
+async def test_example_app_exits_within_seconds_with_sessions_running_code_and_pending_creates(
+    tmp_path: Path,
+) -> None:
+    # The example's pool holds 4 sandboxes: 3 idle sessions and one running a 60 s sleep use them
+    # all, so 3 more creates wait (its acquire_timeout is 120 s).
+    async with example_server() as (process, client):
+        ids = await asyncio.gather(*(new_session(client) for _ in range(4)))
+        marker = tmp_path / "running"
+        running = asyncio.create_task(
+            client.post(f"/sessions/{ids[0]}/run", json={"code": sleeper(marker, 60)}, headers=AUTH)
+        )
+        pending = [asyncio.create_task(client.post("/sessions", headers=AUTH)) for _ in range(3)]
+        await until_running(marker)
+        await asyncio.sleep(0.5)
+        assert not any(task.done() for task in pending), "the creates should wait for a sandbox"
+        took = await interrupt_and_wait(process, 30)
+        assert took < 10, f"shutdown took {took:.1f} s"
+        answers = await asyncio.gather(running, *pending, return_exceptions=True)
+    assert process.returncode == 0
+    for answer in answers:  # none hung: uvicorn answers the requests it cancels with 500
+        assert isinstance(answer, httpx.TransportError | httpx.Response), answer
+        assert not isinstance(answer, httpx.Response) or answer.status_code in (500, 503), answer
 
 
 async def test_idle_sessions_expire(gateway: GatewayEndpoint) -> None:
@@ -287,3 +352,167 @@ async def test_a_session_running_code_never_expires(gateway: GatewayEndpoint) ->
         expired = await client.post(run, json={"code": "1"}, headers=AUTH)
         assert expired.status_code == 404 and "expired" in expired.json()["detail"]
         assert len(app.state.sandbox_sessions) == 0
+
+
+async def give_up_creating(url: str, after: float = 1.0) -> None:
+    """POST /sessions, then close the connection after ``after`` seconds without an answer."""
+    async with httpx.AsyncClient(base_url=url) as quitter:
+        with pytest.raises(httpx.ReadTimeout):
+            await quitter.post("/sessions", headers=AUTH, timeout=after)
+
+
+async def test_an_abandoned_create_gives_the_sandbox_back(gateway: GatewayEndpoint) -> None:
+    app = make_app(gateway, min_idle=1, max_size=1, acquire_timeout=8)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        holder = await new_session(client)
+        await give_up_creating(url)  # B waits for the one sandbox, then leaves
+        assert (await client.delete(f"/sessions/{holder}", headers=AUTH)).status_code == 204
+        began = time.monotonic()
+        response = await client.post("/sessions", headers=AUTH)
+        took = time.monotonic() - began
+        assert response.status_code == 201, f"{response.status_code} after {took:.1f} s: {response.text}"
+        assert took < 5, f"the next create waited {took:.1f} s"
+        assert list(app.state.sandbox_sessions._sessions) == [response.json()["id"]]
+
+
+async def test_twenty_abandoned_creates_leave_the_capacity_intact(gateway: GatewayEndpoint) -> None:
+    app = make_app(gateway, min_idle=1, max_size=1, acquire_timeout=8)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        holder = await new_session(client)
+        await asyncio.gather(*(give_up_creating(url) for _ in range(20)))
+        assert (await client.delete(f"/sessions/{holder}", headers=AUTH)).status_code == 204
+        for _ in range(3):  # the one sandbox serves one session after another, as before
+            began = time.monotonic()
+            response = await client.post("/sessions", headers=AUTH)
+            took = time.monotonic() - began
+            assert response.status_code == 201, f"{response.status_code} after {took:.1f} s: {response.text}"
+            assert took < 5, f"a create waited {took:.1f} s"
+            assert len(app.state.sandbox_sessions) == 1
+            session = response.json()["id"]
+            assert (await client.delete(f"/sessions/{session}", headers=AUTH)).status_code == 204
+        assert app.state.sandbox_pool._waiting == 0, "a create still waits for a sandbox"
+
+
+class BodyBytesRead:
+    """ASGI middleware (test only): counts the request-body bytes the app has received."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.read = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def counted() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.read += len(message.get("body", b""))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def post_reading_early(url: str, body: io.BytesIO | AsyncIterator[bytes]) -> tuple[int, Any]:
+    """POST ``body`` (JSON) with aiohttp; the status and the JSON answer.
+
+    aiohttp reads the answer while it still sends, as curl does.
+    httpx reads it only once the whole body is sent, so an early 413 on a
+    connection the server then closes reaches it as a ReadError.
+    """
+    headers = {**AUTH, "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(gateway: GatewayEndpoint) -> None:
+    limit = 2_000_000  # sessions_router's default max_body_bytes
+    app = make_app(gateway, min_idle=1, max_size=1)
+    counter = BodyBytesRead(app)
+    async with serve(counter) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+        session = await new_session(client)
+        sent = 0
+
+        async def forty_megabytes() -> AsyncIterator[bytes]:
+            nonlocal sent
+            for part in (b'{"code": "', *([b"x" * 65_536] * 640), b'"}'):  # valid JSON, 40 MiB of code
+                sent += len(part)
+                yield part
+
+        counter.read = 0
+        status, answer = await post_reading_early(f"{url}/sessions/{session}/run", forty_megabytes())
+        assert status == 413, answer
+        # What one read of the socket brings past the limit, no more; the rest is never read.
+        assert counter.read < limit + 2**20, f"the server read {counter.read} bytes (sent {sent})"
+        assert sent < 20 * 2**20, f"the client got to send {sent} bytes"
+        assert answer == {"detail": f"request body over {limit} bytes"}
+        # A body announced too large is refused before any of it is read.
+        counter.read = 0
+        declared = io.BytesIO(b"x" * 40 * 2**20)  # sent with its Content-Length
+        assert await post_reading_early(f"{url}/sessions/{session}/run", declared) == (413, answer)
+        assert counter.read == 0
+        # The session is fine, and so is the next request on a new connection.
+        ok = await client.post(f"/sessions/{session}/run", json={"code": "6 * 7"}, headers=AUTH)
+        assert ok.json()["value"]["data"]["text/plain"] == "42"
+
+
+async def test_sse_sends_keep_alive_comments_while_the_code_is_silent(gateway: GatewayEndpoint) -> None:
+    app = make_app(gateway, router_options={"keepalive": 0.5}, min_idle=1, max_size=1)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+        session = await new_session(client)
+        code = "import time\ntime.sleep(2)\nprint('awake')"
+        began = time.monotonic()
+        lines: list[tuple[str, float]] = []
+        async with client.stream(
+            "POST", f"/sessions/{session}/stream", json={"code": code}, headers=AUTH
+        ) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                lines.append((line, time.monotonic() - began))
+        events = [(line[7:], at) for line, at in lines if line.startswith("event: ")]
+        assert [kind for kind, _ in events] == ["stdout", "end"]
+        awake = events[0][1]
+        comments = [at for line, at in lines if line == ": keep-alive"]
+        assert len([at for at in comments if at < awake]) >= 2, lines
+        assert comments[0] < 1.5, lines
+        assert "data: " + json.dumps({"text": "awake\n"}) in [line for line, _ in lines]
+
+
+async def test_closing_the_store_ends_the_creates_still_waiting(gateway: GatewayEndpoint) -> None:
+    # What the lifespan's shutdown does when a server runs it while creates still wait.
+    pool = SandboxPool(
+        lambda: GatewayBackend(gateway.base_url, gateway.token), min_idle=1, max_size=1, acquire_timeout=30
+    )
+    async with pool:
+        store = SessionStore(pool)
+        store.start()
+        await store.create()  # holds the one sandbox
+        waiting = asyncio.create_task(store.create())
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        began = time.monotonic()
+        await store.aclose()
+        with pytest.raises(ExecutorStateError, match="closed"):
+            await asyncio.wait_for(waiting, 5)
+        assert time.monotonic() - began < 5
+        assert len(store) == 0
+        with pytest.raises(ExecutorStateError, match="closed"):
+            await store.create()
+    assert await kernels_on(gateway) == []
+
+
+async def test_leaving_an_sse_stream_interrupts_the_kernel(gateway: GatewayEndpoint, tmp_path: Path) -> None:
+    app = make_app(gateway, router_options={"keepalive": 0.2}, min_idle=1, max_size=1)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+        session = await new_session(client)
+        run = f"/sessions/{session}/run"
+        await client.post(run, json={"code": "kept = 'still here'"}, headers=AUTH)
+        marker = tmp_path / "running"
+        async with client.stream(
+            "POST", f"/sessions/{session}/stream", json={"code": sleeper(marker, 60)}, headers=AUTH
+        ) as response:
+            async for line in response.aiter_lines():
+                if line == ": keep-alive" and marker.exists():
+                    break  # leaves mid-stream: the connection is closed
+        began = time.monotonic()
+        response = await client.post(run, json={"code": "kept"}, headers=AUTH)
+        assert response.json()["value"]["data"]["text/plain"] == "'still here'"
+        assert time.monotonic() - began < 10, "the abandoned 60 s sleep was not interrupted"
+        assert app.state.sandbox_sessions._sessions[session].busy == 0

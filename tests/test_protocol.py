@@ -17,7 +17,14 @@ from async_modal_exec.protocol import (
     msg_id_of,
     strip_ansi,
 )
-from async_modal_exec.results import DisplayEvent, ErrorEvent, ResultEvent, StderrEvent, StdoutEvent
+from async_modal_exec.results import (
+    DisplayEvent,
+    ErrorEvent,
+    ResultEvent,
+    RichOutput,
+    StderrEvent,
+    StdoutEvent,
+)
 
 from .helpers import legacy_binary_frame
 
@@ -303,3 +310,49 @@ def test_reply_is_noted_and_a_lost_idle_can_be_assumed() -> None:
     assert fold.done
     result = fold.result()
     assert result.stdout == "out\n" and result.execution_count == 3
+
+
+def test_output_cap_counts_displays_and_results() -> None:
+    # The cap is one budget for everything kept, in arrival order: streams and
+    # rich outputs alike (a rich output counts the characters of its bundle as sent).
+    fold = ExecutionFold(MSG, max_output_chars=100)
+    big = base64.b64encode(b"x" * 300).decode()  # 400 characters
+    small = {"text/plain": "small", "text/html": "<b>s</b>"}  # 5 + 8
+    fold.feed(reply("stream", {"name": "stdout", "text": "12345"}))
+    assert fold.feed(reply("display_data", {"data": small})) == [DisplayEvent(RichOutput(small, {}))]
+    # Does not fit whole (room 82): reduced to its text/plain.
+    reduced = fold.feed(reply("display_data", {"data": {"image/png": big, "text/plain": "<Figure>"}}))
+    assert reduced == [DisplayEvent(RichOutput({"text/plain": "<Figure>"}, {}, truncated=True))]
+    # Room 74: the value keeps the first 74 characters of its text/plain, nothing else.
+    fold.feed(
+        reply(
+            "execute_result",
+            {"data": {"text/plain": "y" * 100, "application/json": {"k": 1}}, "execution_count": 1},
+        )
+    )
+    # No room left and no text/plain: dropped whole, no event.
+    assert fold.feed(reply("display_data", {"data": {"image/png": big}})) == []
+    assert fold.feed(reply("stream", {"name": "stdout", "text": "late"})) == []
+    result = fold.result()
+    assert [dict(d.data) for d in result.displays] == [small, {"text/plain": "<Figure>"}]
+    assert [d.truncated for d in result.displays] == [False, True]
+    assert result.value is not None and result.value.text == "y" * 74 and result.value.truncated
+    assert "application/json" not in result.value.data
+    dropped = 400 + (26 + len('{"k": 1}')) + 400 + 4
+    assert result.truncated_chars == dropped
+    assert result.images == []
+    assert f"output truncated, {dropped} characters dropped" in result.stdout
+    assert "2 rich outputs cut to text/plain, 1 dropped" in result.stdout
+    assert result.to_jsonable()["displays"][1]["truncated"] is True
+    assert "truncated" not in result.to_jsonable()["displays"][0]
+
+
+def test_output_cap_keeps_rich_outputs_that_fit() -> None:
+    fold = ExecutionFold(MSG, max_output_chars=1000)
+    png = base64.b64encode(b"\x89PNG" + b"p" * 200).decode()
+    fold.feed(reply("display_data", {"data": {"image/png": png, "text/plain": "<img>"}}))
+    fold.feed(reply("execute_result", {"data": {"text/plain": "42"}, "execution_count": 1}))
+    result = fold.result()
+    assert result.truncated_chars == 0 and "truncated" not in result.stdout
+    assert result.images[0][1] == b"\x89PNG" + b"p" * 200
+    assert result.value is not None and result.value.text == "42" and not result.value.truncated

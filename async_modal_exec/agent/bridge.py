@@ -15,7 +15,9 @@ there from whichever thread makes it:
 A call from the core's own loop thread cannot wait for that loop: :meth:`call`
 refuses it, and :meth:`close` schedules the close on the loop instead, as a
 task that the loop's shutdown (``asyncio.run`` ending) waits for rather than
-cancels.
+cancels. A call from a thread running another event loop works, but blocks
+that loop until it returns: :meth:`call` warns with
+:class:`~async_modal_exec.BlockingCallWarning` first.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import threading
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager
+from types import FrameType
 from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from .._usage import BlockingCallWarning
 from ..errors import ExecutorStateError
 
 logger = logging.getLogger("async_modal_exec.agent")
@@ -114,8 +120,15 @@ class LoopBridge:
             if self._portal is portal:
                 self._portal = None
 
-    def call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    def call(
+        self, func: Callable[..., Awaitable[T]], *args: Any, fix: str = "await run_agent(agent, task)"
+    ) -> T:
         """Run ``func(*args)`` on the core's loop and wait for it; Ctrl-C cancels it cleanly.
+
+        Warns:
+            BlockingCallWarning: an event loop runs in the calling thread (not
+                the core's): the call blocks it until it returns. ``fix`` is the
+                async way named in the message.
 
         Raises:
             ExecutorStateError: called on the core's own loop thread (it would
@@ -126,6 +139,16 @@ class LoopBridge:
                 "Executor called synchronously from the event-loop thread that runs its sandbox: "
                 "that would deadlock. From async code use `await run_agent(agent, task)`, "
                 "and `await executor.aclose()` to close it."
+            )
+        if running_loop() is not None and not self._portal_on_this_thread():
+            # Before anything is submitted: with warnings as errors, nothing runs.
+            warnings.warn(
+                BlockingCallWarning(
+                    "Executor called synchronously inside a running event loop: the loop (and every "
+                    "task on it) is blocked until the sandbox answers. From async code use "
+                    f"`{fix}`, or make the call in a worker thread (`await asyncio.to_thread(...)`)."
+                ),
+                stacklevel=_caller_stacklevel(),
             )
         finished = threading.Event()
 
@@ -142,6 +165,12 @@ class LoopBridge:
             future.cancel()
             finished.wait(_CANCEL_WAIT)
             raise
+
+    def _portal_on_this_thread(self) -> bool:
+        # A portal on the calling thread's own loop refuses the call itself
+        # (ExecutorStateError from _submit): no warning before that error.
+        portal = self._portal
+        return portal is not None and getattr(portal, "_event_loop_thread_id", None) == threading.get_ident()
 
     def _submit(self, call: Callable[[], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T]:
         portal = self._portal_for_call()
@@ -187,7 +216,7 @@ class LoopBridge:
         if close_core is not None:
             if self.on_core_loop():
                 return self._close_in_background(close_core)
-            self.call(close_core)
+            self.call(close_core, fix="await executor.aclose()")
         self.stop()
         return None
 
@@ -209,6 +238,20 @@ class LoopBridge:
                 self._portal = None
         if owned is not None:
             owned.__exit__(None, None, None)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` (for a warning issued by the caller of this) of the first frame outside
+    this package and smolagents: the user's line that made the blocking call."""
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        module = str(frame.f_globals.get("__name__", ""))
+        if not (module == "async_modal_exec" or module.startswith(("async_modal_exec.", "smolagents"))):
+            return level
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 async def _finish(close_core: Callable[[], Coroutine[Any, Any, None]], attempts: int = 3) -> None:

@@ -89,6 +89,13 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
     Ctrl-C during a call cancels the work on the loop, lets its cleanup run
     (the kernel is interrupted), then re-raises ``KeyboardInterrupt``. If the
     process exits without :meth:`cleanup`, the sandbox is still terminated.
+
+    Warns:
+        BlockingCallWarning: a synchronous call (``executor(code)``,
+            ``agent.run(task)``, :meth:`cleanup` ...) made inside a running
+            event loop whose sandbox lives elsewhere: the call blocks that loop
+            until it returns. Use ``await run_agent(agent, task)`` and
+            ``await executor.aclose()`` from async code.
     """
 
     def __init__(

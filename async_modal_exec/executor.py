@@ -99,10 +99,12 @@ class AsyncExecutor:
             :class:`~async_modal_exec.LocalBackend`.
         owns_backend: close the backend in :meth:`aclose` (default True).
         timeout: default timeout of :meth:`run` / :meth:`stream`, seconds (None: no limit).
-        interrupt_grace: how long an interrupted kernel gets to come back
-            before it is replaced.
-        max_output_chars: cap on stdout + stderr characters kept per execution
-            (None: no cap); the rest is dropped with a visible marker.
+        interrupt_grace: how long the interrupt of a timed-out or cancelled
+            execution may take, until the kernel is idle again, before the
+            kernel is replaced (in the background).
+        max_output_chars: cap on the characters kept per execution: stdout,
+            stderr, displays and the value (None: no cap); the rest is dropped
+            with a visible marker.
         store_history: passed to the kernel (``True`` numbers executions like a notebook).
         ready_timeout: how long the gateway may take to answer after the backend started.
         kernel_name: kernel spec to start (None: the gateway's default).
@@ -270,24 +272,28 @@ class AsyncExecutor:
 
         Args:
             code: Python source (IPython syntax works too).
-            timeout: seconds; default: the executor's ``timeout``.
+            timeout: seconds for the whole call (waiting for the executions
+                queued before it included); default: the executor's ``timeout``.
 
         Returns:
             The result. If the code raised, ``result.error`` says so and the
-            output printed before the error is in ``result.stdout``.
+            output printed before the error is in ``result.stdout``. If some
+            of the kernel's messages were lost on the way, ``result.incomplete``
+            says so (and how many: ``result.lost_messages``).
 
         Raises:
-            ExecutionTimeout: the timeout expired (also a ``TimeoutError``); its
-                ``recovery`` says whether the kernel was interrupted (state
-                kept) or replaced (now, or by the next run).
+            ExecutionTimeout: the timeout expired (also a ``TimeoutError``),
+                within ``timeout + interrupt_grace`` (+1 s); its ``recovery``
+                says what became of the kernel (a :class:`RecoveryOutcome`).
             KernelDied: the kernel process died; the next call gets a fresh kernel.
             ExecutorStateError: not started, or closed (also while running).
             GatewayError: the gateway failed, or a replacement kernel died
                 before it answered (the next run tries another).
 
         Cancelling the call interrupts the kernel (shielded, and bounded by
-        about twice ``interrupt_grace``) and re-raises. A kernel that ignores
-        the interrupt is not waited for: the next run replaces it.
+        ``interrupt_grace`` plus at most 1 s) and re-raises. A kernel that
+        ignores the interrupt is not waited for: a fresh one starts in the
+        background.
         """
         fold = self._new_fold(code)
         async with aclosing(self._execute(code, fold, timeout)) as events:

@@ -48,11 +48,11 @@ from .protocol import (
     ExecutionFold,
     execute_request,
     input_reply,
-    kernel_counter,
     kernel_info_request,
     msg_id_of,
     new_msg_id,
     parent_msg_id,
+    unaccounted_messages,
 )
 from .results import Event, ExecutionResult
 from .session import KernelSession, KernelState
@@ -551,44 +551,23 @@ class AsyncExecutor:
         for the fold.
         """
         probe = kernel_info_request(session=self._open_session().ws_session)
-        with contextlib.suppress(ChannelLost):  # dropped again: the next receive reconnects and asks again
-            await self._probe_and_resend(channel, fold, request, last_seen, probe)
-
-    async def _probe_and_resend(
-        self,
-        channel: KernelChannel,
-        fold: ExecutionFold,
-        request: Mapping[str, Any],
-        last_seen: tuple[str, int] | None,
-        probe: Mapping[str, Any],
-    ) -> None:
-        await channel.send(probe)
-        while True:
-            message = await channel.receive()
-            if parent_msg_id(message) != msg_id_of(probe):
-                if fold.belongs(message):
-                    self._pending.append(message)
-                    return  # it did arrive
+        try:
+            await channel.send(probe)
+            while parent_msg_id(message := await channel.receive()) != msg_id_of(probe):
                 self._pending.append(message)
-                continue
-            answer = kernel_counter(message)
-            if last_seen is None or answer is None or answer[0] != last_seen[0]:
-                return
-            foreign = {
-                parent_msg_id(m)
-                for m in self._pending
-                if (counter := kernel_counter(m)) is not None and last_seen[1] < counter[1] < answer[1]
-            }
-            unexplained = answer[1] - last_seen[1] - 1 - 3 * len(foreign)
-            if unexplained == 0:
-                logger.info("the request was lost with the connection; sending it again")
+                if fold.belongs(message):
+                    return  # it did arrive
+        except ChannelLost:
+            return  # dropped again: the next receive reconnects and asks again
+        unexplained = unaccounted_messages(last_seen, message, self._pending)
+        if unexplained == 0:
+            logger.info("the request was lost with the connection; sending it again")
+            with contextlib.suppress(ChannelLost):
                 await channel.send(request)
-            else:
-                logger.info(
-                    "%d messages of the kernel unaccounted for after a reconnect: not sending again",
-                    unexplained,
-                )
-            return
+        else:
+            logger.info(
+                "kernel messages unaccounted for after a reconnect (%s): not sending again", unexplained
+            )
 
     async def _check_alive(self, session: KernelSession, fold: ExecutionFold) -> None:
         why = await session.check_alive()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -326,6 +326,28 @@ def kernel_counter(message: Mapping[str, Any]) -> tuple[str, int] | None:
     if not source or not counter.isdigit():
         return None
     return source, int(counter)
+
+
+def unaccounted_messages(
+    last_seen: tuple[str, int] | None, answer: Mapping[str, Any], between: Iterable[Mapping[str, Any]]
+) -> int | None:
+    """How many of the kernel's messages numbered between ``last_seen`` and ``answer`` nobody saw.
+
+    ``between`` are the messages received meanwhile. Gateways "nudge" a
+    reconnected kernel with ``kernel_info_request``s of their own; each one
+    seen there (by its status messages) accounts for three numbers (busy,
+    reply, idle). None when the numbers cannot tell (another kernel session,
+    ids without a counter).
+    """
+    counter = kernel_counter(answer)
+    if last_seen is None or counter is None or counter[0] != last_seen[0]:
+        return None
+    nudges = {
+        parent_msg_id(message)
+        for message in between
+        if (seen := kernel_counter(message)) is not None and last_seen[1] < seen[1] < counter[1]
+    }
+    return counter[1] - last_seen[1] - 1 - 3 * len(nudges)
 
 
 class LossTracker:

@@ -43,7 +43,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from ._shield import Completion, run_shielded
+from ._shield import Completion, wait_shielded
 from .channel import KernelChannel
 from .errors import AsyncModalExecError, ExecutorStateError, GatewayError, GatewayNotFound
 from .gateway import GatewayClient
@@ -282,9 +282,10 @@ class KernelSession:
 
         creation = self._creation = asyncio.ensure_future(create())
         try:
-            await run_shielded(_wait(creation))
+            await wait_shielded(creation)
         finally:
             self._creation = None
+        creation.result()
 
     async def reconnect(self) -> None:
         """Reopen the websocket with the same session id (``DISCONNECTED`` -> ``CONNECTED``).
@@ -468,10 +469,6 @@ class KernelSession:
             if held:
                 self._lock.release()
         self._move(KernelState.CLOSED, "closed")
-
-
-async def _wait(future: asyncio.Future[None]) -> None:
-    await future
 
 
 def _seconds_until(deadline: float) -> float | None:

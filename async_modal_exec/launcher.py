@@ -46,18 +46,55 @@ What it changes compared with ``jupyter kernelgateway``:
 * ``--exit-on-stdin-eof``: the gateway stops (and stops its kernels) when its
   standard input closes, i.e. when the process that started it goes away.
 
-The auth token is read from ``KG_AUTH_TOKEN`` in the environment, never argv.
+* ``--kernel-jail CONFIG`` runs every kernel through ``kernel_jail.py`` (a
+  bubblewrap sandbox with resource limits, see
+  :mod:`async_modal_exec.backends.isolation`), with message-based interrupts
+  (a signal cannot reach a process in another PID namespace).
+
+The auth token is read from ``KG_AUTH_TOKEN`` in the environment, never argv,
+and then scrubbed: the launcher replaces itself (same pid, ``exec``) with an
+environment without it and takes the token over a pipe, so neither
+``/proc/<gateway>/environ`` nor the kernels' environments hold it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from typing import Any
 
 PORT_LINE_PREFIX = "ASYNC_MODAL_EXEC_GATEWAY_PORT="
+TOKEN_ENV = "KG_AUTH_TOKEN"
+_TOKEN_FD_ENV = "ASYNC_MODAL_EXEC_TOKEN_FD"
+
+
+def _take_token() -> str | None:
+    """The gateway token, once it is out of this process's environment.
+
+    ``/proc/<pid>/environ`` shows the environment a process was started with,
+    whatever it later does to ``os.environ``: the launcher starts itself again
+    (``exec``: same pid, same pipes) without the token, which crosses the
+    ``exec`` in a pipe whose number is in the new environment.
+    """
+    fd = os.environ.pop(_TOKEN_FD_ENV, None)
+    if fd is not None:
+        with os.fdopen(int(fd), "rb") as pipe:
+            return pipe.read().decode()
+    token = os.environ.get(TOKEN_ENV)
+    if token is None:
+        return None
+    read_end, write_end = os.pipe()
+    os.write(write_end, token.encode())  # a few bytes: never fills the pipe
+    os.close(write_end)
+    os.set_inheritable(read_end, True)
+    env = {name: value for name, value in os.environ.items() if name != TOKEN_ENV}
+    env[_TOKEN_FD_ENV] = str(read_end)
+    sys.stdout.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+    raise AssertionError("unreachable")  # pragma: no cover - execve does not return
 
 
 def _gateway_argv(args: argparse.Namespace) -> list[str]:
@@ -209,16 +246,35 @@ def _runs_ipykernel(argv: list[str]) -> bool:
     return any(part in ("ipykernel", "ipykernel_launcher") for part in argv)
 
 
-def _tuned_kernel_spec_manager_class() -> type[Any]:
+def _jail_prefix(config: dict[str, Any]) -> list[str]:
+    """The command put before a kernel's to run it in ``kernel_jail.py``."""
+    config = dict(config)
+    # This interpreter runs the kernels: bind its files back where they are
+    # hidden (a home directory, /tmp), read-only.
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *(p for p in sys.path if p)}
+    config["ro_binds"] = [*config.get("ro_binds", []), *sorted(p for p in paths if os.path.exists(p))]
+    jail = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_jail.py")
+    return [sys.executable, "-I", "-S", jail, json.dumps(config)]
+
+
+def _tuned_kernel_spec_manager_class(jail: list[str] | None) -> type[Any]:
     from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 
     class TunedKernelSpecManager(KernelSpecManager):
-        """Adds :data:`KERNEL_TUNING_ARGS` to the command of IPython kernels."""
+        """Adds :data:`KERNEL_TUNING_ARGS` to IPython kernels; jails every kernel if asked."""
 
         def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
             spec = super().get_kernel_spec(kernel_name)
             if _runs_ipykernel(spec.argv):
                 spec.argv = [*spec.argv, *(arg for arg in KERNEL_TUNING_ARGS if arg not in spec.argv)]
+            if jail is not None:
+                # jupyter_client swaps a leading "python" for its interpreter only
+                # at the front of the command: do it before the prefix goes there.
+                kernel = list(spec.argv)
+                if kernel and kernel[0] in ("python", "python3"):
+                    kernel[0] = sys.executable
+                spec.argv = [*jail, *kernel]
+                spec.interrupt_mode = "message"
             return spec
 
     return TunedKernelSpecManager
@@ -337,7 +393,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--nice", type=int, default=0, help="lower the CPU priority of the gateway and kernels"
     )
+    parser.add_argument("--remove-dir", help="delete this directory when the gateway stops")
+    parser.add_argument("--kernel-jail", help="JSON config: run kernels in kernel_jail.py")
     args = parser.parse_args(argv)
+    token = _take_token()
     if args.nice:
         os.nice(args.nice)
     # Inherited by kernels: silences debugpy's frozen-modules warning on stderr.
@@ -348,7 +407,10 @@ def main(argv: list[str] | None = None) -> None:
 
     config = Config()
     config.KernelGatewayApp.kernel_websocket_connection_class = _no_delay_connection_class()
-    config.KernelGatewayApp.kernel_spec_manager_class = _tuned_kernel_spec_manager_class()
+    if token is not None:
+        config.KernelGatewayApp.auth_token = token
+    jail = _jail_prefix(json.loads(args.kernel_jail)) if args.kernel_jail else None
+    config.KernelGatewayApp.kernel_spec_manager_class = _tuned_kernel_spec_manager_class(jail)
     config.KernelGatewayApp.kernel_manager_class = _light_activity_kernel_manager_class()
     app = KernelGatewayApp.instance(config=config)
     app.initialize(_gateway_argv(args))
@@ -367,11 +429,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app.start()
     finally:
+        import shutil
+
         runtime_dir = os.environ.get("JUPYTER_RUNTIME_DIR")
         if args.remove_runtime_dir and runtime_dir:
-            import shutil
-
             shutil.rmtree(runtime_dir, ignore_errors=True)
+        if args.remove_dir:
+            shutil.rmtree(args.remove_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@
 Modal's cold start is seconds (create to first command), a local gateway's
 about one; an agent server cannot pay that per request. The pool keeps
 ``min_idle`` executors started in the background, each a fresh kernel on a
-running sandbox, so ``async with pool.session() as executor`` costs one health
-check. After a session its kernel is deleted and the sandbox gets a new
-kernel for the next user (no state leaks between sessions); a sandbox is
-retired after ``max_uses`` sessions, after ``max_idle_time`` unused, or when it
-fails a health check.
+fresh sandbox, so ``async with pool.session() as executor`` costs one health
+check. After a session its sandbox is terminated and a new one warmed in the
+background: no session can reach what another left running (a detached
+process, a file, the sandbox's gateway). A sandbox is also retired after
+``max_idle_time`` unused, or when it fails a health check.
+
+``reuse_sandboxes=True`` (trusted code only, e.g. one tenant) keeps a sandbox
+for up to ``max_uses`` sessions, each on a fresh kernel: cheaper, but a process
+a session leaves behind shares the sandbox with the next one.
 
 Every sandbox has one owner, the pool: :meth:`SandboxPool.aclose` (also when
 cancelled) terminates all of them, including those lent to running sessions.
@@ -71,7 +75,9 @@ class SandboxPool:
             :class:`~async_modal_exec.LocalBackend`; e.g. ``lambda: ModalBackend(...)``).
         min_idle: executors kept ready in the background.
         max_size: most sandboxes alive at once (idle, lent or starting).
-        max_uses: sessions per sandbox before it is retired.
+        reuse_sandboxes: give a sandbox to more than one session (a fresh
+            kernel each time). Off by default: only for code you trust.
+        max_uses: sessions per sandbox before it is retired (with ``reuse_sandboxes``).
         max_idle_time: seconds a ready executor may wait unused before its
             sandbox is retired and replaced (None: forever).
         acquire_timeout: default seconds :meth:`session` waits for a free executor.
@@ -85,6 +91,7 @@ class SandboxPool:
         *,
         min_idle: int = 1,
         max_size: int = 4,
+        reuse_sandboxes: bool = False,
         max_uses: int = 100,
         max_idle_time: float | None = None,
         acquire_timeout: float = 120.0,
@@ -101,6 +108,7 @@ class SandboxPool:
         self.backend_factory = backend_factory
         self.min_idle = min_idle
         self.max_size = max_size
+        self.reuse_sandboxes = reuse_sandboxes
         self.max_uses = max_uses
         self.max_idle_time = max_idle_time
         self.acquire_timeout = acquire_timeout
@@ -200,8 +208,9 @@ class SandboxPool:
 
         Waits up to ``timeout`` (default ``acquire_timeout``) when ``max_size``
         sandboxes are busy, then raises :class:`PoolExhausted`. On exit the
-        kernel is deleted and the sandbox gets a new kernel in the background
-        (or is retired). Cancelling the wait leaves nothing behind.
+        sandbox is terminated in the background (with ``reuse_sandboxes``: the
+        kernel is deleted and the sandbox gets a new one). Cancelling the wait
+        leaves nothing behind.
         """
         warm = await self._acquire(self.acquire_timeout if timeout is None else timeout)
         self._lent.add(warm.executor)
@@ -316,10 +325,10 @@ class SandboxPool:
         self._replenish()
 
     async def _recycle(self, sandbox: _Sandbox, executor: AsyncExecutor) -> None:
-        """Delete the session's kernel; give the sandbox a fresh one, or retire it."""
+        """Retire the session's sandbox, or (reusing) give it a fresh kernel."""
         await executor.aclose()
         sandbox.uses += 1
-        if sandbox.uses >= self.max_uses:
+        if not self.reuse_sandboxes or sandbox.uses >= self.max_uses:
             await self._retire(sandbox)
         else:
             try:

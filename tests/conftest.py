@@ -29,8 +29,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="session")
 async def gateway() -> AsyncIterator[GatewayEndpoint]:
-    """A real Kernel Gateway (our launcher) on 127.0.0.1, shared by the session."""
-    backend = LocalBackend()
+    """A real Kernel Gateway (our launcher) on 127.0.0.1, shared by the session.
+
+    It stands for "any gateway" (GatewayBackend tests): kernels not jailed, as
+    on a gateway someone else runs. The jail has tests of its own.
+    """
+    backend = LocalBackend(isolation="none")
     endpoint = await backend.start()
     pid = backend.pid
     try:

@@ -23,7 +23,7 @@ from smolagents.memory import ActionStep
 from smolagents.monitoring import AgentLogger, LogLevel
 from smolagents.utils import AgentError
 
-from async_modal_exec import ExecutorStateError, GatewayBackend, GatewayEndpoint
+from async_modal_exec import ExecutorStateError, GatewayBackend, GatewayEndpoint, LocalBackend
 from async_modal_exec.agent import Executor, run_agent
 
 from .agent_helpers import KeyedTool, ScriptedModel, YamlTool
@@ -162,6 +162,26 @@ def test_missing_packages_are_installed_once(gateway: GatewayEndpoint, tmp_path:
         executor.cleanup()
 
 
+def test_jailed_local_kernels_get_packages_in_their_own_directory(tmp_path: Path) -> None:
+    import importlib.util
+
+    from async_modal_exec import create_local_executor
+
+    wheel = _dummy_wheel(tmp_path)
+    spec = f"ame_dummy_pkg @ {wheel.as_uri()}"
+    executor = create_local_executor(logger=QUIET, install_timeout=120)  # jailed: no network in the kernel
+    try:
+        assert executor.install_packages([spec]) == [spec]
+        backend = executor.core.backend
+        assert isinstance(backend, LocalBackend) and backend.isolated
+        where = executor("import ame_dummy_pkg\name_dummy_pkg.__file__").output
+        assert str(where).startswith(repr(backend.packages_dir)[:-1]), where
+        assert importlib.util.find_spec("ame_dummy_pkg") is None, "installed into the host's environment"
+        assert executor.install_packages([spec]) == []
+    finally:
+        executor.cleanup()
+
+
 def test_failed_install_names_the_package(agent_executor: Executor, tmp_path: Path) -> None:
     from async_modal_exec import PackageInstallError
 
@@ -233,15 +253,19 @@ def test_process_exit_without_cleanup_stops_everything() -> None:
         """
         from smolagents.monitoring import AgentLogger, LogLevel
         from async_modal_exec import create_local_executor
+        from async_modal_exec.backends.local import _process_tree
         executor = create_local_executor(logger=AgentLogger(level=LogLevel.OFF))
-        print(executor("import os\\nos.getpid()").output, executor.core.backend.pid, flush=True)
+        executor("import os\\nos.getpid()")
+        gateway = executor.core.backend.pid
+        print(gateway, *(pid for pid, _ in _process_tree(gateway)), flush=True)
         # no cleanup(): the interpreter exits with the portal thread still running
         """
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    kernel_pid, gateway_pid = (int(x) for x in done.stdout.split())
-    assert asyncio.run(wait_gone([kernel_pid, gateway_pid], timeout=10)) == []
+    pids = [int(x) for x in done.stdout.split()]
+    assert len(pids) > 1, "the gateway and its kernel"
+    assert asyncio.run(wait_gone(pids, timeout=10)) == []
 
 
 async def test_a_sync_call_inside_a_running_loop_warns(agent_executor: Executor) -> None:

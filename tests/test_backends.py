@@ -36,25 +36,25 @@ from .helpers import pid_alive, sleeper, until_running, wait_gone
 
 
 async def test_local_backend_close_leaves_nothing() -> None:
-    backend = LocalBackend()
+    backend = LocalBackend()  # jailed: the kernel's pid is only known from the host's side
     async with AsyncExecutor(backend) as executor:
-        result = await executor.run("import os\nos.getpid()")
-        kernel_pid = int(result.value.text)  # type: ignore[union-attr]
+        await executor.run("import os\nos.getpid()")
         gateway_pid = backend.pid
         assert gateway_pid is not None
-        runtime_dir = backend._runtime_dir
+        runtime_dir = backend._private_dir
         assert runtime_dir is not None and os.path.isdir(runtime_dir)
-        # The kernel runs in its own session, so killing the gateway's group would miss it.
-        assert os.getsid(kernel_pid) != os.getsid(gateway_pid)
         tree = [pid for pid, _ in _process_tree(gateway_pid)]
-        assert kernel_pid in tree
-    assert await wait_gone([gateway_pid, kernel_pid, *tree], timeout=5) == []
+        assert tree, "the kernel (and its jail) run under the gateway"
+        # The kernel runs in its own session, so killing the gateway's group would miss it.
+        assert any(os.getsid(pid) != os.getsid(gateway_pid) for pid in tree)
+    assert await wait_gone([gateway_pid, *tree], timeout=5) == []
     assert not os.path.exists(runtime_dir)
     await backend.aclose()  # twice is harmless
 
 
 async def test_local_backend_kills_kernels_that_survive_the_gateway() -> None:
-    backend = LocalBackend()
+    # Unjailed (a jailed kernel's processes die with it, see test_isolation).
+    backend = LocalBackend(isolation="none")
     executor = AsyncExecutor(backend)
     await executor.start()
     # A kernel child that ignores SIGTERM and detaches into its own session.
@@ -76,11 +76,13 @@ async def test_gateway_stops_when_its_parent_dies() -> None:
         """
         import asyncio, os, sys
         from async_modal_exec import AsyncExecutor, LocalBackend
+        from async_modal_exec.backends.local import _process_tree
         async def main():
             backend = LocalBackend()
             executor = await AsyncExecutor(backend).start()
-            kernel = (await executor.run("import os; os.getpid()")).value.text
-            print(backend.pid, kernel, backend._runtime_dir, flush=True)
+            await executor.run("import os; os.getpid()")
+            tree = ",".join(str(pid) for pid, _ in _process_tree(backend.pid))
+            print(backend.pid, tree, backend._private_dir, flush=True)
             await asyncio.sleep(600)
         asyncio.run(main())
         """
@@ -88,10 +90,11 @@ async def test_gateway_stops_when_its_parent_dies() -> None:
     parent = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=subprocess.PIPE)
     assert parent.stdout is not None
     line = await asyncio.wait_for(parent.stdout.readline(), 60)
-    gateway, kernel, runtime_dir = line.decode().split()
+    gateway, tree, runtime_dir = line.decode().split()
+    assert tree, "the kernel runs under the gateway"
     parent.send_signal(signal.SIGKILL)
     await parent.wait()
-    assert await wait_gone([int(gateway), int(kernel)], timeout=15) == []
+    assert await wait_gone([int(gateway), *map(int, tree.split(","))], timeout=15) == []
     assert not os.path.exists(runtime_dir), "the gateway's runtime dir was left behind"
 
 
@@ -221,10 +224,17 @@ def test_kernel_tuning_applies_to_ipython_kernel_specs_only(tmp_path: Path) -> N
         (tmp_path / name / "kernel.json").write_text(
             json.dumps({"argv": argv, "display_name": name, "language": name})
         )
-    manager = _tuned_kernel_spec_manager_class()(kernel_dirs=[str(tmp_path)], ensure_native_kernel=False)
+    manager = _tuned_kernel_spec_manager_class(None)(kernel_dirs=[str(tmp_path)], ensure_native_kernel=False)
     assert manager.get_kernel_spec("py").argv == [*specs["py"], *KERNEL_TUNING_ARGS]
     assert manager.get_kernel_spec("py").argv == [*specs["py"], *KERNEL_TUNING_ARGS]  # not appended twice
     assert manager.get_kernel_spec("other").argv == specs["other"]
+    # Jailed: every kernel (not only IPython) runs behind the jail, interrupted by message.
+    jail = ["/usr/bin/python3", "-I", "-S", "kernel_jail.py", "{}"]
+    manager = _tuned_kernel_spec_manager_class(jail)(kernel_dirs=[str(tmp_path)], ensure_native_kernel=False)
+    for name in specs:
+        spec = manager.get_kernel_spec(name)
+        assert spec.argv[: len(jail)] == jail and spec.interrupt_mode == "message"
+    assert manager.get_kernel_spec("py").argv == [*jail, *specs["py"], *KERNEL_TUNING_ARGS]
 
 
 async def test_gateway_tracks_kernel_activity(

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import modal
 import pytest
@@ -27,6 +28,7 @@ from async_modal_exec.gateway import GatewayClient
 
 from .helpers import wait_gone
 from .modal_double import ModalDouble
+from .snooper import snoop_across_sessions
 
 pytestmark = pytest.mark.usefixtures("modal_sandboxes_checked")
 
@@ -403,3 +405,15 @@ def test_every_modal_error_becomes_one_of_ours() -> None:
 
 
 MakeModal = Callable[..., Awaitable[AsyncExecutor]]
+
+
+async def test_a_process_left_by_one_pooled_sandbox_session_cannot_read_the_next(
+    modal_double: ModalDouble, tmp_path: Path
+) -> None:
+    def factory() -> ModalBackend:
+        return backend_for(modal_double, app_name="pool-snoop")
+
+    async with SandboxPool(factory, min_idle=1, max_size=1) as pool:
+        heard = await snoop_across_sessions(pool, tmp_path / "report.txt")
+    assert "started" in heard
+    assert "B-SECRET" not in heard, heard[-2000:]

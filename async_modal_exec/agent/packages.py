@@ -115,10 +115,14 @@ class PackageInstaller:
             return []
         specs = [r.spec for r in missing]
         logger.info("installing in the sandbox: %s", " ".join(specs))
-        result = await executor.run(install_code(specs, use_uv=bool(probe["uv"])), timeout=self.timeout)
-        outcome = _marked_json(result.raise_for_error().stdout)
-        if outcome["returncode"] != 0:
-            text = str(outcome["output"])
+        if executor.backend.installs_on_host:
+            returncode, text = await executor.backend.install(specs, self.timeout)
+            (await executor.run("import importlib\nimportlib.invalidate_caches()")).raise_for_error()
+        else:
+            result = await executor.run(install_code(specs, use_uv=bool(probe["uv"])), timeout=self.timeout)
+            outcome = _marked_json(result.raise_for_error().stdout)
+            returncode, text = int(outcome["returncode"]), str(outcome["output"])
+        if returncode != 0:
             named = [spec for spec in specs if spec.lower() in text.lower()] or specs
             raise PackageInstallError(
                 f"installing {', '.join(named)} in the sandbox failed:\n{text[-1500:]}",

@@ -42,10 +42,24 @@ class Backend(abc.ABC):
             run (None: keep it open). Tunnels that bill for open connections
             (Modal) set it.
         timings: seconds each startup phase took, filled by ``start()``.
+        installs_on_host: packages for its kernels are installed by
+            :meth:`install` from the host, not by an installer in the kernel
+            (a jailed local kernel has no network and a read-only system).
     """
 
     idle_disconnect: float | None = None
     timings: dict[str, float]
+
+    @property
+    def installs_on_host(self) -> bool:
+        return False
+
+    async def install(self, specs: list[str], timeout: float) -> tuple[int, str]:
+        """Install ``specs`` for the kernels from the host: (exit status, end of output).
+
+        Only backends whose :attr:`installs_on_host` is true implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} installs packages in the kernel")
 
     @abc.abstractmethod
     async def start(self) -> GatewayEndpoint:

@@ -1,9 +1,11 @@
-"""LocalBackend: a Kernel Gateway subprocess on loopback.
+"""LocalBackend: a Kernel Gateway subprocess on loopback, kernels in bubblewrap jails.
 
-No account and no credentials, but **no isolation either**: code runs as the
-current user on this machine, with its files and network. Use it for
-development, tests and trusted code; use Modal (or your own sandboxed gateways)
-for model-written code you do not trust.
+No account and no credentials. Where bubblewrap works (Linux with user
+namespaces) each kernel runs jailed: no network, its own PID space, the host
+read-only and the home directory hidden, one writable work directory, no host
+environment, resource limits (see :mod:`async_modal_exec.backends.isolation`
+and ``docs/security.md``). Where it cannot, the default (``isolation="auto"``)
+warns once and runs kernels as you, with your files and network.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import logging
 import math
 import os
@@ -31,6 +34,7 @@ from .._shield import run_shielded
 from .._timing import record_phase
 from ..errors import BackendStartError, ExecutorStateError
 from .base import Backend, GatewayEndpoint
+from .isolation import Isolation, Limits, choose, jail_config, make_pids_cgroup, remove_cgroup
 
 # Runs the launcher file given as the first argument as __main__; unlike
 # ``-m async_modal_exec.launcher`` it does not import this package (aiohttp and
@@ -113,20 +117,34 @@ async def _wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int | 
 
 
 def _make_private_dir() -> tuple[str, IO[bytes]]:
-    runtime_dir = tempfile.mkdtemp(prefix="ame-", dir=_short_temp_root())
-    log = open(os.path.join(runtime_dir, "gateway.log"), "wb")  # noqa: SIM115 - owned by the backend
-    return runtime_dir, log
+    """``ame-*/`` with ``gateway.log``, ``rt/`` (Jupyter runtime), ``work/`` and ``packages/``."""
+    private_dir = tempfile.mkdtemp(prefix="ame-", dir=_short_temp_root())
+    for name in ("rt", "work", "packages"):
+        os.mkdir(os.path.join(private_dir, name))
+    log = open(os.path.join(private_dir, "gateway.log"), "wb")  # noqa: SIM115 - owned by the backend
+    return private_dir, log
 
 
 class LocalBackend(Backend):
-    """Starts a Jupyter Kernel Gateway subprocess on 127.0.0.1.
+    """Starts a Jupyter Kernel Gateway subprocess on 127.0.0.1; jails its kernels.
 
     The gateway runs through this package's launcher (``TCP_NODELAY`` on kernel
     websockets, IOPub rate limit lifted, IPC kernels) with the current
-    interpreter, a free port and a fresh random token. It gets a private, short
-    ``JUPYTER_RUNTIME_DIR`` that is removed on close.
+    interpreter, a free port and a fresh random token (kept out of every
+    process's environment). It gets a private, short directory (Jupyter
+    runtime files, the work directory, installed packages) that is removed on
+    close.
 
-    **No isolation**: the code runs as you, on this machine.
+    **Isolation** (``isolation=``): ``"auto"`` (default) jails every kernel with
+    bubblewrap where it works and otherwise logs one warning and runs kernels
+    as you; ``"bwrap"`` insists (:class:`BackendStartError` where it cannot
+    work); ``"none"`` runs kernels as you, with your files, network and
+    environment. :attr:`isolated` says which one you got after :meth:`start`.
+    A jailed kernel has no network, sees only its own processes (all of them
+    die with it), sees the host read-only with an empty home and ``/tmp``,
+    writes only in its work directory, gets no host environment variable but
+    ``PATH``/``LANG`` and ``env=``, and runs within ``limits``. Packages
+    installed for it (:meth:`install`) go into the backend's own directory.
 
     Closing stops the gateway and every process it started (kernels run in
     their own sessions, so the whole tree is tracked). If this Python process
@@ -135,8 +153,12 @@ class LocalBackend(Backend):
 
     Args:
         python: interpreter with jupyter_kernel_gateway and ipykernel (default: this one).
-        cwd: working directory of the gateway and its kernels.
-        env: extra environment variables for the gateway and its kernels.
+        cwd: working directory of the kernels (jailed: the one writable
+            directory; default: a fresh one removed on close).
+        env: environment variables for the kernels (jailed: the only ones
+            besides ``PATH``, ``HOME``, ``LANG``, ``TMPDIR`` and ``PYTHONPATH``).
+        isolation: ``"auto"``, ``"bwrap"`` or ``"none"`` (see above).
+        limits: resource limits of each jailed kernel (default :class:`Limits`).
         startup_timeout: seconds to wait for the gateway to listen.
         nice: niceness added to the gateway and its kernels (default 5): code in
             the kernels gets less CPU than the host process when both want it,
@@ -151,15 +173,23 @@ class LocalBackend(Backend):
         env: dict[str, str] | None = None,
         startup_timeout: float = 60.0,
         nice: int = 5,
+        isolation: Isolation = "auto",
+        limits: Limits | None = None,
     ) -> None:
+        if isolation not in ("auto", "bwrap", "none"):
+            raise ValueError(f"isolation must be 'auto', 'bwrap' or 'none', got {isolation!r}")
         self.python = python or sys.executable
+        self.isolation: Isolation = isolation
+        self.limits = limits or Limits()
+        self.isolated: bool | None = None  # known after start()
+        self._pids_cgroup: str | None = None
         self.cwd = cwd
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
         self.nice = nice
         self.timings: dict[str, float] = {}
         self._process: subprocess.Popen[bytes] | None = None
-        self._runtime_dir: str | None = None
+        self._private_dir: str | None = None
         self._log: IO[bytes] | None = None
         self._endpoint: GatewayEndpoint | None = None
         self._started = False
@@ -185,13 +215,18 @@ class LocalBackend(Backend):
         begin = time.monotonic()
         token = secrets.token_urlsafe(32)
         try:
+            bwrap = await choose(self.isolation)
+            self.isolated = bwrap is not None
             # A few syscalls on /tmp: cheaper than handing them to a worker thread.
-            self._runtime_dir, self._log = _make_private_dir()
+            self._private_dir, self._log = _make_private_dir()
+            private_dir = self._private_dir
+            runtime_dir = os.path.join(private_dir, "rt")
+            work_dir = os.fspath(self.cwd) if self.cwd is not None else os.path.join(private_dir, "work")
             env = {
                 **os.environ,
                 **self.env,
-                "KG_AUTH_TOKEN": token,
-                "JUPYTER_RUNTIME_DIR": str(self._runtime_dir),
+                _launcher().TOKEN_ENV: token,
+                "JUPYTER_RUNTIME_DIR": runtime_dir,
             }
             # Spawned on the one spawner thread: Popen waits for the child's
             # exec (vfork), which takes 10-20 ms when the CPUs are busy, and
@@ -202,9 +237,21 @@ class LocalBackend(Backend):
                 "--ip=127.0.0.1",
                 "--port=0",
                 "--exit-on-stdin-eof",
-                "--remove-runtime-dir",
+                f"--remove-dir={private_dir}",
                 f"--nice={self.nice}",
             ]
+            if bwrap is not None:
+                self._pids_cgroup = make_pids_cgroup(os.path.basename(private_dir), self.limits.max_processes)
+                config = jail_config(
+                    bwrap,
+                    work_dir=work_dir,
+                    runtime_dir=runtime_dir,
+                    packages_dir=self.packages_dir,
+                    env=self.env,
+                    limits=self.limits,
+                    pids_cgroup=self._pids_cgroup,
+                )
+                options.append(f"--kernel-jail={json.dumps(config)}")
             log = self._log
 
             def spawn() -> subprocess.Popen[bytes]:
@@ -216,7 +263,7 @@ class LocalBackend(Backend):
                     stdout=subprocess.PIPE,
                     stderr=log,
                     env=env,
-                    cwd=self.cwd,
+                    cwd=work_dir,
                     start_new_session=True,
                 )
 
@@ -265,10 +312,39 @@ class LocalBackend(Backend):
         )
 
     async def _log_tail(self) -> str:
-        if self._runtime_dir is None:
+        if self._private_dir is None:
             return ""
-        text = await anyio.Path(self._runtime_dir, "gateway.log").read_text(errors="replace")
+        text = await anyio.Path(self._private_dir, "gateway.log").read_text(errors="replace")
         return text[-3000:]
+
+    @property
+    def packages_dir(self) -> str:
+        """Where :meth:`install` puts packages (first on the kernels' ``sys.path`` when jailed)."""
+        if self._private_dir is None:
+            raise ExecutorStateError("the LocalBackend is not started")
+        return os.path.join(self._private_dir, "packages")
+
+    @property
+    def installs_on_host(self) -> bool:
+        """Jailed kernels have no network: packages are installed from the host (:meth:`install`)."""
+        return bool(self.isolated)
+
+    async def install(self, specs: list[str], timeout: float) -> tuple[int, str]:
+        """Install ``specs`` with pip into :attr:`packages_dir`, never the host's environment.
+
+        Returns the installer's exit status and the end of its output. Runs
+        on the host (the jail has no network); the directory is mounted
+        read-only in the kernels. Cancelling the call (or ``timeout``) kills
+        the installer.
+        """
+        command = [
+            self.python, "-m", "pip", "install", "--disable-pip-version-check",
+            "--no-input", "--target", self.packages_dir, *specs,
+        ]  # fmt: skip
+        with anyio.move_on_after(timeout):
+            done = await anyio.run_process(command, check=False, stderr=subprocess.STDOUT)
+            return done.returncode, done.stdout.decode(errors="replace")[-4000:]
+        return -1, f"the installer did not finish within {timeout} s (stopped)"
 
     async def aclose(self) -> None:
         """Stop the gateway and all its kernels, remove the runtime dir. Safe to call twice.
@@ -294,11 +370,14 @@ class LocalBackend(Backend):
                     pipe.close()
             self._process = None
         log, self._log = self._log, None
-        runtime_dir, self._runtime_dir = self._runtime_dir, None
+        private_dir, self._private_dir = self._private_dir, None
+        cgroup, self._pids_cgroup = self._pids_cgroup, None
         if log is not None:
             log.close()
-        if runtime_dir is not None:
-            await anyio.to_thread.run_sync(lambda: shutil.rmtree(runtime_dir, ignore_errors=True))
+        if private_dir is not None:
+            await anyio.to_thread.run_sync(lambda: shutil.rmtree(private_dir, ignore_errors=True))
+        if cgroup is not None:
+            remove_cgroup(cgroup)
 
     def __repr__(self) -> str:
         return f"LocalBackend(pid={self.pid})"

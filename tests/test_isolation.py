@@ -1,0 +1,258 @@
+"""LocalBackend's jail, tried the way model-written code would try to get out.
+
+Each test runs real code in a real kernel behind a real gateway, jailed by the
+real bubblewrap binary, and checks from the host that the attempt failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from async_modal_exec import AsyncExecutor, BackendStartError, LocalBackend
+from async_modal_exec.backends import isolation
+from async_modal_exec.backends.isolation import Limits
+
+from .helpers import descendants, wait_gone
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bubblewrap is Linux only")
+
+HOST_SECRET = "AME_HOST_SECRET"
+
+
+@pytest.fixture
+async def jailed(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[AsyncExecutor]:
+    # Planted in this process's environment before the gateway starts: the
+    # kernel must not see it.
+    monkeypatch.setenv(HOST_SECRET, "host-" + secrets.token_hex(8))
+    backend = LocalBackend(
+        isolation="bwrap", limits=Limits(memory_bytes=2 << 30, max_processes=64), env={"GIVEN": "yes"}
+    )
+    async with AsyncExecutor(backend, timeout=30) as executor:
+        assert backend.isolated is True
+        yield executor
+
+
+async def value(executor: AsyncExecutor, code: str) -> str:
+    result = await executor.run(code)
+    result.raise_for_error()
+    assert result.value is not None, result
+    return result.value.text
+
+
+def gateway_port(executor: AsyncExecutor) -> int:
+    backend = executor.backend
+    assert isinstance(backend, LocalBackend) and backend._endpoint is not None
+    return int(backend._endpoint.base_url.rsplit(":", 1)[1])
+
+
+async def test_no_tcp_to_the_gateway_or_a_host_listener(jailed: AsyncExecutor) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ports = [gateway_port(jailed), listener.getsockname()[1]]
+        # Reachable from the host: the attempts below would succeed unjailed.
+        for port in ports:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        outcome = await value(
+            jailed,
+            "import socket\n"
+            "def attempt(port):\n"
+            "    try:\n"
+            "        socket.create_connection(('127.0.0.1', port), timeout=2).close()\n"
+            "        return 'connected'\n"
+            "    except OSError as exc:\n"
+            "        return type(exc).__name__\n"
+            f"[attempt(port) for port in {ports!r}]",
+        )
+    assert "connected" not in outcome and "ConnectionRefusedError" in outcome
+
+
+async def test_writes_land_only_in_the_work_directory(jailed: AsyncExecutor, tmp_path: Path) -> None:
+    backend = jailed.backend
+    assert isinstance(backend, LocalBackend)
+    targets = [tmp_path / "escape.txt", Path(sys.prefix) / "escape.txt", Path.home() / "escape.txt"]
+    outcome = await value(
+        jailed,
+        "import os\n"
+        "def attempt(path):\n"
+        "    try:\n"
+        "        with open(path, 'w') as f: f.write('out')\n"
+        "        return 'written'\n"
+        "    except OSError as exc:\n"
+        "        return type(exc).__name__\n"
+        "open('inside.txt', 'w').write('in')\n"
+        f"[attempt(p) for p in {[str(t) for t in targets]!r}], os.getcwd()",
+    )
+    for target in targets:
+        assert not target.exists(), f"{target} was written from the jail ({outcome})"
+    # The home and /tmp are private (writable, gone afterwards); the host stays as it was.
+    work_dir = outcome.rsplit(",", 1)[1].strip(" ')")
+    assert (Path(work_dir) / "inside.txt").read_text() == "in"
+    assert "OSError" in outcome or "Read-only" in outcome or "FileNotFoundError" in outcome
+
+
+async def test_files_under_the_host_home_are_hidden(jailed: AsyncExecutor) -> None:
+    planted = Path.home() / f"ame-planted-{secrets.token_hex(4)}.txt"
+    planted.write_text("host secret")
+    try:
+        outcome = await value(
+            jailed,
+            f"import os\ntry:\n    r = open({str(planted)!r}).read()\nexcept OSError as exc:\n"
+            f"    r = type(exc).__name__\nr",
+        )
+    finally:
+        planted.unlink()
+    assert outcome == "'FileNotFoundError'"
+
+
+async def test_no_host_environment_and_no_gateway_token(jailed: AsyncExecutor) -> None:
+    backend = jailed.backend
+    assert isinstance(backend, LocalBackend) and backend._endpoint is not None
+    token = backend._endpoint.token
+    assert token
+    outcome = await value(
+        jailed,
+        "import os\n"
+        "found = []\n"
+        "for pid in os.listdir('/proc'):\n"
+        "    for name in ('environ', 'cmdline'):\n"
+        "        try:\n"
+        "            found.append(open(f'/proc/{pid}/{name}', 'rb').read().decode(errors='replace'))\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "'\\n'.join(found + [repr(dict(os.environ))])",
+    )
+    assert token not in outcome and "KG_AUTH_TOKEN" not in outcome
+    assert os.environ[HOST_SECRET] not in outcome and HOST_SECRET not in outcome
+    assert "GIVEN" in outcome  # what env= passes does arrive
+    # Nor does the gateway hold it in its environment, seen from the host.
+    assert backend.pid is not None
+    assert token.encode() not in Path(f"/proc/{backend.pid}/environ").read_bytes()
+
+
+async def test_host_processes_are_invisible_and_out_of_reach(jailed: AsyncExecutor) -> None:
+    host_pids = [os.getpid(), os.getppid()]
+    outcome = await value(
+        jailed,
+        "import os, signal\n"
+        "seen = [open(f'/proc/{p}/cmdline','rb').read() for p in os.listdir('/proc') if p.isdigit()]\n"
+        "def attempt(pid):\n"
+        "    try:\n"
+        "        os.kill(pid, 0)\n"
+        "        return 'reachable'\n"
+        "    except OSError as exc:\n"
+        "        return type(exc).__name__\n"
+        f"len(seen), any(b'pytest' in s for s in seen), [attempt(p) for p in {host_pids!r}]",
+    )
+    count, saw_pytest, attempts = outcome.strip("()").split(", ", 2)
+    assert int(count) < 10, outcome  # the kernel and what it started, nothing else
+    assert saw_pytest == "False"
+    assert "reachable" not in attempts or all(p == 1 for p in host_pids), outcome
+
+
+async def test_no_process_outlives_its_kernel(jailed: AsyncExecutor) -> None:
+    marker = f"ame-detached-{secrets.token_hex(4)}"
+    await value(
+        jailed,
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', {marker!r}],"
+        " start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,"
+        " stderr=subprocess.DEVNULL)\np.pid",
+    )
+    detached = [pid for pid in descendants() if marker.encode() in _cmdline(pid)]
+    assert detached, "the detached process should run while its kernel runs"
+    old_kernel = jailed.kernel_id
+    await jailed.restart()
+    assert jailed.kernel_id != old_kernel
+    assert await wait_gone(detached) == [], "a detached process survived its kernel"
+    assert await value(jailed, "'still usable'") == "'still usable'"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+async def test_a_fork_bomb_is_contained_and_reported(jailed: AsyncExecutor) -> None:
+    outcome = await value(
+        jailed,
+        "import os, signal, time\n"
+        "children = []\n"
+        "try:\n"
+        "    while len(children) < 10_000:\n"
+        "        pid = os.fork()\n"
+        "        if pid == 0:\n"
+        "            time.sleep(60)\n"
+        "            os._exit(0)\n"
+        "        children.append(pid)\n"
+        "    stopped_by = 'nothing'\n"
+        "except OSError as exc:\n"
+        "    stopped_by = type(exc).__name__\n"
+        "for pid in children:\n"
+        "    os.kill(pid, signal.SIGKILL)\n"
+        "    os.waitpid(pid, 0)\n"
+        "len(children), stopped_by",
+    )
+    forked, stopped_by = outcome.strip("()").split(", ")
+    assert stopped_by == "'BlockingIOError'", outcome
+    assert int(forked) < 64
+    assert await value(jailed, "1 + 1") == "2"
+
+
+async def test_a_memory_bomb_is_a_memory_error_and_the_kernel_lives(jailed: AsyncExecutor) -> None:
+    result = await jailed.run("hoard = []\nwhile True:\n    hoard.append(bytearray(50 * 2**20))")
+    assert result.error is not None and result.error.ename == "MemoryError", result
+    assert await value(jailed, "n = len(hoard)\ndel hoard\nn > 0") == "True"
+    result = await jailed.run("bytearray(8 * 2**30)")
+    assert result.error is not None and result.error.ename == "MemoryError", result
+    assert await value(jailed, "1 + 1") == "2"
+
+
+async def test_bwrap_that_cannot_work_fails_clearly_and_auto_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Outermost boundary: a machine without a working bwrap is simulated by
+    # pointing at a binary that does not exist; the real probe then fails.
+    monkeypatch.setattr(isolation, "find_bwrap", lambda: "/nonexistent/bwrap")
+    with pytest.raises(BackendStartError, match="isolation='bwrap' cannot work here"):
+        async with LocalBackend(isolation="bwrap"):
+            pass
+    isolation._warn_once.cache_clear()
+    backend = LocalBackend()
+    with caplog.at_level(logging.WARNING, logger="async_modal_exec.backends.local"):
+        async with AsyncExecutor(backend) as executor:
+            assert await value(executor, "6 * 7") == "42"
+    assert backend.isolated is False
+    warnings = [r for r in caplog.records if "WITHOUT isolation" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+async def test_unjailed_kernels_cannot_read_the_token_either() -> None:
+    backend = LocalBackend(isolation="none")
+    async with AsyncExecutor(backend) as executor:
+        assert backend._endpoint is not None and backend.pid is not None
+        token = backend._endpoint.token
+        assert token
+        outcome = await value(
+            executor,
+            f"import os\nopen('/proc/{backend.pid}/environ', 'rb').read().decode() + repr(dict(os.environ))",
+        )
+        assert token not in outcome and "KG_AUTH_TOKEN" not in outcome
+    with pytest.raises(ValueError, match="isolation must be"):
+        LocalBackend(isolation="docker")  # type: ignore[arg-type]
+
+
+async def test_default_local_backend_is_jailed_here() -> None:
+    backend = LocalBackend()
+    async with AsyncExecutor(backend) as executor:
+        assert backend.isolated is True
+        assert await value(executor, "import os\nos.getpid()") == "2"
+    assert await wait_gone([p for p in descendants() if b"kernel_jail" in _cmdline(p)]) == []

@@ -40,6 +40,12 @@ def _build_parser() -> argparse.ArgumentParser:
     source.add_argument("file", nargs="?", help="a file of code to run, or - for stdin")
     run.add_argument("--backend", choices=["local", "gateway", "modal"], default="local")
     run.add_argument("--app", default="smolagent-executor", help="with --backend modal: the Modal app name")
+    run.add_argument(
+        "--isolation",
+        choices=["auto", "bwrap", "none"],
+        default="auto",
+        help="with --backend local: jail the kernel with bubblewrap (default: %(default)s, where it works)",
+    )
     run.add_argument("--gateway-url", help="with --backend gateway: http(s)://host:port of a running gateway")
     run.add_argument(
         "--token-env",
@@ -93,7 +99,7 @@ def _make_backend(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         from .backends.modal_sandbox import ModalBackend
 
         return ModalBackend(app_name=args.app)
-    return LocalBackend()
+    return LocalBackend(isolation=args.isolation)
 
 
 def _show_startup_progress() -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import io
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -35,7 +37,7 @@ from async_modal_exec.backends.local import _process_tree
 from async_modal_exec.fastapi import SessionStore, pool_lifespan, pooled_executor, sessions_router
 from async_modal_exec.gateway import GatewayClient
 
-from .helpers import descendants, measure_loop_lag, sleeper, until_running, wait_gone
+from .helpers import descendants, measure_loop_lag, sleeper, wait_gone
 
 TOKEN = "test-token-3c9a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -275,19 +277,23 @@ async def test_example_app_runs_with_one_command_and_shuts_down_clean() -> None:
     assert process.returncode == 0
 
 
-async def test_example_app_exits_within_seconds_with_sessions_running_code_and_pending_creates(
-    tmp_path: Path,
-) -> None:
+async def test_example_app_exits_within_seconds_with_sessions_running_code_and_pending_creates() -> None:
     # The example's pool holds 4 sandboxes: 3 idle sessions and one running a 60 s sleep use them
     # all, so 3 more creates wait (its acquire_timeout is 120 s).
     async with example_server() as (process, client):
         ids = await asyncio.gather(*(new_session(client) for _ in range(4)))
-        marker = tmp_path / "running"
+        # The example's kernels are jailed: the marker goes into the kernel's
+        # work directory, which the host sees under the backend's private dir.
+        name = f"running-{secrets.token_hex(4)}"
+        code = f"import pathlib, time\npathlib.Path({name!r}).touch()\ntime.sleep(60)"
         running = asyncio.create_task(
-            client.post(f"/sessions/{ids[0]}/run", json={"code": sleeper(marker, 60)}, headers=AUTH)
+            client.post(f"/sessions/{ids[0]}/run", json={"code": code}, headers=AUTH)
         )
         pending = [asyncio.create_task(client.post("/sessions", headers=AUTH)) for _ in range(3)]
-        await until_running(marker)
+        deadline = time.monotonic() + 30
+        while not glob.glob(f"/tmp/ame-*/work/{name}"):
+            assert time.monotonic() < deadline, "the code never started"
+            await asyncio.sleep(0.02)
         await asyncio.sleep(0.5)
         assert not any(task.done() for task in pending), "the creates should wait for a sandbox"
         took = await interrupt_and_wait(process, 30)

@@ -42,7 +42,7 @@ def create_local_executor(
     logger: AgentLogger | None = None,
     **options: Any,
 ) -> Executor:
-    """An :class:`Executor` on a local Kernel Gateway subprocess (no isolation: trusted code only)."""
+    """An :class:`Executor` on a local Kernel Gateway subprocess (kernels jailed where bubblewrap works)."""
     return Executor(LocalBackend(), additional_imports=additional_imports, logger=logger, **options)
 
 

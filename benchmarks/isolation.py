@@ -2,10 +2,11 @@
 
 (s) cold start: ``AsyncExecutor(LocalBackend(isolation=...)).start()`` plus the
     first ``run("1")`` (a new gateway process, kernel, websocket)
-(r) round trip: ``run("x = 1")`` on a started executor, median of N
+(r) round trip: ``run("x = 1")`` on a started executor, median of N; both
+    executors stay open and take turns in batches of 20
 
-Both sides alternate within every round (jailed first in odd rounds, unjailed
-first in even ones), with equal settings, so a noisy machine shifts both.
+Both sides alternate (jailed first in odd rounds, unjailed first in even
+ones), with equal settings, so a noisy machine shifts both.
 Targets: round trip jailed/unjailed <= 1.10, cold start <= 1.20.
 
 Usage: python benchmarks/isolation.py [--rounds N] [--iterations N] [--json]
@@ -25,35 +26,47 @@ from async_modal_exec.backends.isolation import Isolation
 MODES: tuple[Isolation, Isolation] = ("bwrap", "none")
 
 
-async def one_round(mode: Isolation, iterations: int) -> tuple[float, float]:
+async def cold_start(mode: Isolation) -> float:
     began = time.perf_counter()
     async with AsyncExecutor(LocalBackend(isolation=mode)) as executor:
         (await executor.run("1")).raise_for_error()
-        cold = time.perf_counter() - began
-        for _ in range(20):  # warm-up
-            await executor.run("x = 1")
-        samples = []
-        for _ in range(iterations):
-            start = time.perf_counter()
-            await executor.run("x = 1")
-            samples.append(time.perf_counter() - start)
-    return cold, statistics.median(samples)
+        return time.perf_counter() - began
+
+
+async def batch(executor: AsyncExecutor, size: int) -> list[float]:
+    samples = []
+    for _ in range(size):
+        start = time.perf_counter()
+        await executor.run("x = 1")
+        samples.append(time.perf_counter() - start)
+    return samples
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=6, help="cold starts per side (default 6)")
-    parser.add_argument("--iterations", type=int, default=200, help="round trips per round (default 200)")
+    parser.add_argument("--iterations", type=int, default=1000, help="round trips per side (default 1000)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args()
 
     cold: dict[str, list[float]] = {mode: [] for mode in MODES}
-    trip: dict[str, list[float]] = {mode: [] for mode in MODES}
     for index in range(args.rounds):
         for mode in MODES if index % 2 == 0 else reversed(MODES):
-            start, median = await one_round(mode, args.iterations)
-            cold[mode].append(start)
-            trip[mode].append(median)
+            cold[mode].append(await cold_start(mode))
+    # Round trips: both executors open at once, short batches taking turns,
+    # so drift in the machine's load reaches both sides alike.
+    trip: dict[str, list[float]] = {mode: [] for mode in MODES}
+    async with (
+        AsyncExecutor(LocalBackend(isolation="bwrap")) as jailed,
+        AsyncExecutor(LocalBackend(isolation="none")) as unjailed,
+    ):
+        executors = {"bwrap": jailed, "none": unjailed}
+        for executor in executors.values():
+            await batch(executor, 30)  # warm-up
+        size = 20
+        for index in range(max(1, args.iterations // size)):
+            for mode in MODES if index % 2 == 0 else reversed(MODES):
+                trip[mode] += await batch(executors[mode], size)
 
     figures = {
         mode: {

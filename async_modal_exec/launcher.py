@@ -436,6 +436,11 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(runtime_dir, ignore_errors=True)
         if args.remove_dir:
             shutil.rmtree(args.remove_dir, ignore_errors=True)
+        cgroup = json.loads(args.kernel_jail).get("pids_cgroup") if args.kernel_jail else None
+        if cgroup:
+            # Empty once the kernels are stopped; whoever started us removes it otherwise.
+            with contextlib.suppress(OSError):
+                os.rmdir(cgroup)
 
 
 if __name__ == "__main__":

@@ -80,12 +80,15 @@ async def executor(make_executor: Callable[..., Awaitable[AsyncExecutor]]) -> As
 def _nothing_leaked() -> Any:
     """After the whole session, nothing this process started may still run or lie around."""
     runtime_dirs_before = set(glob.glob("/tmp/ame-*"))
+    cgroups_before = set(glob.glob("/sys/fs/cgroup/pids/ame-*") + glob.glob("/sys/fs/cgroup/ame-*"))
     yield
     leftover = descendants()
     assert leftover == [], f"processes left running after the test session: {leftover}"
     runtime_dirs = set(glob.glob("/tmp/ame-*")) - runtime_dirs_before
     contents = {path: sorted(os.listdir(path)) for path in sorted(runtime_dirs) if os.path.isdir(path)}
     assert not runtime_dirs, f"gateway runtime directories left behind: {contents}"
+    cgroups = set(glob.glob("/sys/fs/cgroup/pids/ame-*") + glob.glob("/sys/fs/cgroup/ame-*")) - cgroups_before
+    assert not cgroups, f"kernel pids cgroups left behind: {sorted(cgroups)}"
 
 
 def pytest_report_header() -> str:

@@ -256,3 +256,20 @@ async def test_default_local_backend_is_jailed_here() -> None:
         assert backend.isolated is True
         assert await value(executor, "import os\nos.getpid()") == "2"
     assert await wait_gone([p for p in descendants() if b"kernel_jail" in _cmdline(p)]) == []
+
+
+async def test_host_tools_still_cross_the_jail(tmp_path: Path) -> None:
+    # The sanctioned way out: a host tool runs on the host (over the kernel's
+    # stdin channel) and can read what the jailed code cannot.
+    planted = tmp_path / "host-only.txt"
+    planted.write_text("seen by the host tool")
+
+    def read_host_file(name: str) -> str:
+        return (tmp_path / name).read_text()
+
+    backend = LocalBackend(isolation="bwrap")
+    async with AsyncExecutor(backend, host_tools=[read_host_file]) as executor:
+        assert backend.isolated
+        assert await value(executor, "read_host_file('host-only.txt')") == "'seen by the host tool'"
+        direct = await executor.run(f"open({str(planted)!r}).read()")
+        assert direct.error is not None and direct.error.ename == "FileNotFoundError"

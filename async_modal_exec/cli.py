@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import anyio
 
 from .backends import Backend, GatewayBackend, LocalBackend
+from .backends.modal_defaults import DEFAULT_APP_NAME
 from .errors import AsyncModalExecError, ExecutionTimeout
 from .executor import AsyncExecutor
 from .results import DisplayEvent, ErrorEvent, ResultEvent, RichOutput, StderrEvent, StdoutEvent
@@ -39,7 +40,11 @@ def _build_parser() -> argparse.ArgumentParser:
     source.add_argument("-c", dest="code", help="code to run")
     source.add_argument("file", nargs="?", help="a file of code to run, or - for stdin")
     run.add_argument("--backend", choices=["local", "gateway", "modal"], default="local")
-    run.add_argument("--app", default="smolagent-executor", help="with --backend modal: the Modal app name")
+    run.add_argument(
+        "--app",
+        default=DEFAULT_APP_NAME,
+        help="with --backend modal: the Modal app name (default: %(default)s)",
+    )
     run.add_argument(
         "--isolation",
         choices=["auto", "bwrap", "none"],
@@ -52,18 +57,30 @@ def _build_parser() -> argparse.ArgumentParser:
         default="ASYNC_MODAL_EXEC_GATEWAY_TOKEN",
         help="environment variable holding the gateway token (default: %(default)s)",
     )
-    run.add_argument("--timeout", type=float, default=None, help="seconds before the run is interrupted")
+    run.add_argument(
+        "--timeout", type=_positive_seconds, default=None, help="seconds before the run is interrupted"
+    )
     run.add_argument(
         "--ready-timeout",
-        type=float,
+        type=_positive_seconds,
         default=120.0,
         help="seconds to wait for the gateway (default: %(default)s)",
     )
     reap = commands.add_parser("reap", help="terminate Modal sandboxes this package left running")
-    reap.add_argument("--app", required=True, help="the Modal app name")
+    reap.add_argument("--app", default=DEFAULT_APP_NAME, help="the Modal app name (default: %(default)s)")
     reap.add_argument("--older-than", type=_duration, default=None, help="e.g. 30s, 15m, 2h, 1d")
     reap.add_argument("--dry-run", action="store_true", help="list, terminate nothing")
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
 
 
 def _duration(text: str) -> float:
@@ -177,9 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _read_code(args)
     except OSError as exc:
         parser.error(f"cannot read {args.file}: {exc}")
-    backend = _make_backend(args, parser)
     _show_startup_progress()
     try:
+        backend = _make_backend(args, parser)
         return anyio.run(_run, code, backend, args.timeout, args.ready_timeout)
     except AsyncModalExecError as exc:
         sys.stderr.write(f"error: {exc}\n")

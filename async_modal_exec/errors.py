@@ -9,6 +9,7 @@ Everything this package raises derives from one root::
 
     AsyncModalExecError
     ├── ExecutorStateError (also RuntimeError)   used before start() or after aclose()
+    ├── MissingExtra (also ImportError)          a piece used whose optional dependencies are not installed
     ├── BackendError                             a sandbox / gateway could not be provided
     │   ├── BackendStartError                    it failed while starting (exited, terminated, not ready)
     │   ├── BackendAuthError                     the provider (Modal) refused the credentials
@@ -56,6 +57,7 @@ __all__ = [
     "ExecutionError",
     "ExecutionTimeout",
     "ExecutorStateError",
+    "MissingExtra",
     "GatewayAuthError",
     "GatewayError",
     "GatewayNotFound",
@@ -161,6 +163,18 @@ def gateway_error_for_status(status: int, what: str, *, detail: str = "") -> Gat
 
 class ProtocolError(AsyncModalExecError):
     """A message broke the Jupyter messaging protocol."""
+
+
+class MissingExtra(AsyncModalExecError, ImportError):
+    """A piece was used whose optional dependencies are not installed.
+
+    The message holds the exact ``pip install`` line; ``extra`` names the
+    extra (``"modal"``, ``"smolagents"``, ``"local"``, ``"fastapi"``).
+    """
+
+    def __init__(self, message: str, *, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra
 
 
 class PoolExhausted(AsyncModalExecError, TimeoutError):

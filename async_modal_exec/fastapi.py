@@ -44,6 +44,11 @@ from typing import Annotated, Any
 
 import anyio
 from anyio.lowlevel import checkpoint
+
+from ._extras import require
+
+require("fastapi", "async_modal_exec.fastapi")
+
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse

@@ -22,6 +22,12 @@ from .errors import (
 )
 
 logger = logging.getLogger("async_modal_exec.gateway")
+startup_logger = logging.getLogger("async_modal_exec.startup")
+
+# A gateway silent this long while starting is reported, then every _SILENCE_REPORT_EVERY s.
+_FIRST_SILENCE_REPORT = 3.0
+_SILENCE_REPORT_EVERY = 10.0
+_ATTEMPT_TIMEOUT = 2.0
 
 __all__ = ["GatewayClient"]
 
@@ -81,6 +87,8 @@ class GatewayClient:
 
         Backoff starts at 10 ms and doubles up to 250 ms. A refused token is
         final; connection errors and 5xx answers are retried until the deadline.
+        A gateway silent for 3 s is reported (a warning on
+        ``async_modal_exec.startup``, with the last error), then every 10 s.
 
         Raises:
             GatewayAuthError: the gateway answered 401/403.
@@ -88,21 +96,36 @@ class GatewayClient:
 
         Cancelling the call stops polling.
         """
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
+        report_at = began + _FIRST_SILENCE_REPORT
         delay = 0.01
         while True:
             try:
-                await self._json("GET", "/api/kernelspecs")
+                # One attempt may not hold the deadline: a gateway that accepts
+                # and never answers is asked again (and reported) meanwhile.
+                with anyio.fail_after(max(0.01, min(deadline - time.monotonic(), _ATTEMPT_TIMEOUT))):
+                    await self._json("GET", "/api/kernelspecs")
                 return
             except GatewayAuthError:
                 raise
-            except GatewayError as exc:
+            except (GatewayError, TimeoutError) as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    why = exc if isinstance(exc, GatewayError) else "no answer"
                     raise GatewayUnreachable(
-                        f"gateway at {self._base} not ready after {timeout:.1f} s: {exc}"
+                        f"gateway at {self._base} not ready after {timeout:.1f} s: {why}"
                     ) from exc
                 logger.debug("gateway not ready yet: %s", exc)
+                if time.monotonic() >= report_at:
+                    startup_logger.warning(
+                        "the gateway at %s has not answered for %.0f s (%s); retrying until %.0f s",
+                        self._base,
+                        time.monotonic() - began,
+                        exc if isinstance(exc, GatewayError) else "no answer",
+                        timeout,
+                    )
+                    report_at += _SILENCE_REPORT_EVERY
                 await anyio.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.25)
 

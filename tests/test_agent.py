@@ -191,6 +191,45 @@ def test_failed_install_names_the_package(agent_executor: Executor, tmp_path: Pa
     assert "no_such_pkg" in str(caught.value)
 
 
+def test_agent_grade_defaults_like_smolagents_own_executor(gateway: GatewayEndpoint) -> None:
+    from smolagents.local_python_executor import DEFAULT_MAX_LEN_OUTPUT
+
+    from async_modal_exec import ModalBackend, create_local_executor, create_modal_executor
+    from async_modal_exec.cli import _build_parser
+
+    executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET)
+    try:
+        assert executor.core.default_timeout == 30  # smolagents stops a step after 30 s
+        output = executor("print('x' * 2_000_052)\n'done'")
+        assert output.output == "'done'"
+        assert len(output.logs) <= DEFAULT_MAX_LEN_OUTPUT + 200, len(output.logs)
+        assert "truncated to stay below 50000 characters" in output.logs
+        with pytest.raises(AgentError) as caught:
+            executor("print('y' * 2_000_052)\nraise ValueError('late')")
+        assert len(str(caught.value)) <= DEFAULT_MAX_LEN_OUTPUT + 200 and "ValueError" in str(caught.value)
+    finally:
+        executor.cleanup()
+    # One Modal app name everywhere, so `reap` finds what the factory made; the
+    # factories take the same defaults.
+    modal_executor = create_modal_executor()
+    local_executor = create_local_executor()
+    try:
+        backend = modal_executor.core.backend
+        assert isinstance(backend, ModalBackend)
+        parser = _build_parser()
+        names = {
+            backend.app_name,
+            ModalBackend().app_name,
+            parser.parse_args(["run", "-c", "1"]).app,
+            parser.parse_args(["reap"]).app,
+        }
+        assert names == {"smolagent-executor"}
+        assert modal_executor.core.default_timeout == local_executor.core.default_timeout == 30
+    finally:
+        modal_executor.cleanup()
+        local_executor.cleanup()
+
+
 def test_timeout_and_dead_kernel_become_agent_errors(gateway: GatewayEndpoint) -> None:
     executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET, timeout=1)
     try:

@@ -77,6 +77,36 @@ async def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert status == 2 and "cannot read" in err
     status, _, err = await run_cli("run", "--backend", "gateway", "-c", "1")
     assert status == 2 and "--gateway-url" in err
+    for flag, value in (("--timeout", "-1"), ("--timeout", "0"), ("--ready-timeout", "soon")):
+        status, _, err = await run_cli("run", flag, value, "-c", "1")
+        assert status == 2 and flag in err and "Traceback" not in err, err
+
+
+async def test_a_silent_gateway_is_reported_within_seconds() -> None:
+    # A port that accepts connections and never answers (a hung gateway).
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        status, _, err = await run_cli(
+            "run",
+            "--backend",
+            "gateway",
+            "--gateway-url",
+            f"http://127.0.0.1:{port}",
+            "--ready-timeout",
+            "5",
+            "-c",
+            "1",
+        )
+    finally:
+        server.close()
+    assert status == 3
+    assert "has not answered for" in err and "retrying until 5 s" in err, err
+    assert err.count("error:") == 1 and "Traceback" not in err
 
 
 async def test_unreachable_gateway_exits_3() -> None:

@@ -1,5 +1,9 @@
 """smolagents integration: a synchronous executor facade, factories, and run_agent."""
 
+from .._extras import require
+
+require("smolagents", "The smolagents integration (Executor, create_*_executor, run_agent)")
+
 from .facade import Executor
 from .factories import create_gateway_executor, create_local_executor, create_modal_executor
 from .requirements import IMPORT_TO_DISTRIBUTION, Requirement

@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 import anyio
 from anyio.from_thread import BlockingPortal
 from smolagents.agents import MultiStepAgent
-from smolagents.local_python_executor import CodeOutput
+from smolagents.local_python_executor import DEFAULT_MAX_LEN_OUTPUT, CodeOutput
 from smolagents.monitoring import AgentLogger, LogLevel
 from smolagents.remote_executors import RemotePythonExecutor
 from smolagents.tools import Tool, get_tools_definition_code
-from smolagents.utils import AgentError
+from smolagents.utils import AgentError, truncate_content
 
 from .._shield import run_shielded, wait_shielded
 from ..backends.base import Backend
@@ -47,6 +47,9 @@ logger = logging.getLogger("async_modal_exec.agent")
 __all__ = ["Executor"]
 
 T = TypeVar("T")
+
+#: Seconds a step may run by default: smolagents' own executor stops at 30 s.
+DEFAULT_STEP_TIMEOUT = 30.0
 
 
 def _unshippable_stub(name: str, reason: str) -> str:
@@ -72,7 +75,11 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         tool_requirements: ``{tool_name: [packages]}``, per tool (skips discovery for it).
         install_packages: ``"auto"`` (install what is missing) or ``"never"``.
         install_timeout: seconds the installer may run.
-        timeout: default per-step timeout in seconds (None: no limit).
+        timeout: per-step timeout in seconds (default 30, as smolagents' own
+            executor; None: no limit).
+        max_print_outputs_length: printed output of a step kept for the
+            model (default 50,000 characters, as smolagents' own executor;
+            None: all); longer output is cut in the middle with a visible marker.
         host_tools: tools (or tool names) that always run on the host, called
             from the sandbox over the kernel's stdin channel. Managed agents,
             MCP tools and tools that cannot be shipped as source run there too.
@@ -110,7 +117,8 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         tool_requirements: Mapping[str, Sequence[str]] | None = None,
         install_packages: InstallPolicy = "auto",
         install_timeout: float = 600.0,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_STEP_TIMEOUT,
+        max_print_outputs_length: int | None = DEFAULT_MAX_LEN_OUTPUT,
         host_tools: Sequence[Any] = (),
         host_fallback: bool = True,
         host_tool_timeout: float = 300.0,
@@ -122,6 +130,7 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
             registry = HostTools(call_timeout=host_tool_timeout)
             core = AsyncExecutor(backend, timeout=timeout, host_tools=registry, **executor_options)
         self.core = core
+        self.max_print_outputs_length = max_print_outputs_length
         self.forced_host_tools = {item if isinstance(item, str) else tool_name(item) for item in host_tools}
         self.host_fallback = host_fallback
         self.host_tool_reasons: dict[str, str] = {}
@@ -262,10 +271,19 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         try:
             result = self._call(self._run, code)
         except ExecutionError as exc:
-            raise AgentError(error_message(exc.result, f"Executing code failed: {exc}"), self.logger) from exc
+            message = error_message(exc.result, f"Executing code failed: {exc}")
+            raise AgentError(self._cap(message), self.logger) from exc
         if result.error is not None and not is_final_answer(result):
-            raise AgentError(error_message(result), self.logger)
-        return code_output(result, allow_pickle=self.allow_pickle)
+            raise AgentError(self._cap(error_message(result)), self.logger)
+        output = code_output(result, allow_pickle=self.allow_pickle)
+        output.logs = self._cap(output.logs)
+        return output
+
+    def _cap(self, text: str) -> str:
+        """``text`` cut to ``max_print_outputs_length`` (smolagents' marker in the middle)."""
+        if self.max_print_outputs_length is None:
+            return text
+        return str(truncate_content(text, max_length=self.max_print_outputs_length))
 
     def send_tools(self, tools: dict[str, Any]) -> None:
         """Define the tools in the kernel, installing only the packages it is missing.

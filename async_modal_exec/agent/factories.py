@@ -9,6 +9,7 @@ from typing import Any
 from smolagents.monitoring import AgentLogger
 
 from ..backends.local import LocalBackend
+from ..backends.modal_defaults import DEFAULT_APP_NAME
 from ..backends.remote import GatewayBackend
 from .facade import Executor
 
@@ -16,9 +17,9 @@ __all__ = ["create_gateway_executor", "create_local_executor", "create_modal_exe
 
 
 def create_modal_executor(
-    additional_imports: Sequence[str],
-    logger: AgentLogger | None,
-    app_name: str = "cora-smolagent-execution",
+    additional_imports: Sequence[str] = (),
+    logger: AgentLogger | None = None,
+    app_name: str = DEFAULT_APP_NAME,
     create_kwargs: Mapping[str, Any] | None = None,
     *,
     port: int = 8888,

@@ -30,6 +30,7 @@ from typing import IO
 
 import anyio
 
+from .._extras import require
 from .._shield import run_shielded
 from .._timing import record_phase
 from ..errors import BackendStartError, ExecutorStateError
@@ -211,6 +212,8 @@ class LocalBackend(Backend):
         """
         if self._started:
             raise ExecutorStateError("a LocalBackend can be started once")
+        if self.python == sys.executable:
+            require("local", "LocalBackend")
         self._started = True
         begin = time.monotonic()
         token = secrets.token_urlsafe(32)

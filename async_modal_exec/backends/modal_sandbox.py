@@ -27,6 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+
+from .._extras import require
+
+require("modal", "ModalBackend")
+
 import grpclib
 import modal
 from grpclib.exceptions import ProtocolError as GrpcProtocolError
@@ -45,6 +50,7 @@ from ..errors import (
     ExecutorStateError,
 )
 from .base import Backend, GatewayEndpoint
+from .modal_defaults import DEFAULT_APP_NAME, DEFAULT_SANDBOX_TIMEOUT
 
 logger = logging.getLogger("async_modal_exec.startup")
 
@@ -123,7 +129,9 @@ class ModalBackend(Backend):
 
     ``create_kwargs`` are merged into the ``Sandbox.create`` call like this:
 
-    * ``image`` defaults to :func:`default_image`; ``timeout`` to 300 s; ``app``
+    * ``image`` defaults to :func:`default_image`; ``timeout`` to
+      :data:`DEFAULT_SANDBOX_TIMEOUT` (one hour, where Modal's own default of
+      300 s would end a pooled sandbox or a long agent mid-run); ``app``
       to ``await modal.App.lookup.aio(app_name, create_if_missing=True)``;
     * the gateway ``port`` is appended to the ``encrypted_ports`` you give;
     * a ``modal.Secret.from_dict({"KG_AUTH_TOKEN": <fresh token>})`` is appended
@@ -151,7 +159,7 @@ class ModalBackend(Backend):
     def __init__(
         self,
         *,
-        app_name: str = "smolagent-executor",
+        app_name: str = DEFAULT_APP_NAME,
         port: int = 8888,
         create_kwargs: Mapping[str, Any] | None = None,
         ssl_context: ssl.SSLContext | None = None,
@@ -271,7 +279,7 @@ class ModalBackend(Backend):
                 *command,
                 app=app,
                 image=image,
-                timeout=kwargs.pop("timeout", 300),
+                timeout=kwargs.pop("timeout", DEFAULT_SANDBOX_TIMEOUT),
                 encrypted_ports=ports,
                 secrets=[*user_secrets, token_secret],
                 tags=tags,

@@ -1,0 +1,97 @@
+"""Optional stacks: a venv with only the `modal` extra runs Modal executors, and says what else is missing.
+
+The venv is real (``python -m venv`` and ``pip install -e '.[modal]'`` from the
+registry); the Modal control plane is the double, whose sandboxes run with
+this suite's interpreter (it stands for the sandbox image, which has Jupyter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from async_modal_exec import MissingExtra
+from async_modal_exec._extras import require
+
+from .modal_double import ModalDouble
+
+ROOT = Path(__file__).parents[1]
+
+CLIENT = textwrap.dedent(
+    """
+    import asyncio, importlib.util, ssl, sys
+    for absent in ("kernel_gateway", "ipykernel", "jupyter_server", "smolagents", "fastapi"):
+        assert importlib.util.find_spec(absent) is None, absent + " is installed"
+    from async_modal_exec import AsyncExecutor, LocalBackend, MissingExtra, ModalBackend
+
+    async def main():
+        context = ssl.create_default_context(cafile=sys.argv[1])
+        async with AsyncExecutor(ModalBackend(ssl_context=context)) as executor:
+            print("VALUE", (await executor.run("6 * 7")).value.text)
+        try:
+            await LocalBackend().start()
+        except MissingExtra as exc:
+            print("LOCAL", exc)
+        try:
+            import async_modal_exec.agent
+        except MissingExtra as exc:
+            print("AGENT", exc)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def modal_only_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    venv = tmp_path_factory.mktemp("modal-only") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    done = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", f"{ROOT}[modal]"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return python
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("modal_sandboxes_checked")
+async def test_a_modal_only_install_runs_modal_executors_without_jupyter(
+    modal_double: ModalDouble, modal_only_python: str
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        modal_only_python,
+        "-c",
+        CLIENT,
+        str(modal_double.cert),
+        env=dict(os.environ),  # the double's MODAL_SERVER_URL and credentials
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 180)
+    assert process.returncode == 0, err.decode()[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.decode().splitlines() if " " in line)
+    assert lines["VALUE"] == "42"
+    assert "pip install 'async_modal_exec[local]'" in lines["LOCAL"]
+    assert "pip install 'async_modal_exec[smolagents]'" in lines["AGENT"]
+
+
+def test_missing_extra_names_the_pip_line() -> None:
+    from async_modal_exec import _extras
+
+    _extras.EXTRAS["probe"] = ("no_such_module_for_ame",)
+    try:
+        with pytest.raises(MissingExtra, match=r"pip install 'async_modal_exec\[probe\]'") as caught:
+            require("probe", "The probe")
+        assert caught.value.extra == "probe" and isinstance(caught.value, ImportError)
+    finally:
+        del _extras.EXTRAS["probe"]

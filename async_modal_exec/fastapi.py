@@ -58,7 +58,7 @@ from starlette.requests import ClientDisconnect
 
 from ._idle import retire_idle
 from ._shield import run_shielded, wait_shielded
-from .errors import ExecutionError, ExecutorStateError, PoolExhausted, SessionNotFound
+from .errors import ExecutionError, ExecutorStateError, PoolExhausted, RecoveryOutcome, SessionNotFound
 from .executor import AsyncExecutor
 from .pool import SandboxPool
 from .results import ErrorEvent, Event, ResultEvent, StderrEvent, StdoutEvent
@@ -370,6 +370,29 @@ async def _cancelled_on_disconnect(request: Request) -> AsyncIterator[_Client]:
         raise error
 
 
+def _failure(exc: Exception) -> dict[str, Any]:
+    """The ``failure`` object of ``/run`` and of ``/stream``'s ``failure`` event (one shape for both).
+
+    ``type`` is the exception class (``ExecutionTimeout``, ``KernelDied``,
+    ``ExecutionError``, ``SessionNotFound``), ``message`` its text; a timeout
+    adds ``recovery`` (a :class:`~async_modal_exec.RecoveryOutcome` value) and
+    ``state_kept`` (whether the kernel's variables survived).
+    """
+    failure: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    recovery = getattr(exc, "recovery", None)
+    if isinstance(recovery, RecoveryOutcome):
+        failure["recovery"] = recovery.value
+        failure["state_kept"] = recovery.state_kept
+    return failure
+
+
+def _status(result: dict[str, Any]) -> str:
+    """``ok``, ``error`` (the code raised) or ``failed`` (the execution did not complete)."""
+    if "failure" in result:
+        return "failed"
+    return "error" if result.get("error") is not None else "ok"
+
+
 async def _sse_events(
     sessions: SessionStore, session_id: str, code: str, timeout: float | None, keepalive: float | None
 ) -> AsyncIterator[bytes]:
@@ -394,7 +417,7 @@ async def _sse_events(
                 async for event in stream:
                     await chunks.put(_sse(event.kind, _event_jsonable(event)))
         except (ExecutionError, SessionNotFound) as exc:  # SessionNotFound: deleted meanwhile
-            await chunks.put(_sse("failure", {"type": type(exc).__name__, "message": str(exc)}))
+            await chunks.put(_sse("failure", _failure(exc)))
         except Exception:
             await chunks.put(None)  # the generator raises it, as it would have raised it itself
             raise
@@ -526,12 +549,12 @@ def sessions_router(
                     # A disconnect cancels the run, which interrupts the kernel.
                     result = (await session.executor.run(code, timeout=timeout)).to_jsonable()
                 except ExecutionError as exc:
-                    result = {**exc.result.to_jsonable(), "failure": f"{type(exc).__name__}: {exc}"}
+                    result = {**exc.result.to_jsonable(), "failure": _failure(exc)}
         if client.gone:
             logger.info("client left session %s mid-run: interrupted", session_id)
         if result is None:
             return Response(status_code=499)  # the client is gone
-        return Response(json.dumps(result), media_type="application/json")
+        return Response(json.dumps({"status": _status(result), **result}), media_type="application/json")
 
     @router.post("/{session_id}/stream", openapi_extra=body_schema)
     async def stream(session_id: str, request: Request, sessions: Store) -> StreamingResponse:

@@ -522,3 +522,31 @@ async def test_leaving_an_sse_stream_interrupts_the_kernel(gateway: GatewayEndpo
         assert response.json()["value"]["data"]["text/plain"] == "'still here'"
         assert time.monotonic() - began < 10, "the abandoned 60 s sleep was not interrupted"
         assert app.state.sandbox_sessions._sessions[session].busy == 0
+
+
+async def test_run_and_stream_report_failures_the_same_way(gateway: GatewayEndpoint) -> None:
+    app = make_app(gateway, min_idle=1, max_size=2)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+        session = await new_session(client)
+        run = f"/sessions/{session}/run"
+        ok = (await client.post(run, json={"code": "kept = 1\nkept"}, headers=AUTH)).json()
+        assert ok["status"] == "ok" and "failure" not in ok
+        raised = (await client.post(run, json={"code": "print('before')\n1 / 0"}, headers=AUTH)).json()
+        assert raised["status"] == "error" and raised["error"]["ename"] == "ZeroDivisionError"
+        assert raised["stdout"] == "before\n"
+        spin = {"code": "print('spinning', flush=True)\nwhile True: pass", "timeout": 1}
+        answer = await client.post(run, json=spin, headers=AUTH)
+        assert answer.status_code == 200
+        timed_out = answer.json()
+        assert timed_out["status"] == "failed" and timed_out["stdout"] == "spinning\n"
+        failure = timed_out["failure"]
+        assert failure["type"] == "ExecutionTimeout" and failure["recovery"] == "interrupted"
+        assert failure["state_kept"] is True and "timed out" in failure["message"]
+        # The same object as the failure event of a streamed run.
+        async with client.stream("POST", f"/sessions/{session}/stream", json=spin, headers=AUTH) as response:
+            body = (await response.aread()).decode()
+        event = body.split("event: failure\ndata: ", 1)[1].split("\n", 1)[0]
+        streamed = json.loads(event)
+        assert streamed.keys() == failure.keys() and streamed["type"] == "ExecutionTimeout"
+        assert streamed["recovery"] == "interrupted"
+        assert (await client.post(run, json={"code": "kept"}, headers=AUTH)).json()["status"] == "ok"

@@ -83,7 +83,7 @@ async def test_create_kwargs_merge_rules(modal_double: ModalDouble) -> None:
         assert sandbox.env["KG_AUTH_TOKEN"] == backend.token
         assert sandbox.env["PLAIN_ENV"] == "yes"
         # Defaults, pass-through and tags.
-        assert definition.timeout_secs == 300
+        assert definition.timeout_secs == 3600  # an hour, not Modal's 300 s
         assert definition.idle_timeout_secs == 120
         assert definition.resources.milli_cpu == 2000
         assert definition.resources.memory_mb == 1024

@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests lint typecheck docs bench``."""
+"""Developer sessions: ``nox -s tests lint typecheck docs bench compat``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,33 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", *session.posargs)
 
 
+# The corners of the supported range (pyproject's extras): the oldest and the
+# newest modal and smolagents together.
+COMPAT_CORNERS = {
+    "oldest": ("1.6.2", "1.25.0"),
+    "newest": ("1.6.4", "1.26.0"),
+}
+# What depends on those versions: the Modal contract (the control-plane
+# double), the smolagents facade and host tools, the modal-only install.
+COMPAT_TESTS = [
+    "tests/test_modal.py",
+    "tests/test_agent_modal.py",
+    "tests/test_agent.py",
+    "tests/test_host_tools.py",
+    "tests/test_cleanup.py",
+    "tests/test_extras.py",
+]
+
+
+@nox.session
+@nox.parametrize("corner", list(COMPAT_CORNERS))
+def compat(session: nox.Session, corner: str) -> None:
+    """The version-sensitive tests at one corner of the supported modal/smolagents range."""
+    modal_version, smolagents_version = COMPAT_CORNERS[corner]
+    session.install("-e", ".[test]", f"modal=={modal_version}", f"smolagents[mcp]=={smolagents_version}")
+    session.run("python", "-m", "pytest", *COMPAT_TESTS, *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
@@ -26,14 +53,14 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy strict on the package."""
-    session.install("-e", ".[fastapi]", "mypy")
+    session.install("-e", ".[all]", "mypy")
     session.run("mypy")
 
 
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation site; warnings are errors."""
-    session.install("mkdocs-material")
+    session.install("mkdocs-material", "mkdocstrings[python]")
     session.run("mkdocs", "build", "--strict", "--site-dir", session.create_tmp() + "/site")
 
 

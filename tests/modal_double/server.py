@@ -18,13 +18,17 @@ from typing import Any, TypeVar
 
 from grpclib import GRPCError, Status
 from grpclib.server import Server, Stream
-from modal._image import LATEST_IMAGE_BUILDER_VERSION
 from modal_proto import api_pb2, task_command_router_pb2
 from modal_proto.api_grpc import ModalClientBase
 from modal_proto.task_command_router_grpc import TaskCommandRouterBase
 
 from .sandboxes import FakeSandbox
 from .tls import make_certificate
+
+try:
+    from modal._image import LATEST_IMAGE_BUILDER_VERSION
+except ImportError:  # modal < 1.6 names no latest version; 2025.06 is the newest it knows
+    LATEST_IMAGE_BUILDER_VERSION = "2025.06"
 
 T = TypeVar("T")
 LIST_PAGE_SIZE = 2  # small, so list paging (before_timestamp) is exercised
@@ -154,7 +158,8 @@ class _ControlPlane:
         await self.double.checkpoint("SandboxCreateV2")
         request: api_pb2.SandboxCreateV2Request = await stream.recv_message()
         env: dict[str, str] = dict(request.definition.environment_variables.contents)
-        for source in request.secret_sources:
+        # secret_sources is newer than modal 1.6.0's protocol.
+        for source in getattr(request, "secret_sources", ()):
             if source.secret_id:
                 env.update(self.double.secret_values.get(source.secret_id, {}))
             env.update(source.env.contents)

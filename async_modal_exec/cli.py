@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TextIO
 
 import anyio
 
@@ -149,13 +150,53 @@ def _describe(output: RichOutput) -> str:
     )
 
 
+class _LiveProgress:
+    """On a terminal: one line, rewritten in place, naming the phase and its elapsed seconds."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.phase: str | None = None
+        self.began = time.monotonic()
+
+    def __call__(self, phase: str, seconds: float | None) -> None:
+        self.stream.write("\r\x1b[K")  # the phase's own log line follows when it ends
+        self.stream.flush()
+        self.phase, self.began = (phase, time.monotonic()) if seconds is None else (None, 0.0)
+
+    async def tick(self) -> None:
+        while True:
+            if self.phase is not None:
+                elapsed = time.monotonic() - self.began
+                self.stream.write(f"\r\x1b[K  {self.phase.replace('_', ' ')}... {elapsed:.1f} s")
+                self.stream.flush()
+            await anyio.sleep(0.2)
+
+
+async def _start(executor: AsyncExecutor, err: TextIO) -> None:
+    """Start ``executor``; on a terminal, with a live progress line meanwhile."""
+    if not err.isatty():
+        await executor.start()
+        return
+    progress = _LiveProgress(err)
+    executor.on_progress = progress
+    async with anyio.create_task_group() as group:
+        group.start_soon(progress.tick)
+        try:
+            await executor.start()
+        finally:
+            group.cancel_scope.cancel()
+            progress("", 0.0)  # clear the line
+
+
 async def _run(code: str, backend: Backend, timeout: float | None, ready_timeout: float) -> int:
     out, err = sys.stdout, sys.stderr
     started = time.monotonic()
     err.write(f"starting {type(backend).__name__}...\n")
     err.flush()
     status = 0
-    async with AsyncExecutor(backend, timeout=timeout, ready_timeout=ready_timeout) as executor:
+    executor = AsyncExecutor(backend, timeout=timeout, ready_timeout=ready_timeout)
+    try:
+        await _start(executor, err)
         err.write(f"kernel ready in {time.monotonic() - started:.1f} s\n")
         err.flush()
         try:
@@ -175,6 +216,8 @@ async def _run(code: str, backend: Backend, timeout: float | None, ready_timeout
         except ExecutionTimeout as exc:
             err.write(f"error: {exc}\n")
             status = EXIT_TIMEOUT
+    finally:
+        await executor.aclose()
     return status
 
 

@@ -18,7 +18,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -105,7 +105,11 @@ class AsyncExecutor:
         max_output_chars: cap on the characters kept per execution: stdout,
             stderr, displays and the value (None: no cap); the rest is dropped
             with a visible marker.
-        store_history: passed to the kernel (``True`` numbers executions like a notebook).
+        store_history: passed to the kernel (``True``: the kernel keeps ``In``/``Out``).
+        on_progress: called on the loop as each startup phase starts,
+            ``(phase, None)``, and ends, ``(phase, seconds)``; the phases are
+            ``backend``, ``gateway_ready``, ``kernel_created`` (each end is also
+            an INFO record on ``async_modal_exec.startup``). It must not block.
         ready_timeout: how long the gateway may take to answer after the backend started.
         kernel_name: kernel spec to start (None: the gateway's default).
         max_message_bytes: largest websocket message accepted (None: unlimited).
@@ -126,6 +130,7 @@ class AsyncExecutor:
         interrupt_grace: float = 5.0,
         max_output_chars: int | None = DEFAULT_MAX_OUTPUT_CHARS,
         store_history: bool = False,
+        on_progress: Callable[[str, float | None], None] | None = None,
         ready_timeout: float = 120.0,
         kernel_name: str | None = None,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
@@ -146,6 +151,8 @@ class AsyncExecutor:
         self.interrupt_grace = interrupt_grace
         self.max_output_chars = max_output_chars
         self.store_history = store_history
+        self.on_progress = on_progress
+        self._numbering: tuple[str | None, int] = (None, 0)  # (kernel id, executions sent to it)
         self.ready_timeout = ready_timeout
         self.kernel_name = kernel_name
         self._max_message_bytes = max_message_bytes
@@ -192,21 +199,18 @@ class AsyncExecutor:
             raise ExecutorStateError(f"cannot start an executor that is {self._state.value}")
         self._state = ExecutorState.STARTING
         try:
-            began = time.monotonic()
-            endpoint = await self.backend.start()
-            record_phase(self.startup_timings, "backend", began, startup_logger)
+            with self._phase("backend"):
+                endpoint = await self.backend.start()
             self._check_not_closed()
-            began = time.monotonic()
-            self._gateway = GatewayClient(endpoint)
-            await self._gateway.wait_ready(self.ready_timeout)
-            record_phase(self.startup_timings, "gateway_ready", began, startup_logger)
+            with self._phase("gateway_ready"):
+                self._gateway = GatewayClient(endpoint)
+                await self._gateway.wait_ready(self.ready_timeout)
             self._check_not_closed()
-            began = time.monotonic()
-            self._session = KernelSession(
-                self._gateway, kernel_name=self.kernel_name, max_message_bytes=self._max_message_bytes
-            )
-            await self._session.open()
-            record_phase(self.startup_timings, "kernel_created", began, startup_logger)
+            with self._phase("kernel_created"):
+                self._session = KernelSession(
+                    self._gateway, kernel_name=self.kernel_name, max_message_bytes=self._max_message_bytes
+                )
+                await self._session.open()
             self._check_not_closed()
         except BaseException as exc:
             await self._teardown()
@@ -219,6 +223,17 @@ class AsyncExecutor:
         if self.backend.idle_disconnect is not None:
             self._session.watch_idle(self.backend.idle_disconnect)
         return self
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """One startup phase: the progress callback hears its start and end, the log its time."""
+        began = time.monotonic()
+        if self.on_progress is not None:
+            self.on_progress(name, None)
+        yield
+        if self.on_progress is not None:
+            self.on_progress(name, time.monotonic() - began)
+        record_phase(self.startup_timings, name, began, startup_logger)
 
     def _check_not_closed(self) -> None:
         if self._close_requested:
@@ -314,6 +329,13 @@ class AsyncExecutor:
             async for event in events:
                 yield event
 
+    def _next_number(self, kernel_id: str | None) -> int:
+        """1, 2, 3 ... for the executions sent to one kernel; 1 again on a new kernel."""
+        last_kernel, count = self._numbering
+        count = count + 1 if kernel_id == last_kernel else 1
+        self._numbering = (kernel_id, count)
+        return count
+
     def _new_fold(self, code: str) -> ExecutionFold:
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
@@ -388,6 +410,8 @@ class AsyncExecutor:
         session = self._open_session()
         began = time.monotonic()
         self._pending.clear()
+        if not self.store_history:
+            fold.number = self._next_number(session.kernel_id)
         request = execute_request(
             code,
             session=session.ws_session,

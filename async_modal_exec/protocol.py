@@ -435,6 +435,9 @@ class ExecutionFold:
         self._displays: list[RichOutput] = []
         self._error: RemoteError | None = None
         self._execution_count: int | None = None
+        # Set by the executor when the kernel does not count (store_history=False):
+        # the number of this execution on its kernel, reported instead.
+        self.number: int | None = None
         self._cap = OutputCap(max_output_chars)
         self._loss = LossTracker()
 
@@ -520,7 +523,7 @@ class ExecutionFold:
         if output is None:
             return []
         self._value = output
-        return [ResultEvent(output, self._execution_count)]
+        return [ResultEvent(output, self._count())]
 
     def _on_error(self, content: Mapping[str, Any]) -> list[Event]:
         if self._error is not None:
@@ -563,6 +566,9 @@ class ExecutionFold:
             )
         return []
 
+    def _count(self) -> int | None:
+        return self.number if self.number is not None else self._execution_count
+
     def _take_count(self, content: Mapping[str, Any]) -> None:
         count = content.get("execution_count")
         if isinstance(count, int) and not isinstance(count, bool):
@@ -582,7 +588,7 @@ class ExecutionFold:
             value=self._value,
             displays=tuple(self._displays),
             error=self._error,
-            execution_count=self._execution_count,
+            execution_count=self._count(),
             truncated_chars=self._cap.dropped,
             lost_messages=lost,
         )

@@ -126,7 +126,10 @@ class ExecutionResult:
         value: the ``execute_result`` (the value of the last expression), if any.
         displays: every ``display_data`` output, in order.
         error: the exception the code raised, if any.
-        execution_count: the kernel's execution counter for this request.
+        execution_count: the number of this execution on its kernel (1 for
+            the first; a fresh kernel starts again at 1): the kernel's own
+            counter with ``store_history=True``, else counted by the executor
+            (a kernel that stores no history does not count).
         truncated_chars: characters dropped by the output cap: of stdout and
             stderr, and of the mime bundles of displays and of the value (as
             the kernel sent them, e.g. base64 for images); see

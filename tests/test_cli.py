@@ -128,3 +128,39 @@ async def test_unreachable_gateway_exits_3() -> None:
 async def test_reap_rejects_bad_durations() -> None:
     status, _, err = await run_cli("reap", "--app", "x", "--older-than", "soon")
     assert status == 2 and "not a duration" in err
+
+
+@pytest.mark.slow
+async def test_a_terminal_sees_a_live_progress_line_while_the_backend_starts() -> None:
+    import os
+    import pty
+
+    # stderr on a pseudo-terminal, as when a person runs the command.
+    master, slave = pty.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "async_modal_exec", "run", "-c", "6 * 7",
+            stdout=asyncio.subprocess.PIPE, stderr=slave,
+        )  # fmt: skip
+        os.close(slave)
+        chunks: list[bytes] = []
+
+        def drain() -> None:
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the last writer closed the terminal
+                    return
+                if not chunk:
+                    return
+                chunks.append(chunk)
+
+        reader = asyncio.get_running_loop().run_in_executor(None, drain)
+        out, _ = await asyncio.wait_for(process.communicate(), 120)
+        await asyncio.wait_for(reader, 10)
+    finally:
+        os.close(master)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 0 and out.decode().strip() == "42"
+    assert "\r\x1b[K  backend... " in shown, shown  # rewritten in place, with elapsed seconds
+    assert "  backend: " in shown and "kernel ready in" in shown

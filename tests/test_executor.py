@@ -277,6 +277,35 @@ async def test_restart_loses_state(executor: AsyncExecutor) -> None:
     assert result.value is not None and result.value.text == "False"
 
 
+async def test_executions_are_numbered_per_kernel(make_executor: MakeExecutor) -> None:
+    # store_history=False (the default): the kernel does not count, the executor does.
+    executor = await make_executor()
+    counts = [(await executor.run(code)).execution_count for code in ("1", "x = 1", "1 / 0")]
+    assert counts == [1, 2, 3]
+    events = [event async for event in executor.stream("41 + 1")]
+    assert [event.execution_count for event in events if isinstance(event, ResultEvent)] == [4]
+    await executor.restart()
+    assert (await executor.run("2")).execution_count == 1  # a fresh kernel counts from 1
+    # store_history=True: the kernel's own counter, the same numbers.
+    counting = await make_executor(store_history=True)
+    assert [(await counting.run("1")).execution_count for _ in range(3)] == [1, 2, 3]
+
+
+async def test_startup_phases_reach_the_progress_callback(gateway: GatewayEndpoint) -> None:
+    heard: list[tuple[str, float | None]] = []
+    executor = AsyncExecutor(
+        GatewayBackend(gateway.base_url, gateway.token), on_progress=lambda *p: heard.append(p)
+    )
+    async with executor:
+        pass
+    phases = ["backend", "gateway_ready", "kernel_created"]
+    assert [phase for phase, seconds in heard if seconds is None] == phases
+    ended = {phase: seconds for phase, seconds in heard if seconds is not None}
+    assert list(ended) == phases and all(seconds >= 0 for seconds in ended.values())
+    # Each phase starts after the previous one ended.
+    assert [p for p, _ in heard] == [p for phase in phases for p in (phase, phase)]
+
+
 async def test_cancelled_restart_leaves_a_working_executor(executor: AsyncExecutor) -> None:
     await executor.run("state = 1")
     old_kernel = executor.kernel_id

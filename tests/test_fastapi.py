@@ -531,9 +531,10 @@ async def test_run_and_stream_report_failures_the_same_way(gateway: GatewayEndpo
         run = f"/sessions/{session}/run"
         ok = (await client.post(run, json={"code": "kept = 1\nkept"}, headers=AUTH)).json()
         assert ok["status"] == "ok" and "failure" not in ok
+        assert ok["execution_count"] == 1  # numbered per kernel, not always 0
         raised = (await client.post(run, json={"code": "print('before')\n1 / 0"}, headers=AUTH)).json()
         assert raised["status"] == "error" and raised["error"]["ename"] == "ZeroDivisionError"
-        assert raised["stdout"] == "before\n"
+        assert raised["stdout"] == "before\n" and raised["execution_count"] == 2
         spin = {"code": "print('spinning', flush=True)\nwhile True: pass", "timeout": 1}
         answer = await client.post(run, json=spin, headers=AUTH)
         assert answer.status_code == 200

@@ -70,11 +70,13 @@ def bwrap_argv(config: dict, kernel: list[str]) -> list[str]:  # type: ignore[ty
     for hidden in config.get("hide", []):
         if os.path.isdir(hidden):
             argv += ["--tmpfs", hidden]
+    # Writable binds first, read-only ones over them: an interpreter (a venv)
+    # inside the work directory stays read-only.
+    for path in config.get("binds", []):
+        argv += ["--bind", path, path]
     for path in config.get("ro_binds", []):
         if os.path.exists(path):
             argv += ["--ro-bind", path, path]
-    for path in config.get("binds", []):
-        argv += ["--bind", path, path]
     argv += ["--chdir", config["work_dir"]]
     return [*argv, "--", *kernel]
 

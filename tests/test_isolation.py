@@ -273,3 +273,40 @@ async def test_host_tools_still_cross_the_jail(tmp_path: Path) -> None:
         assert await value(executor, "read_host_file('host-only.txt')") == "'seen by the host tool'"
         direct = await executor.run(f"open({str(planted)!r}).read()")
         assert direct.error is not None and direct.error.ename == "FileNotFoundError"
+
+
+def test_read_only_paths_inside_the_work_directory_stay_read_only(tmp_path: Path) -> None:
+    # E.g. a project's .venv under the cwd given to LocalBackend: the writable
+    # work directory must not make the interpreter writable.
+    import json
+    import subprocess
+
+    from async_modal_exec import kernel_jail
+
+    work = tmp_path / "project"
+    venv = work / ".venv"
+    venv.mkdir(parents=True)
+    bwrap = isolation.find_bwrap()
+    assert bwrap is not None
+    config = {
+        "bwrap": bwrap,
+        "hide": [],
+        "binds": [str(work)],
+        "ro_binds": [str(venv)],
+        "work_dir": str(work),
+    }
+    probe = (
+        "import pathlib\n"
+        "pathlib.Path('inside.txt').write_text('ok')\n"
+        "try:\n"
+        "    pathlib.Path('.venv/escape.txt').write_text('no')\n"
+        "except OSError as exc:\n"
+        "    print(type(exc).__name__)\n"
+    )
+    argv = kernel_jail.bwrap_argv(config, [sys.executable, "-c", probe])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert (work / "inside.txt").read_text() == "ok"
+    assert not (venv / "escape.txt").exists() and "OSError" in done.stdout, json.dumps(
+        [done.stdout, done.stderr]
+    )

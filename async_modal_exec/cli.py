@@ -21,6 +21,7 @@ from typing import TextIO
 import anyio
 
 from .backends import Backend, GatewayBackend, LocalBackend
+from .backends.isolation import ISOLATION_MODES
 from .backends.modal_defaults import DEFAULT_APP_NAME
 from .errors import AsyncModalExecError, ExecutionTimeout
 from .executor import AsyncExecutor
@@ -48,7 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--isolation",
-        choices=["auto", "bwrap", "none"],
+        choices=ISOLATION_MODES,
         default="auto",
         help="with --backend local: jail the kernel with bubblewrap (default: %(default)s, where it works)",
     )

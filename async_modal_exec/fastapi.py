@@ -58,7 +58,7 @@ from starlette.requests import ClientDisconnect
 
 from ._idle import retire_idle
 from ._shield import run_shielded, wait_shielded
-from .errors import ExecutionError, ExecutorStateError, PoolExhausted, RecoveryOutcome, SessionNotFound
+from .errors import ExecutionError, ExecutionTimeout, ExecutorStateError, PoolExhausted, SessionNotFound
 from .executor import AsyncExecutor
 from .pool import SandboxPool
 from .results import ErrorEvent, Event, ResultEvent, StderrEvent, StdoutEvent
@@ -379,10 +379,9 @@ def _failure(exc: Exception) -> dict[str, Any]:
     ``state_kept`` (whether the kernel's variables survived).
     """
     failure: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
-    recovery = getattr(exc, "recovery", None)
-    if isinstance(recovery, RecoveryOutcome):
-        failure["recovery"] = recovery.value
-        failure["state_kept"] = recovery.state_kept
+    if isinstance(exc, ExecutionTimeout):
+        failure["recovery"] = exc.recovery.value
+        failure["state_kept"] = exc.recovery.state_kept
     return failure
 
 

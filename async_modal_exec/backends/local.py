@@ -35,7 +35,15 @@ from .._shield import run_shielded
 from .._timing import record_phase
 from ..errors import BackendStartError, ExecutorStateError
 from .base import Backend, GatewayEndpoint
-from .isolation import Isolation, Limits, choose, jail_config, make_pids_cgroup, remove_cgroup
+from .isolation import (
+    ISOLATION_MODES,
+    Isolation,
+    Limits,
+    choose,
+    jail_config,
+    make_pids_cgroup,
+    remove_cgroup,
+)
 
 # Runs the launcher file given as the first argument as __main__; unlike
 # ``-m async_modal_exec.launcher`` it does not import this package (aiohttp and
@@ -177,8 +185,8 @@ class LocalBackend(Backend):
         isolation: Isolation = "auto",
         limits: Limits | None = None,
     ) -> None:
-        if isolation not in ("auto", "bwrap", "none"):
-            raise ValueError(f"isolation must be 'auto', 'bwrap' or 'none', got {isolation!r}")
+        if isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
         self.python = python or sys.executable
         self.isolation: Isolation = isolation
         self.limits = limits or Limits()

@@ -71,3 +71,17 @@ async def test_the_probe_sees_a_busy_computation() -> None:
             pass
         await asyncio.sleep(0.02)
     assert probe.max_callback >= 0.025, probe.summary()
+
+
+async def test_the_probe_sees_a_thread_holding_the_gil() -> None:
+    # The wake-up lag excuses only waiting for a CPU: a worker thread that keeps
+    # the GIL (one long C call) stalls the loop's thread and is counted.
+    started = time.perf_counter()
+    sum(range(2_000_000))
+    per_item = (time.perf_counter() - started) / 2_000_000
+    items = int(0.3 / per_item)  # about 300 ms inside one C call
+    async with measure_loop_lag() as probe:
+        await asyncio.sleep(0.02)
+        await asyncio.to_thread(sum, range(items))
+        await asyncio.sleep(0.02)
+    assert probe.max_lag >= 0.1, probe.summary()

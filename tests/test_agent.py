@@ -18,13 +18,14 @@ from pathlib import Path
 import PIL.Image
 import pytest
 from anyio.from_thread import BlockingPortal
-from smolagents import CodeAgent
+from smolagents import CodeAgent, Tool
 from smolagents.memory import ActionStep
 from smolagents.monitoring import AgentLogger, LogLevel
 from smolagents.utils import AgentError
 
 from async_modal_exec import ExecutorStateError, GatewayBackend, GatewayEndpoint, LocalBackend
 from async_modal_exec.agent import Executor, run_agent
+from async_modal_exec.agent.requirements import guard_imports, optional_imports, requirements_of_tool
 
 from .agent_helpers import KeyedTool, ScriptedModel, YamlTool
 from .helpers import measure_loop_lag, wait_gone
@@ -124,6 +125,45 @@ def test_packages_already_present_are_never_reinstalled(gateway: GatewayEndpoint
         assert executor.install_packages(["PIL"]) == []
     finally:
         executor.cleanup()
+
+
+class GuardedImportTool(Tool):
+    """Uses a package when it is there, and does without it otherwise."""
+
+    name = "guarded"
+    description = "Says whether an optional package is there."
+    inputs = {"x": {"type": "string", "description": "anything"}}
+    output_type = "string"
+
+    def forward(self, x: str) -> str:
+        try:
+            import ame_optional_absent_pkg  # type: ignore[import-not-found]  # noqa: F401
+
+            return "with"
+        except ImportError:
+            return "without"
+
+
+def test_imports_the_code_guards_are_not_installed(agent_executor: Executor) -> None:
+    # smolagents' own patched final_answer guards PIL and numpy with
+    # try/except ImportError; a fresh [local,smolagents] venv has no numpy, and
+    # every agent's first step pip-installed it (offline: the run failed).
+    model = ScriptedModel(["result = guarded('x')\nprint(result)", "final_answer(result)"])
+    agent = CodeAgent(tools=[GuardedImportTool()], model=model, executor=agent_executor, verbosity_level=0)
+    assert agent.run("check") == "without"
+    assert agent_executor.installer.installed == []
+    final_answer = agent.tools["final_answer"]
+    assert type(final_answer).__name__ == "_FinalAnswerTool"  # smolagents' patch, as sent
+    assert {"PIL", "numpy"} <= set(final_answer.to_dict()["requirements"])  # what smolagents would install
+    assert requirements_of_tool(final_answer)[:2] == ([], "to_dict")
+    source = (
+        "import hoisted\n"
+        "def f():\n    try:\n        import a.b, c, hoisted\n    except (ValueError, ModuleNotFoundError):\n"
+        "        import d\n    try:\n        import e\n    except KeyError:\n        pass\n"
+        "    import c\n    from .f import g\n"
+    )
+    assert optional_imports(source) == {"a", "hoisted"}
+    assert guard_imports(source, {"hoisted"}).startswith("try:\n    import hoisted\nexcept ImportError:\n")
 
 
 def _dummy_wheel(directory: Path) -> Path:

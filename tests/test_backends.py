@@ -108,6 +108,18 @@ async def test_local_backend_start_failure_is_clear() -> None:
     await backend.aclose()
 
 
+async def test_a_missing_cwd_is_created_and_kept_a_file_is_refused(tmp_path: Path) -> None:
+    # Found by the docs examples: LocalBackend(cwd="/tmp/work") raised a bare FileNotFoundError.
+    work = tmp_path / "new" / "work"
+    async with AsyncExecutor(LocalBackend(cwd=work)) as executor:
+        result = await executor.run("import os\nopen('made-here', 'w').close()\nos.getcwd()")
+    assert result.value is not None and result.value.text == repr(str(work))
+    assert (work / "made-here").is_file()  # the user's directory stays after close
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(BackendStartError, match="cannot be the kernels' directory"):
+        await LocalBackend(cwd=tmp_path / "a-file").start()
+
+
 async def test_cancelled_local_start_leaves_nothing() -> None:
     backend = LocalBackend()
     task = asyncio.create_task(backend.start())

@@ -102,6 +102,23 @@ async def test_create_kwargs_merge_rules(modal_double: ModalDouble) -> None:
     assert any("jupyter_kernel_gateway" in str(image) for image in modal_double.images)
 
 
+async def test_gpu_sandboxes_take_modals_v1_path_and_work(modal_double: ModalDouble) -> None:
+    # The client creates GPU sandboxes through the V1 RPCs whatever its setting
+    # (found by the docs examples: the double served V2 only).
+    backend = backend_for(modal_double, app_name="gpu", create_kwargs={"gpu": "T4"})
+    calls_before = len(modal_double.calls)
+    async with AsyncExecutor(backend) as executor:
+        assert (await executor.run("6 * 7")).value.text == "42"  # type: ignore[union-attr]
+        sandbox_id = backend.sandbox.object_id  # type: ignore[union-attr]
+        attached = ModalBackend.attach(sandbox_id, backend.token, ssl_context=modal_double.ssl_context())  # type: ignore[arg-type]
+        async with AsyncExecutor(attached) as second:
+            assert (await second.run("'attached'")).value.text == "'attached'"  # type: ignore[union-attr]
+    calls = modal_double.calls[calls_before:]
+    assert "SandboxCreate" in calls and "SandboxCreateV2" not in calls, calls
+    assert modal_double.sandboxes[sandbox_id].request.definition.resources.gpu_config.gpu_type == "T4"
+    assert not modal_double.sandboxes[sandbox_id].alive()
+
+
 async def test_reattach_by_id_and_terminate_on_close(modal_double: ModalDouble) -> None:
     owner = backend_for(modal_double, app_name="reattach")
     async with AsyncExecutor(owner) as first:

@@ -36,6 +36,7 @@ from .outputs import code_output, error_message, is_final_answer
 from .packages import InstallPolicy, PackageInstaller
 from .requirements import (
     Requirement,
+    guard_imports,
     is_mcp_tool,
     requirement_from_spec,
     requirements_of_tool,
@@ -212,6 +213,7 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         on_host: dict[str, Any] = {}
         stubs: list[str] = []
         needed: list[Requirement] = []
+        optional: set[str] = set()
         for name, tool in tools.items():
             problem = shipping_problem(tool)
             reason = self._host_reason(name, tool, problem)
@@ -229,10 +231,12 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
                 continue
             shippable[name] = tool
             explicit = self.tool_requirements.get(name, self.requirements)
-            requirements, origin = requirements_of_tool(tool, explicit)
+            requirements, origin, optional_here = requirements_of_tool(tool, explicit)
             logger.debug("requirements of tool %s (%s): %s", name, origin, [r.spec for r in requirements])
             needed += requirements
-        code = "\n".join([get_tools_definition_code(shippable) if shippable else "", *stubs])
+            optional |= optional_here
+        definitions = guard_imports(get_tools_definition_code(shippable), optional) if shippable else ""
+        code = "\n".join([definitions, *stubs])
         return on_host, needed, code
 
     def _host_reason(self, name: str, tool: Any, problem: str | None) -> str | None:

@@ -9,11 +9,17 @@ Requirements of a tool come from, in order:
 2. ``tool.to_dict()["requirements"]`` when ``to_dict()`` works;
 3. a scan of the imports in the tool's source when it does not.
 
+Imports the code guards itself (``try: import numpy`` / ``except ImportError``)
+are optional: not installed. smolagents lists them as requirements; its own
+patched ``final_answer`` tool guards ``PIL`` and ``numpy`` that way, so a
+sandbox without numpy got it installed for every agent.
+
 A tool whose ``to_dict()`` raises is never fatal by itself.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import sys
@@ -28,6 +34,8 @@ from smolagents.utils import get_source, instance_to_source
 __all__ = [
     "IMPORT_TO_DISTRIBUTION",
     "Requirement",
+    "guard_imports",
+    "optional_imports",
     "requirement_for_import",
     "requirement_from_spec",
     "requirements_of_tool",
@@ -128,6 +136,71 @@ def _imports_of(source: str) -> list[str]:
     return sorted(wanted)
 
 
+_IMPORT_ERRORS = frozenset({"ImportError", "ModuleNotFoundError", "Exception", "BaseException"})
+
+
+def _handles_import_errors(node: ast.Try) -> bool:
+    for handler in node.handlers:
+        caught = handler.type
+        names = caught.elts if isinstance(caught, ast.Tuple) else [caught]
+        if caught is None or any(isinstance(name, ast.Name) and name.id in _IMPORT_ERRORS for name in names):
+            return True
+    return False
+
+
+def optional_imports(source: str) -> set[str]:
+    """Top-level modules ``source`` imports only inside ``try`` blocks that handle ImportError.
+
+    Module-level imports are not counted: in a tool's ``to_dict()["code"]``
+    they are smolagents' copies of the imports it found in the methods.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(source))
+    except SyntaxError:
+        return set()
+    guarded: set[str] = set()
+    unguarded: set[str] = set()
+
+    def visit(node: ast.AST, in_guard: bool) -> None:
+        if isinstance(node, ast.Import):
+            (guarded if in_guard else unguarded).update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.module and not node.level:
+                (guarded if in_guard else unguarded).add(node.module.split(".")[0])
+        elif isinstance(node, ast.Try):
+            for statement in node.body:
+                visit(statement, in_guard or _handles_import_errors(node))
+            for part in (*node.handlers, *node.orelse, *node.finalbody):
+                visit(part, in_guard)
+        else:
+            for child in ast.iter_child_nodes(node):
+                visit(child, in_guard)
+
+    for statement in tree.body:
+        if not isinstance(statement, ast.Import | ast.ImportFrom):
+            visit(statement, False)
+    return guarded - unguarded
+
+
+_MODULE_LEVEL_IMPORT = re.compile(r"^(?:import|from)\s+([\w.]+).*$", re.M)
+
+
+def guard_imports(code: str, modules: set[str]) -> str:
+    """Wrap ``code``'s module-level imports of ``modules`` in ``try``/``except ImportError``.
+
+    smolagents copies every import of a tool's methods to the top of the code
+    it sends, guarded ones too: without the package the whole definition
+    would fail, where the method itself would have done without it.
+    """
+
+    def guarded(match: re.Match[str]) -> str:
+        if match.group(1).split(".")[0] not in modules:
+            return match.group(0)
+        return f"try:\n    {match.group(0)}\nexcept ImportError:\n    pass"
+
+    return _MODULE_LEVEL_IMPORT.sub(guarded, code) if modules else code
+
+
 def _tool_source(tool: Any) -> str:
     """Best-effort source of a tool for scanning (class, or the @tool function)."""
     try:
@@ -138,17 +211,23 @@ def _tool_source(tool: Any) -> str:
         return ""
 
 
-def requirements_of_tool(tool: Any, explicit: Sequence[str] | None = None) -> tuple[list[Requirement], str]:
-    """The requirements of ``tool`` and where they came from (``explicit``, ``to_dict``, ``scan``)."""
+def requirements_of_tool(
+    tool: Any, explicit: Sequence[str] | None = None
+) -> tuple[list[Requirement], str, set[str]]:
+    """The requirements of ``tool``, where they came from (``explicit``, ``to_dict``,
+    ``scan``), and the modules its code imports only optionally (not required)."""
     if explicit is not None:
-        return [requirement_from_spec(spec) for spec in explicit], "explicit"
+        return [requirement_from_spec(spec) for spec in explicit], "explicit", set()
     try:
-        names = tool.to_dict()["requirements"]
+        described = tool.to_dict()
+        names, source = described["requirements"], described["code"]
         origin = "to_dict"
     except Exception:  # to_dict() raises for many real tools; never fatal by itself
-        names = _imports_of(_tool_source(tool))
-        origin = "scan"
-    return [requirement_for_import(name) for name in names if name not in _NEVER_INSTALL], origin
+        source = _tool_source(tool)
+        names, origin = _imports_of(source), "scan"
+    optional = optional_imports(source)
+    wanted = [requirement_for_import(name) for name in names if name not in _NEVER_INSTALL | optional]
+    return wanted, origin, optional
 
 
 def is_mcp_tool(tool: Any) -> bool:

@@ -163,7 +163,8 @@ class LocalBackend(Backend):
     Args:
         python: interpreter with jupyter_kernel_gateway and ipykernel (default: this one).
         cwd: working directory of the kernels (jailed: the one writable
-            directory; default: a fresh one removed on close).
+            directory; default: a fresh one removed on close). Created with
+            its parents if missing, and left in place on close.
         env: environment variables for the kernels (jailed: the only ones
             besides ``PATH``, ``HOME``, ``LANG``, ``TMPDIR`` and ``PYTHONPATH``).
         isolation: ``"auto"``, ``"bwrap"`` or ``"none"`` (see above).
@@ -233,6 +234,10 @@ class LocalBackend(Backend):
             private_dir = self._private_dir
             runtime_dir = os.path.join(private_dir, "rt")
             work_dir = os.fspath(self.cwd) if self.cwd is not None else os.path.join(private_dir, "work")
+            try:
+                os.makedirs(work_dir, exist_ok=True)
+            except OSError as exc:
+                raise BackendStartError(f"cwd {work_dir!r} cannot be the kernels' directory: {exc}") from exc
             env = {
                 **os.environ,
                 **self.env,

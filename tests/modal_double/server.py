@@ -90,7 +90,7 @@ def _recording_servicer(base: type[T], implemented: type[Any], unimplemented: li
 
 
 class _ControlPlane:
-    """The ModalClient RPCs this package uses (V2 sandboxes)."""
+    """The ModalClient RPCs this package uses (V2 sandboxes, and V1 ones for GPUs)."""
 
     def __init__(self, double: ModalDouble) -> None:
         self.double = double
@@ -154,27 +154,27 @@ class _ControlPlane:
         self.double.secret_values[secret_id] = dict(env)
         await stream.send_message(api_pb2.SecretGetOrCreateResponse(secret_id=secret_id))
 
+    async def SandboxCreate(self, stream: Stream[Any, Any]) -> None:
+        """V1 sandboxes: the client uses them for GPUs (V2 has none), whatever its setting."""
+        await self.double.checkpoint("SandboxCreate")
+        request: api_pb2.SandboxCreateRequest = await stream.recv_message()
+        sandbox = await self._start_sandbox(request, "sb-v1-")
+        metadata = api_pb2.SandboxHandleMetadata(app_id=sandbox.app_id)
+        await stream.send_message(
+            api_pb2.SandboxCreateResponse(sandbox_id=sandbox.sandbox_id, metadata=metadata)
+        )
+
+    async def TaskGetCommandRouterAccess(self, stream: Stream[Any, Any]) -> None:
+        await self.double.checkpoint("TaskGetCommandRouterAccess")
+        await stream.recv_message()
+        await stream.send_message(
+            api_pb2.TaskGetCommandRouterAccessResponse(url=self.double.url, jwt=fake_jwt())
+        )
+
     async def SandboxCreateV2(self, stream: Stream[Any, Any]) -> None:
         await self.double.checkpoint("SandboxCreateV2")
         request: api_pb2.SandboxCreateV2Request = await stream.recv_message()
-        env: dict[str, str] = dict(request.definition.environment_variables.contents)
-        # secret_sources is newer than modal 1.6.0's protocol.
-        for source in getattr(request, "secret_sources", ()):
-            if source.secret_id:
-                env.update(self.double.secret_values.get(source.secret_id, {}))
-            env.update(source.env.contents)
-        for secret_id in request.definition.secret_ids:
-            env.update(self.double.secret_values.get(secret_id, {}))
-        sandbox = FakeSandbox(
-            sandbox_id=f"sb-v2-{uuid.uuid4().hex}",
-            task_id=f"ta-{uuid.uuid4().hex[:22]}",
-            app_id=request.app_id,
-            request=request,
-            env=env,
-            tags={tag.tag_name: tag.tag_value for tag in request.tags},
-        )
-        self.double.sandboxes[sandbox.sandbox_id] = sandbox
-        await sandbox.start(self.double.server_tls)
+        sandbox = await self._start_sandbox(request, "sb-v2-")
         access = api_pb2.CommandRouterAccess(url=self.double.url, jwt=fake_jwt())
         await stream.send_message(
             api_pb2.SandboxCreateV2Response(
@@ -185,6 +185,27 @@ class _ControlPlane:
             )
         )
 
+    async def _start_sandbox(self, request: Any, prefix: str) -> FakeSandbox:
+        env: dict[str, str] = dict(request.definition.environment_variables.contents)
+        # secret_sources is newer than modal 1.6.0's protocol.
+        for source in getattr(request, "secret_sources", ()):
+            if source.secret_id:
+                env.update(self.double.secret_values.get(source.secret_id, {}))
+            env.update(source.env.contents)
+        for secret_id in request.definition.secret_ids:
+            env.update(self.double.secret_values.get(secret_id, {}))
+        sandbox = FakeSandbox(
+            sandbox_id=f"{prefix}{uuid.uuid4().hex}",
+            task_id=f"ta-{uuid.uuid4().hex[:22]}",
+            app_id=request.app_id,
+            request=request,
+            env=env,
+            tags={tag.tag_name: tag.tag_value for tag in request.tags},
+        )
+        self.double.sandboxes[sandbox.sandbox_id] = sandbox
+        await sandbox.start(self.double.server_tls)
+        return sandbox
+
     def _sandbox(self, sandbox_id: str) -> FakeSandbox:
         sandbox = self.double.sandboxes.get(sandbox_id)
         if sandbox is None:
@@ -192,7 +213,13 @@ class _ControlPlane:
         return sandbox
 
     async def SandboxGetTaskIdV2(self, stream: Stream[Any, Any]) -> None:
-        await self.double.checkpoint("SandboxGetTaskIdV2")
+        await self._get_task_id(stream, "SandboxGetTaskIdV2")
+
+    async def SandboxGetTaskId(self, stream: Stream[Any, Any]) -> None:  # V1 sandboxes (GPU ones)
+        await self._get_task_id(stream, "SandboxGetTaskId")
+
+    async def _get_task_id(self, stream: Stream[Any, Any], rpc: str) -> None:
+        await self.double.checkpoint(rpc)
         sandbox = self._sandbox((await stream.recv_message()).sandbox_id)
         await stream.send_message(api_pb2.SandboxGetTaskIdResponse(task_id=sandbox.task_id))
 
@@ -204,7 +231,13 @@ class _ControlPlane:
         )
 
     async def SandboxWaitV2(self, stream: Stream[Any, Any]) -> None:
-        await self.double.checkpoint("SandboxWaitV2")
+        await self._wait(stream, "SandboxWaitV2")
+
+    async def SandboxWait(self, stream: Stream[Any, Any]) -> None:  # V1 sandboxes (GPU ones)
+        await self._wait(stream, "SandboxWait")
+
+    async def _wait(self, stream: Stream[Any, Any], rpc: str) -> None:
+        await self.double.checkpoint(rpc)
         request = await stream.recv_message()
         sandbox = self._sandbox(request.sandbox_id)
         deadline = time.monotonic() + max(request.timeout, 0)
@@ -214,7 +247,13 @@ class _ControlPlane:
         await stream.send_message(api_pb2.SandboxWaitResponse(result=sandbox.result(), metadata=metadata))
 
     async def SandboxGetTunnelsV2(self, stream: Stream[Any, Any]) -> None:
-        await self.double.checkpoint("SandboxGetTunnelsV2")
+        await self._get_tunnels(stream, "SandboxGetTunnelsV2")
+
+    async def SandboxGetTunnels(self, stream: Stream[Any, Any]) -> None:  # V1 sandboxes (GPU ones)
+        await self._get_tunnels(stream, "SandboxGetTunnels")
+
+    async def _get_tunnels(self, stream: Stream[Any, Any], rpc: str) -> None:
+        await self.double.checkpoint(rpc)
         sandbox = self._sandbox((await stream.recv_message()).sandbox_id)
         tunnels = [
             api_pb2.TunnelData(host="127.0.0.1", port=proxy.port, container_port=container)
@@ -225,19 +264,37 @@ class _ControlPlane:
         )
 
     async def SandboxTerminateV2(self, stream: Stream[Any, Any]) -> None:
-        await self.double.checkpoint("SandboxTerminateV2")
+        await self._terminate(stream, "SandboxTerminateV2")
+
+    async def SandboxTerminate(self, stream: Stream[Any, Any]) -> None:  # V1 sandboxes (GPU ones)
+        await self._terminate(stream, "SandboxTerminate")
+
+    async def _terminate(self, stream: Stream[Any, Any], rpc: str) -> None:
+        await self.double.checkpoint(rpc)
         sandbox = self._sandbox((await stream.recv_message()).sandbox_id)
         await sandbox.terminate()
         await stream.send_message(api_pb2.SandboxTerminateResponse(existing_result=sandbox.result()))
 
     async def SandboxTagsGetV2(self, stream: Stream[Any, Any]) -> None:
-        await self.double.checkpoint("SandboxTagsGetV2")
+        await self._get_tags(stream, "SandboxTagsGetV2")
+
+    async def SandboxTagsGet(self, stream: Stream[Any, Any]) -> None:  # V1 sandboxes (GPU ones)
+        await self._get_tags(stream, "SandboxTagsGet")
+
+    async def _get_tags(self, stream: Stream[Any, Any], rpc: str) -> None:
+        await self.double.checkpoint(rpc)
         sandbox = self._sandbox((await stream.recv_message()).sandbox_id)
         tags = [api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sandbox.tags.items()]
         await stream.send_message(api_pb2.SandboxTagsGetResponse(tags=tags))
 
     async def SandboxListV2(self, stream: Stream[Any, Any]) -> None:
-        await self.double.checkpoint("SandboxListV2")
+        await self._list(stream, "SandboxListV2")
+
+    async def SandboxList(self, stream: Stream[Any, Any]) -> None:  # V1 sandboxes (GPU ones)
+        await self._list(stream, "SandboxList")
+
+    async def _list(self, stream: Stream[Any, Any], rpc: str) -> None:
+        await self.double.checkpoint(rpc)
         request: api_pb2.SandboxListRequest = await stream.recv_message()
         self.double.list_requests.append(request)
         wanted = {tag.tag_name: tag.tag_value for tag in request.tags}

@@ -11,6 +11,7 @@ credentials; also for ``reap``); 124 the timeout expired; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -173,23 +174,36 @@ class _LiveProgress:
             await anyio.sleep(0.2)
 
 
-async def _start(executor: AsyncExecutor, err: TextIO) -> None:
-    """Start ``executor``; on a terminal, with a live progress line meanwhile."""
+async def _start(executor: AsyncExecutor, err: TextIO, *, modal_output: bool) -> None:
+    """Start ``executor``; on a terminal, with a live progress line meanwhile.
+
+    With ``modal_output`` (a Modal backend, stdout a terminal too), Modal's own
+    display shows an image build's output as it is written.
+    """
     if not err.isatty():
         await executor.start()
         return
     progress = _LiveProgress(err)
     executor.on_progress = progress
-    async with anyio.create_task_group() as group:
-        group.start_soon(progress.tick)
-        try:
-            await executor.start()
-        finally:
-            group.cancel_scope.cancel()
-            progress("", 0.0)  # clear the line
+    with _modal_display() if modal_output and sys.stdout.isatty() else contextlib.nullcontext():
+        async with anyio.create_task_group() as group:
+            group.start_soon(progress.tick)
+            try:
+                await executor.start()
+            finally:
+                group.cancel_scope.cancel()
+                progress("", 0.0)  # clear the line
 
 
-async def _run(code: str, backend: Backend, timeout: float | None, ready_timeout: float) -> int:
+def _modal_display() -> contextlib.AbstractContextManager[None]:
+    import modal
+
+    return modal.enable_output()
+
+
+async def _run(
+    code: str, backend: Backend, timeout: float | None, ready_timeout: float, modal_output: bool
+) -> int:
     out, err = sys.stdout, sys.stderr
     started = time.monotonic()
     err.write(f"starting {type(backend).__name__}...\n")
@@ -197,7 +211,7 @@ async def _run(code: str, backend: Backend, timeout: float | None, ready_timeout
     status = 0
     executor = AsyncExecutor(backend, timeout=timeout, ready_timeout=ready_timeout)
     try:
-        await _start(executor, err)
+        await _start(executor, err, modal_output=modal_output)
         err.write(f"kernel ready in {time.monotonic() - started:.1f} s\n")
         err.flush()
         try:
@@ -241,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _show_startup_progress()
     try:
         backend = _make_backend(args, parser)
-        return anyio.run(_run, code, backend, args.timeout, args.ready_timeout)
+        modal_output = args.backend == "modal"
+        return anyio.run(_run, code, backend, args.timeout, args.ready_timeout, modal_output)
     except AsyncModalExecError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_BACKEND

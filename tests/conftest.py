@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import glob
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,8 +14,14 @@ import pytest
 from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint, LocalBackend
 from async_modal_exec.gateway import GatewayClient
 
-from .helpers import descendants, wait_gone
+from .helpers import LEGACY_TLS_FALSE_WARNING, descendants, wait_gone
 from .modal_double.fixtures import modal_double, modal_sandboxes_checked  # noqa: F401 - fixtures
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On Python 3.10 only, set aside its false "unclosed transport" TLS warning (see helpers)."""
+    if sys.version_info < (3, 11):
+        config.addinivalue_line("filterwarnings", f"ignore:{LEGACY_TLS_FALSE_WARNING}:ResourceWarning")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

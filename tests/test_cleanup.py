@@ -32,7 +32,7 @@ from async_modal_exec import (
 from async_modal_exec.agent import Executor
 
 from .agent_helpers import ScriptedModel
-from .helpers import wait_gone
+from .helpers import real_unclosed, wait_gone
 from .modal_double import ModalDouble
 
 QUIET = AgentLogger(level=LogLevel.OFF)
@@ -75,7 +75,7 @@ def run_snippet(make: Callable[[], Executor], way: str) -> tuple[Any, Executor, 
         warnings.simplefilter("always", ResourceWarning)
         answer, executor, pids = asyncio.run(snippet(make, way))
         gc.collect()
-    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    unclosed = real_unclosed([str(w.message) for w in caught if issubclass(w.category, ResourceWarning)])
     return answer, executor, pids, unclosed
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from .helpers import descendants, wait_gone
+from .modal_double.server import ModalDouble
 
 
 async def run_cli(*args: str, stdin: bytes | None = None, timeout: float = 120) -> tuple[int, str, str]:
@@ -130,17 +131,17 @@ async def test_reap_rejects_bad_durations() -> None:
     assert status == 2 and "not a duration" in err
 
 
-@pytest.mark.slow
-async def test_a_terminal_sees_a_live_progress_line_while_the_backend_starts() -> None:
+async def run_cli_on_terminal(*args: str, stdout_too: bool = False) -> tuple[int, str, str]:
+    """Run the CLI with stderr (and with ``stdout_too`` stdout) on a pseudo-terminal,
+    as when a person runs the command; return (status, piped stdout, what the terminal showed)."""
     import os
     import pty
 
-    # stderr on a pseudo-terminal, as when a person runs the command.
     master, slave = pty.openpty()
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "async_modal_exec", "run", "-c", "6 * 7",
-            stdout=asyncio.subprocess.PIPE, stderr=slave,
+            sys.executable, "-m", "async_modal_exec", *args,
+            stdout=slave if stdout_too else asyncio.subprocess.PIPE, stderr=slave,
         )  # fmt: skip
         os.close(slave)
         chunks: list[bytes] = []
@@ -160,7 +161,43 @@ async def test_a_terminal_sees_a_live_progress_line_while_the_backend_starts() -
         await asyncio.wait_for(reader, 10)
     finally:
         os.close(master)
-    shown = b"".join(chunks).decode(errors="replace")
-    assert process.returncode == 0 and out.decode().strip() == "42"
+    assert process.returncode is not None
+    return process.returncode, (out or b"").decode(), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+async def test_a_terminal_sees_a_live_progress_line_while_the_backend_starts() -> None:
+    status, out, shown = await run_cli_on_terminal("run", "-c", "6 * 7")
+    assert status == 0 and out.strip() == "42"
     assert "\r\x1b[K  backend... " in shown, shown  # rewritten in place, with elapsed seconds
     assert "  backend: " in shown and "kernel ready in" in shown
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("modal_sandboxes_checked")
+async def test_a_terminal_sees_a_modal_image_build_as_it_is_written(
+    modal_double: ModalDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The double streams a build's log the way Modal does (the image is not
+    # ready, the client joins the build); the CLI on a terminal shows it.
+    monkeypatch.setattr(modal_double, "image_build_log", ["Step 1/2 : RUN pip install cowsay", "built!"])
+    monkeypatch.setenv("SSL_CERT_FILE", str(modal_double.cert))  # trust the double's tunnels
+    status, _, shown = await run_cli_on_terminal(
+        "run", "--backend", "modal", "--app", "cli-build", "-c", "6 * 7", stdout_too=True
+    )
+    assert status == 0, shown
+    assert "Step 1/2 : RUN pip install cowsay" in shown and "built!" in shown, shown
+    assert "42" in shown
+    assert "ImageJoinStreaming" in modal_double.calls
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("modal_sandboxes_checked")
+async def test_without_a_terminal_the_build_log_stays_out_of_the_output(
+    modal_double: ModalDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modal_double, "image_build_log", ["Step 1/2 : RUN pip install cowsay"])
+    monkeypatch.setenv("SSL_CERT_FILE", str(modal_double.cert))
+    status, out, err = await run_cli("run", "--backend", "modal", "--app", "cli-build", "-c", "6 * 7")
+    assert status == 0, err
+    assert out.strip() == "42" and "cowsay" not in out + err

@@ -56,9 +56,11 @@ class _ClosingServer(Server):
 
     async def shutdown(self) -> None:
         self.close()
-        await self.wait_closed()
+        # Before waiting: from Python 3.12 on, wait_closed() waits for every
+        # accepted connection to end.
         for transport in self.transports:
             transport.close()
+        await self.wait_closed()
         await asyncio.sleep(0.05)  # let each transport run its connection_lost and close its socket
 
 
@@ -130,14 +132,22 @@ class _ControlPlane:
         await self.double.checkpoint("ImageGetOrCreate")
         request = await stream.recv_message()
         self.double.images.append(request.image)
+        image_id = f"im-{len(self.double.images)}"
+        if self.double.image_build_log:  # not built yet: the client joins the build's log stream
+            await stream.send_message(api_pb2.ImageGetOrCreateResponse(image_id=image_id))
+            return
         done = api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_SUCCESS)
-        await stream.send_message(
-            api_pb2.ImageGetOrCreateResponse(image_id=f"im-{len(self.double.images)}", result=done)
-        )
+        await stream.send_message(api_pb2.ImageGetOrCreateResponse(image_id=image_id, result=done))
 
     async def ImageJoinStreaming(self, stream: Stream[Any, Any]) -> None:
         await self.double.checkpoint("ImageJoinStreaming")
         await stream.recv_message()
+        for number, line in enumerate(self.double.image_build_log, 1):
+            log = api_pb2.TaskLogs(data=line + "\n", file_descriptor=api_pb2.FILE_DESCRIPTOR_STDOUT)
+            await stream.send_message(
+                api_pb2.ImageJoinStreamingResponse(task_logs=[log], entry_id=str(number))
+            )
+            await asyncio.sleep(0.05)  # a build writes over time
         done = api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_SUCCESS)
         await stream.send_message(api_pb2.ImageJoinStreamingResponse(result=done, eof=True))
 
@@ -355,6 +365,8 @@ class ModalDouble:
         unimplemented: names of RPCs the client called that the double does not implement.
         calls: names of the RPCs called, in order.
         pauses: RPC name -> seconds each call of it is held before it is served.
+        image_build_log: lines an image build writes; when set, every image is
+            built (not found ready), its log streamed to the client.
         failures: RPC name -> a ``GRPCError`` that every call of it answers (a
             fresh copy each time) until the entry is removed, e.g.
             ``failures["AppGetOrCreate"] = GRPCError(Status.UNAUTHENTICATED, "bad token")``.
@@ -368,6 +380,7 @@ class ModalDouble:
         self.named_secrets: dict[str, dict[str, str]] = {}
         self.secret_values: dict[str, dict[str, str]] = {}
         self.images: list[api_pb2.Image] = []
+        self.image_build_log: list[str] = []
         self.list_requests: list[api_pb2.SandboxListRequest] = []
         self.unimplemented: list[str] = []
         self.calls: list[str] = []

@@ -22,11 +22,13 @@ What it changes compared with ``jupyter kernelgateway``:
   one fully deserializes every output message, parsing its dates with
   dateutil, and content twice for status messages: about a fifth of the
   gateway's CPU time per execution.
-* IPython kernels start with ``--Kernel._execute_sleep=0`` and two snippets in
+* IPython kernels start with ``--Kernel._execute_sleep=0`` and three snippets in
   ``exec_lines``: :data:`SURROGATE_SAFE_PACK` (a lone surrogate in output,
-  ``print('x\\ud800y')``, arrives as U+FFFD instead of losing the message) and
+  ``print('x\\ud800y')``, arrives as U+FFFD instead of losing the message),
   :data:`THREAD_PARENTS` (a thread's output belongs to the cell that started
-  it, not to whichever cell runs when it prints). Other kernel specs are left alone.
+  it, not to whichever cell runs when it prints) and :data:`STREAM_ORDER`
+  (stdout and stderr arrive in the order they were written). Other kernel
+  specs are left alone.
 * ``--Kernel._execute_sleep=0``: ipykernel sleeps
   0.5 ms before every ``execute_reply`` so that clients which stop at the
   reply (not at the ``idle`` status) see the last output first; our client
@@ -236,8 +238,38 @@ except Exception as exc:
     print(f"async_modal_exec: thread output keeps ipykernel's routing: {exc!r}", file=sys.__stderr__)
 """
 
+# Also runs in the kernel at start. ipykernel buffers stdout and stderr apart and
+# sends each on its own timer, so `print("a"); print("b", file=sys.stderr);
+# print("c")` arrived as "a c" then "b". Here, when a write to one stream asks
+# for its flush, the other stream's pending text is sent first (a flush, which
+# waits for the IO thread: only when the code switches streams with output
+# pending), so the order on IOPub is the order of the writes. The hook is the
+# flush request, not ``write``: IPython wraps each stream's ``write`` per cell.
+STREAM_ORDER = r"""
+def _install():
+    import sys
+    from ipykernel.iostream import OutStream
+
+    schedule = OutStream._schedule_flush
+
+    def schedule_after_the_other(self):
+        other = sys.stderr if self is sys.stdout else sys.stdout if self is sys.stderr else None
+        if isinstance(other, OutStream) and other is not self and other._flush_pending:
+            other.flush()
+        schedule(self)
+
+    OutStream._schedule_flush = schedule_after_the_other
+
+try:
+    _install()
+except Exception as exc:
+    import sys
+    print(f"async_modal_exec: stdout and stderr keep ipykernel's order: {exc!r}", file=sys.__stderr__)
+"""
+
 KERNEL_TUNING_ARGS = (
-    f"--IPKernelApp.exec_lines=exec({SURROGATE_SAFE_PACK!r}, {{}}); exec({THREAD_PARENTS!r}, {{}})",
+    "--IPKernelApp.exec_lines="
+    f"exec({SURROGATE_SAFE_PACK!r}, {{}}); exec({THREAD_PARENTS!r}, {{}}); exec({STREAM_ORDER!r}, {{}})",
     "--Kernel._execute_sleep=0",
 )
 

@@ -431,6 +431,7 @@ class ExecutionFold:
         self._input_request: Mapping[str, Any] | None = None
         self._stdout: list[str] = []
         self._stderr: list[str] = []
+        self._stream_order: list[tuple[str, int]] = []  # runs of (stream, characters)
         self._value: RichOutput | None = None
         self._displays: list[RichOutput] = []
         self._error: RemoteError | None = None
@@ -487,7 +488,13 @@ class ExecutionFold:
         text = self._cap.take(text)
         if not text:
             return []
-        if content.get("name") == "stderr":
+        stream = "stderr" if content.get("name") == "stderr" else "stdout"
+        order = self._stream_order
+        if order and order[-1][0] == stream:
+            order[-1] = (stream, order[-1][1] + len(text))
+        else:
+            order.append((stream, len(text)))
+        if stream == "stderr":
             self._stderr.append(text)
             return [StderrEvent(text)]
         self._stdout.append(text)
@@ -591,4 +598,5 @@ class ExecutionFold:
             execution_count=self._count(),
             truncated_chars=self._cap.dropped,
             lost_messages=lost,
+            stream_order=tuple(self._stream_order),
         )

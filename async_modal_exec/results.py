@@ -27,6 +27,9 @@ __all__ = [
 BINARY_MIME_TYPES = frozenset(
     {"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "application/pdf"}
 )
+# Which image of a bundle to decode: lossless types first, JPEG last (a kernel
+# that offers both would otherwise hand back a lossy copy of the picture).
+IMAGE_PREFERENCE = ("image/png", "image/bmp", "image/gif", "image/webp")
 
 
 def decode_mime_bundle(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -80,6 +83,15 @@ class RichOutput:
             for mime, value in self.data.items()
             if mime.startswith("image/") and isinstance(value, bytes)
         ]
+
+    @property
+    def best_image(self) -> tuple[str, bytes] | None:
+        """The bundle's most faithful image: PNG (or another lossless type) over JPEG; None if none."""
+        images = dict(self.images)
+        for mime in IMAGE_PREFERENCE:
+            if mime in images:
+                return mime, images[mime]
+        return next(iter(images.items()), None)
 
     def to_jsonable(self) -> dict[str, Any]:
         """A JSON-ready dict (binary values base64-encoded again; ``"truncated": true`` if cut)."""
@@ -137,6 +149,8 @@ class ExecutionResult:
         lost_messages: messages of the kernel that never arrived (a link cut,
             an overflowing queue on the way): the result is then
             :attr:`incomplete`, and stdout ends with a marker saying so.
+        stream_order: how stdout and stderr interleaved, as runs of
+            ``("stdout" | "stderr", characters)`` in arrival order (see :attr:`logs`).
     """
 
     stdout: str = ""
@@ -147,6 +161,23 @@ class ExecutionResult:
     execution_count: int | None = None
     truncated_chars: int = 0
     lost_messages: int = 0
+    stream_order: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def logs(self) -> str:
+        """stdout and stderr interleaved in the order they arrived (the kernel's
+        order on its IOPub channel), as a terminal would show them; markers at the end."""
+        if not self.stderr:
+            return self.stdout
+        parts: list[str] = []
+        taken = {"stdout": 0, "stderr": 0}
+        texts = {"stdout": self.stdout, "stderr": self.stderr}
+        for stream, size in self.stream_order:
+            start = taken[stream]
+            parts.append(texts[stream][start : start + size])
+            taken[stream] = start + size
+        parts += [self.stdout[taken["stdout"] :], self.stderr[taken["stderr"] :]]
+        return "".join(parts)
 
     @property
     def incomplete(self) -> bool:
@@ -157,6 +188,13 @@ class ExecutionResult:
     def ok(self) -> bool:
         """True when the code did not raise."""
         return self.error is None
+
+    @property
+    def best_image(self) -> tuple[str, bytes] | None:
+        """The last image displayed or returned, in its most faithful type
+        (see :attr:`RichOutput.best_image`); None if there is none."""
+        outputs = [*self.displays, *([self.value] if self.value is not None else [])]
+        return next((o.best_image for o in reversed(outputs) if o.best_image is not None), None)
 
     @property
     def images(self) -> list[tuple[str, bytes]]:

@@ -19,12 +19,15 @@ class ScriptedModel(Model):
     def __init__(self, actions: Sequence[str]) -> None:
         super().__init__(model_id="scripted")
         self.actions = list(actions)
-        self.seen: list[str] = []
+        self.seen: list[str] = []  # the last message of each call
+        self.histories: list[str] = []  # every message of each call, joined
 
     def generate(
         self, messages: list[Any], stop_sequences: list[str] | None = None, **kwargs: Any
     ) -> ChatMessage:
-        self.seen.append(str(messages[-1].content if hasattr(messages[-1], "content") else messages[-1]))
+        texts = [str(m.content if hasattr(m, "content") else m) for m in messages]
+        self.seen.append(texts[-1])
+        self.histories.append("\n".join(texts))
         if not self.actions:
             raise RuntimeError("the scripted model ran out of actions")
         code = self.actions.pop(0)

@@ -6,6 +6,7 @@ import gc
 import glob
 import os
 import sys
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,9 +20,11 @@ from .modal_double.fixtures import modal_double, modal_sandboxes_checked  # noqa
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """On Python 3.10 only, set aside its false "unclosed transport" TLS warning (see helpers)."""
+    """On Python 3.10 only, set aside its false "unclosed transport" TLS warning (see helpers):
+    in tests (over the ini's ``error``) and outside them (a collection at session end)."""
     if sys.version_info < (3, 11):
         config.addinivalue_line("filterwarnings", f"ignore:{LEGACY_TLS_FALSE_WARNING}:ResourceWarning")
+        warnings.filterwarnings("ignore", LEGACY_TLS_FALSE_WARNING, ResourceWarning)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

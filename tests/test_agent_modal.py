@@ -40,7 +40,7 @@ async def test_run_agent_on_modal_keeps_the_loop_free(modal_double: ModalDouble)
                 answer = await run_agent(agent, "Sum the numbers.", additional_args={"numbers": [4, 5, 6]})
         assert answer == {"total": 15, "n": 3}
         error_step = agent.memory.steps[2]
-        assert "before the error" in str(error_step.error)  # type: ignore[attr-defined]
+        assert "before the error" in str(error_step.observations)  # type: ignore[attr-defined]
         # Nothing the executor runs on the loop may hold it for 50 ms; a full GC in the
         # agent's own thread can hold the GIL that long, which is why gc.freeze() runs
         # after imports (see conftest).

@@ -95,3 +95,23 @@ def test_missing_extra_names_the_pip_line() -> None:
         assert caught.value.extra == "probe" and isinstance(caught.value, ImportError)
     finally:
         del _extras.EXTRAS["probe"]
+
+
+def test_no_stack_installs_an_ipykernel_that_can_leave_a_request_unanswered() -> None:
+    # ipykernel 7.0-7.3 can strand a shell request unread (the kernel idles and
+    # never answers): on Python 3.10, whose newest ipykernel is 7.3, the oldest
+    # corner of the compatibility matrix saw it in half of its runs.
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from async_modal_exec.backends.modal_sandbox import IPYKERNEL_SPEC
+
+    broken = [Version(v) for v in ("7.0.0", "7.1.0", "7.2.0", "7.3.0", "7.3.4")]
+    spec = Requirement(IPYKERNEL_SPEC).specifier
+    assert not any(spec.contains(v) for v in broken) and spec.contains(Version("7.4.0"))
+    assert spec.contains(Version("6.31.0"))
+    local_extra = [Requirement(r) for r in requires("async_modal_exec") or [] if r.startswith("ipykernel")]
+    assert {str(r.specifier) for r in local_extra} == {str(spec)}, "the local extra and the image agree"
+    assert spec.contains(Version(version("ipykernel"))), "this environment's kernel is in the range"

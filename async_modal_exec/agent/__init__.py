@@ -4,7 +4,7 @@ from .._extras import require
 
 require("smolagents", "The smolagents integration (Executor, create_*_executor, run_agent)")
 
-from .facade import Executor
+from .facade import Executor, StepTimeoutError
 from .factories import create_gateway_executor, create_local_executor, create_modal_executor
 from .requirements import IMPORT_TO_DISTRIBUTION, Requirement
 from .run import run_agent
@@ -13,6 +13,7 @@ __all__ = [
     "IMPORT_TO_DISTRIBUTION",
     "Executor",
     "Requirement",
+    "StepTimeoutError",
     "create_gateway_executor",
     "create_local_executor",
     "create_modal_executor",

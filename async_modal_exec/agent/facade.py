@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal
 from smolagents.agents import MultiStepAgent
-from smolagents.local_python_executor import DEFAULT_MAX_LEN_OUTPUT, CodeOutput
+from smolagents.local_python_executor import DEFAULT_MAX_LEN_OUTPUT, CodeOutput, ExecutionTimeoutError
 from smolagents.monitoring import AgentLogger, LogLevel
 from smolagents.remote_executors import RemotePythonExecutor
 from smolagents.tools import Tool, get_tools_definition_code
@@ -27,7 +29,7 @@ from smolagents.utils import AgentError, truncate_content
 
 from .._shield import run_shielded, wait_shielded
 from ..backends.base import Backend
-from ..errors import ExecutionError, ExecutorStateError
+from ..errors import ExecutionError, ExecutionTimeout, ExecutorStateError
 from ..executor import AsyncExecutor, ExecutorState
 from ..host_tools import HostTools, tool_name
 from ..results import ExecutionResult
@@ -42,15 +44,32 @@ from .requirements import (
     requirements_of_tool,
     shipping_problem,
 )
+from .values import value_hook_code
 
 logger = logging.getLogger("async_modal_exec.agent")
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "StepTimeoutError"]
 
 T = TypeVar("T")
 
 #: Seconds a step may run by default: smolagents' own executor stops at 30 s.
 DEFAULT_STEP_TIMEOUT = 30.0
+
+
+class StepTimeoutError(AgentError, ExecutionTimeoutError):  # type: ignore[misc]
+    """A step ran past the executor's timeout (the kernel was interrupted).
+
+    Both smolagents' ``AgentError`` (what ``CodeAgent`` records and shows the
+    model) and smolagents' ``ExecutionTimeoutError`` (what its local executor
+    raises), so code that catches either keeps working.
+    """
+
+
+# The final-answer tools patched by an Executor, and the class each had before.
+# smolagents patches a tool by subclassing its class; patching an already
+# patched tool again (a second agent.run()) shipped a forward() whose baked-in
+# setting was lost (NameError in the kernel). Each patch starts from the original.
+_UNPATCHED_CLASS: weakref.WeakKeyDictionary[Any, type] = weakref.WeakKeyDictionary()
 
 
 def _unshippable_stub(name: str, reason: str) -> str:
@@ -141,6 +160,10 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         self.unshippable_tools: dict[str, str] = {}
         # An already started core lives on the loop running now.
         self.bridge = LoopBridge(portal, running_loop() if core.state is ExecutorState.OPEN else None)
+        #: Where ``CodeAgent`` reads a failed step's printed output, as from
+        #: smolagents' local executor: ``state["_print_outputs"]``.
+        self.state: dict[str, Any] = {"_print_outputs": ""}
+        self._value_hook_kernel: str | None = None  # the kernel the value hook is installed in
         self._exit_hook = False
         self._closed = False
 
@@ -195,7 +218,20 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
 
     async def _run(self, code: str) -> ExecutionResult:
         executor = await self._ensure_started()
+        await self._ensure_value_hook()
         return await executor.run(code)
+
+    async def _ensure_value_hook(self) -> None:
+        """Install the hook that sends the last value as an object (once per kernel)."""
+        kernel = self.core.kernel_id
+        if kernel is None or kernel == self._value_hook_kernel:
+            return
+        result = await self.core.run(value_hook_code(self.allow_pickle))
+        if result.error is None:
+            self._value_hook_kernel = kernel
+        else:  # values then come back as their repr, as from other remote executors
+            error = result.error
+            logger.warning("the value hook could not be installed: %s: %s", error.ename, error.evalue)
 
     async def _send_tools(self, tools: Mapping[str, Any]) -> ExecutionResult | None:
         await self._ensure_started()
@@ -215,7 +251,9 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         needed: list[Requirement] = []
         optional: set[str] = set()
         for name, tool in tools.items():
-            problem = shipping_problem(tool)
+            # The final-answer tool is patched here (smolagents swaps its class) and
+            # holds no state of its own: comparing it with a fresh instance says nothing.
+            problem = shipping_problem(tool, check_state=name != "final_answer")
             reason = self._host_reason(name, tool, problem)
             if reason is not None:
                 on_host[name] = tool
@@ -235,7 +273,9 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
             logger.debug("requirements of tool %s (%s): %s", name, origin, [r.spec for r in requirements])
             needed += requirements
             optional |= optional_here
-        definitions = guard_imports(get_tools_definition_code(shippable), optional) if shippable else ""
+        # Also with no tool: the definitions start with the standard imports
+        # (math, re, time ...) smolagents' other executors define.
+        definitions = guard_imports(get_tools_definition_code(shippable), optional)
         code = "\n".join([definitions, *stubs])
         return on_host, needed, code
 
@@ -272,15 +312,19 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
                 message holds the output printed before the error, then the
                 error's name, value and traceback.
         """
+        self.state["_print_outputs"] = ""
         try:
             result = self._call(self._run, code)
         except ExecutionError as exc:
+            self.state["_print_outputs"] = self._cap(exc.result.logs)
             message = error_message(exc.result, f"Executing code failed: {exc}")
-            raise AgentError(self._cap(message), self.logger) from exc
+            error = StepTimeoutError if isinstance(exc, ExecutionTimeout) else AgentError
+            raise error(self._cap(message), self.logger) from exc
+        self.state["_print_outputs"] = self._cap(result.logs)
         if result.error is not None and not is_final_answer(result):
             raise AgentError(self._cap(error_message(result)), self.logger)
         output = code_output(result, allow_pickle=self.allow_pickle)
-        output.logs = self._cap(output.logs)
+        output.logs = self.state["_print_outputs"]
         return output
 
     def _cap(self, text: str) -> str:
@@ -296,6 +340,7 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         managed agents) are listed in ``unshippable_tools`` and defined as stubs
         that raise a clear error when called; they never break the agent's start.
         """
+        self._adopt_agents_output_cap()
         if "final_answer" in tools:
             self._patch_final_answer_with_exception(tools["final_answer"])
         result = self._call(self._send_tools, tools)
@@ -304,6 +349,34 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
                 raise AgentError(error_message(result, "Defining the tools failed:"), self.logger)
             if result.stdout:
                 self.logger.log(result.stdout)
+
+    def _adopt_agents_output_cap(self) -> None:
+        """Take the calling agent's ``max_print_outputs_length`` if it set one.
+
+        ``CodeAgent(max_print_outputs_length=)`` reaches only the executor the
+        agent builds itself; one passed in is never told. ``MultiStepAgent.run``
+        calls :meth:`send_tools` directly, so the agent is the caller's ``self``.
+        """
+        try:
+            caller = sys._getframe(2).f_locals.get("self")
+        except ValueError:  # called from the top of a stack
+            return
+        if not isinstance(caller, MultiStepAgent):
+            return
+        length = getattr(caller, "max_print_outputs_length", None)
+        if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+            self.max_print_outputs_length = length
+
+    def _patch_final_answer_with_exception(self, final_answer_tool: Any) -> None:
+        """smolagents' patch (``final_answer`` raises with the serialized answer), once per tool:
+        a tool patched before gets its original class back first, so any number of runs work."""
+        original = _UNPATCHED_CLASS.get(final_answer_tool)
+        if original is not None:
+            final_answer_tool.__class__ = original
+        else:
+            original = type(final_answer_tool)
+        super()._patch_final_answer_with_exception(final_answer_tool)
+        _UNPATCHED_CLASS[final_answer_tool] = original
 
     def install_packages(self, additional_imports: list[str]) -> list[str]:
         """Install what is missing among ``additional_imports`` (import names or specs)."""

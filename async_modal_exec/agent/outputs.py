@@ -9,6 +9,7 @@ from smolagents.local_python_executor import CodeOutput
 from smolagents.remote_executors import RemotePythonExecutor
 
 from ..results import ExecutionResult
+from .values import decode_value
 
 __all__ = ["FINAL_ANSWER_EXCEPTION", "code_output", "error_message"]
 
@@ -29,9 +30,14 @@ def is_final_answer(result: ExecutionResult) -> bool:
 
 
 def error_message(result: ExecutionResult, headline: str = "Executing code yielded an error:") -> str:
-    """What the agent sees for a failed step: the output printed before, then the error."""
+    """The error of a failed step: the headline, then the error's name, value and traceback.
+
+    The output printed before the error is not repeated here: ``CodeAgent``
+    shows it to the model from the executor's ``state["_print_outputs"]``, as
+    for smolagents' local executor.
+    """
     error = result.error
-    parts = [result.stdout.rstrip("\n"), headline]
+    parts = [headline]
     if error is not None:
         parts += [error.ename, error.evalue, "\n".join(error.traceback)]
     return "\n".join(part for part in parts if part)
@@ -40,18 +46,25 @@ def error_message(result: ExecutionResult, headline: str = "Executing code yield
 def code_output(result: ExecutionResult, *, allow_pickle: bool) -> CodeOutput:
     """The ``CodeOutput`` of a successful (or final-answer) step.
 
-    The output is the final answer when there is one; else the last value (its
-    image as a ``PIL.Image`` if it has one, otherwise its ``text/plain``); else
-    the last displayed image; else None.
+    The output is the final answer when there is one; else the last value: the
+    object itself when it came serialized (see :mod:`.values`), else its image
+    as a ``PIL.Image`` (PNG over JPEG), else its ``text/plain``; else the last
+    displayed image; else None. The logs are stdout and stderr interleaved.
     """
     if is_final_answer(result):
         assert result.error is not None
         value = RemotePythonExecutor._deserialize_final_answer(result.error.evalue, allow_pickle)
-        return CodeOutput(output=value, logs=result.stdout, is_final_answer=True)
+        return CodeOutput(output=value, logs=result.logs, is_final_answer=True)
     output: Any = None
     if result.value is not None:
-        images = result.value.images
-        output = _as_image(images[-1][1]) if images else result.value.text
-    elif result.images:
-        output = _as_image(result.images[-1][1])
-    return CodeOutput(output=output, logs=result.stdout, is_final_answer=False)
+        decoded, value = decode_value(result.value, allow_pickle=allow_pickle)
+        best = result.value.best_image
+        if decoded:
+            output = value
+        elif best is not None:
+            output = _as_image(best[1])
+        else:
+            output = result.value.text
+    elif (best := result.best_image) is not None:
+        output = _as_image(best[1])
+    return CodeOutput(output=output, logs=result.logs, is_final_answer=False)

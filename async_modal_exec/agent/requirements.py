@@ -40,6 +40,7 @@ __all__ = [
     "requirement_from_spec",
     "requirements_of_tool",
     "shipping_problem",
+    "state_difference",
 ]
 
 # Import names whose distribution is named differently (smolagents maps only PIL).
@@ -236,8 +237,13 @@ def is_mcp_tool(tool: Any) -> bool:
     return module.startswith(("mcpadapt", "smolagents.mcp_client", "mcp.")) or "MCP" in type(tool).__name__
 
 
-def shipping_problem(tool: Any) -> str | None:
-    """Why ``tool`` cannot be sent to the sandbox as source, or None if it can."""
+def shipping_problem(tool: Any, *, check_state: bool = True) -> str | None:
+    """Why ``tool`` cannot be sent to the sandbox as source, or None if it can.
+
+    Sent as source, a tool is rebuilt in the sandbox by calling its class with
+    no arguments; with ``check_state``, a tool whose state differs from such a
+    fresh instance (see :func:`state_difference`) cannot be sent either.
+    """
     if not isinstance(tool, Tool):
         return f"it is a {type(tool).__name__}, not a Tool (managed agents run on the host)"
     try:
@@ -247,6 +253,43 @@ def shipping_problem(tool: Any) -> str | None:
         lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip()]
         detail = " ".join(lines) or type(exc).__name__
         return f"its source cannot be rebuilt in the sandbox ({detail[:300]})"
+    return state_difference(tool) if check_state else None
+
+
+def _same_value(ours: Any, fresh: Any) -> bool:
+    if type(ours) is not type(fresh):
+        return False
+    if all("__eq__" not in vars(klass) for klass in type(ours).__mro__[:-1]):
+        return True  # no equality of its own: a fresh object of the same class is the same state
+    try:
+        return bool(ours == fresh)
+    except Exception:  # e.g. an array's elementwise ==: not provably the same
+        return False
+
+
+def state_difference(tool: Any) -> str | None:
+    """Why ``tool``'s state is not what the sandbox would rebuild, or None if it is.
+
+    The sandbox runs ``ToolClass()``. Here the same call builds a fresh
+    instance on the host (the tool's own ``__init__`` runs once more, in this
+    process), and every instance attribute is compared: a value given to the
+    constructor, set after construction, or left by ``setup()`` is state the
+    sandbox's copy would not have. Values are compared with ``==``; an object
+    whose class has no equality of its own counts as the same when its class
+    is. Only attribute names are reported, never values (they may be secrets).
+    """
+    try:
+        fresh = type(tool)()
+    except Exception as exc:
+        return f"its class cannot be rebuilt with no arguments ({type(exc).__name__})"
+    ours, theirs = vars(tool), vars(fresh)
+    for name in sorted(set(ours) | set(theirs)):
+        if name == "is_initialized":
+            continue  # set by setup(), which the sandbox runs on first use too
+        if name not in theirs:
+            return f"its attribute {name!r} was set after construction (the sandbox's copy would lack it)"
+        if name not in ours or not _same_value(ours[name], theirs[name]):
+            return f"its attribute {name!r} differs from a fresh instance's (state given to its constructor?)"
     return None
 
 

@@ -116,12 +116,19 @@ def _modal_errors(what: str, *, starting: bool = False) -> Iterator[None]:
         raise _translate(exc, what, starting=starting) from exc
 
 
+# ipykernel 7.0-7.3 can leave a shell request unread until the next connection
+# (its reply sent raw on the socket a stream reads: ipykernel issue 1554, fixed
+# in 7.4, which needs Python 3.11): the kernel sits idle and never answers. On
+# Python 3.10 this resolves to 6.x. The `local` extra has the same specifier.
+IPYKERNEL_SPEC = "ipykernel>=6.29,!=7.0.*,!=7.1.*,!=7.2.*,!=7.3.*"
+
+
 def default_image() -> modal.Image:
     """The default sandbox image: Debian slim with Kernel Gateway and ipykernel.
 
     The launcher needs nothing more: it is sent as ``python -c`` source.
     """
-    return modal.Image.debian_slim().uv_pip_install("jupyter_kernel_gateway", "ipykernel")
+    return modal.Image.debian_slim().uv_pip_install("jupyter_kernel_gateway", IPYKERNEL_SPEC)
 
 
 class ModalBackend(Backend):

@@ -23,7 +23,7 @@ from smolagents.memory import ActionStep
 from smolagents.monitoring import AgentLogger, LogLevel
 from smolagents.utils import AgentError
 
-from async_modal_exec import GatewayBackend, GatewayEndpoint
+from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint
 from async_modal_exec.agent import Executor, StepTimeoutError
 
 from .agent_helpers import ScriptedModel
@@ -67,6 +67,15 @@ def test_stdout_and_stderr_reach_the_logs_in_the_order_they_were_written(executo
     ], logs
     positions = [logs.index(word) for word in ("one", "two", "three", "careful", "logged", "four")]
     assert positions == sorted(positions), logs
+
+
+async def test_the_async_result_keeps_the_order_of_stdout_and_stderr(gateway: GatewayEndpoint) -> None:
+    code = "import sys\nfor i in range(3):\n    print('out', i)\n    print('err', i, file=sys.stderr)"
+    async with AsyncExecutor(GatewayBackend(gateway.base_url, gateway.token)) as executor:
+        result = await executor.run(code)
+    assert result.logs == "out 0\nerr 0\nout 1\nerr 1\nout 2\nerr 2\n"
+    assert (result.stdout, result.stderr) == ("out 0\nout 1\nout 2\n", "err 0\nerr 1\nerr 2\n")
+    assert result.stream_order == (("stdout", 6), ("stderr", 6)) * 3
 
 
 def test_a_failed_steps_output_with_stderr_is_where_code_agent_reads_it(executor: Executor) -> None:

@@ -304,13 +304,19 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         """Run one step's code.
 
         Returns:
-            ``CodeOutput``: the value (an image as ``PIL.Image``), the printed
-            logs, and whether ``final_answer`` was called.
+            ``CodeOutput``: the value (the object for plain types, an image as
+            ``PIL.Image``, else its repr), the logs (stdout and stderr in the
+            order written, capped), and whether ``final_answer`` was called.
 
         Raises:
-            AgentError: the code raised, timed out, or the kernel died; the
-                message holds the output printed before the error, then the
-                error's name, value and traceback.
+            StepTimeoutError: the step ran past the timeout (the kernel was
+                interrupted); also smolagents' ``ExecutionTimeoutError``.
+            AgentError: the code raised or the kernel died; the message holds
+                the error's name, value and traceback. In both cases the output
+                printed before is in ``state["_print_outputs"]``, where
+                ``CodeAgent`` reads it.
+
+        Ctrl-C interrupts the kernel and re-raises ``KeyboardInterrupt``.
         """
         self.state["_print_outputs"] = ""
         try:

@@ -189,18 +189,21 @@ class ExecutionResult:
         """True when the code did not raise."""
         return self.error is None
 
+    def _outputs(self) -> list[RichOutput]:
+        """The displays, then the value: every rich output, in order."""
+        return [*self.displays, *([self.value] if self.value is not None else [])]
+
     @property
     def best_image(self) -> tuple[str, bytes] | None:
         """The last image displayed or returned, in its most faithful type
         (see :attr:`RichOutput.best_image`); None if there is none."""
-        outputs = [*self.displays, *([self.value] if self.value is not None else [])]
-        return next((o.best_image for o in reversed(outputs) if o.best_image is not None), None)
+        bests = (output.best_image for output in reversed(self._outputs()))
+        return next((best for best in bests if best is not None), None)
 
     @property
     def images(self) -> list[tuple[str, bytes]]:
         """Every image displayed or returned, in order, as ``(mime_type, bytes)``."""
-        outputs = [*self.displays, *([self.value] if self.value is not None else [])]
-        return [image for output in outputs for image in output.images]
+        return [image for output in self._outputs() for image in output.images]
 
     def raise_for_error(self) -> ExecutionResult:
         """Return ``self``, or raise :class:`CodeError` if the code raised.

@@ -1,12 +1,33 @@
-"""A scripted smolagents model and tools for agent tests (no network, no LLM)."""
+"""A scripted smolagents model, tools and an executor fixture for agent tests (no network, no LLM)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from smolagents import Tool
+import pytest
+from smolagents import CodeAgent, Tool
+from smolagents.memory import ActionStep
 from smolagents.models import ChatMessage, MessageRole, Model
+from smolagents.monitoring import AgentLogger, LogLevel
+
+from async_modal_exec import GatewayBackend, GatewayEndpoint
+from async_modal_exec.agent import Executor
+
+QUIET = AgentLogger(level=LogLevel.OFF)
+
+
+@pytest.fixture
+def agent_executor(gateway: GatewayEndpoint) -> Iterator[Executor]:
+    """An Executor on the session's gateway, cleaned up after the test."""
+    executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET, timeout=60)
+    yield executor
+    executor.cleanup()
+
+
+def steps(agent: CodeAgent) -> list[ActionStep]:
+    """The agent's action steps, in order."""
+    return [step for step in agent.memory.steps if isinstance(step, ActionStep)]
 
 
 class ScriptedModel(Model):

@@ -15,6 +15,7 @@ import pytest
 from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint, LocalBackend
 from async_modal_exec.gateway import GatewayClient
 
+from .agent_helpers import agent_executor  # noqa: F401 - a fixture
 from .helpers import LEGACY_TLS_FALSE_WARNING, descendants, wait_gone
 from .modal_double.fixtures import modal_double, modal_sandboxes_checked  # noqa: F401 - fixtures
 

@@ -12,36 +12,20 @@ import textwrap
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import PIL.Image
 import pytest
 from anyio.from_thread import BlockingPortal
 from smolagents import CodeAgent, Tool
-from smolagents.memory import ActionStep
-from smolagents.monitoring import AgentLogger, LogLevel
 from smolagents.utils import AgentError
 
 from async_modal_exec import ExecutorStateError, GatewayBackend, GatewayEndpoint, LocalBackend
 from async_modal_exec.agent import Executor, run_agent
 from async_modal_exec.agent.requirements import guard_imports, optional_imports, requirements_of_tool
 
-from .agent_helpers import KeyedTool, ScriptedModel, YamlTool
+from .agent_helpers import QUIET, KeyedTool, ScriptedModel, YamlTool, steps
 from .helpers import measure_loop_lag, wait_gone
-
-QUIET = AgentLogger(level=LogLevel.OFF)
-
-
-@pytest.fixture
-def agent_executor(gateway: GatewayEndpoint) -> Iterator[Executor]:
-    executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET, timeout=60)
-    yield executor
-    executor.cleanup()
-
-
-def steps(agent: CodeAgent) -> list[ActionStep]:
-    return [step for step in agent.memory.steps if isinstance(step, ActionStep)]
 
 
 def test_code_agent_multi_step_task(agent_executor: Executor) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,34 +18,20 @@ import pytest
 from smolagents import CodeAgent, Tool
 from smolagents.default_tools import FinalAnswerTool
 from smolagents.local_python_executor import ExecutionTimeoutError, LocalPythonExecutor
-from smolagents.memory import ActionStep
-from smolagents.monitoring import AgentLogger, LogLevel
 from smolagents.utils import AgentError
 
 from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint
 from async_modal_exec.agent import Executor, StepTimeoutError
 
-from .agent_helpers import ScriptedModel
+from .agent_helpers import QUIET, ScriptedModel, steps
 
-QUIET = AgentLogger(level=LogLevel.OFF)
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "smolagents.md"
-
-
-@pytest.fixture
-def executor(gateway: GatewayEndpoint) -> Iterator[Executor]:
-    executor = Executor(GatewayBackend(gateway.base_url, gateway.token), logger=QUIET, timeout=60)
-    yield executor
-    executor.cleanup()
-
-
-def steps(agent: CodeAgent) -> list[ActionStep]:
-    return [step for step in agent.memory.steps if isinstance(step, ActionStep)]
 
 
 # -- stderr reaches the model, in order ------------------------------------------------
 
 
-def test_stdout_and_stderr_reach_the_logs_in_the_order_they_were_written(executor: Executor) -> None:
+def test_stdout_and_stderr_reach_the_logs_in_the_order_they_were_written(agent_executor: Executor) -> None:
     code = (
         "import sys, warnings, logging\n"
         "print('one')\n"
@@ -56,7 +41,7 @@ def test_stdout_and_stderr_reach_the_logs_in_the_order_they_were_written(executo
         "logging.warning('logged')\n"
         "print('four')"
     )
-    logs = executor(code).logs
+    logs = agent_executor(code).logs
     assert [line for line in ("one", "two", "three", "careful", "logged", "four") if line in logs] == [
         "one",
         "two",
@@ -78,7 +63,7 @@ async def test_the_async_result_keeps_the_order_of_stdout_and_stderr(gateway: Ga
     assert result.stream_order == (("stdout", 6), ("stderr", 6)) * 3
 
 
-def test_a_failed_steps_output_with_stderr_is_where_code_agent_reads_it(executor: Executor) -> None:
+def test_a_failed_steps_output_with_stderr_is_where_code_agent_reads_it(agent_executor: Executor) -> None:
     model = ScriptedModel(
         # Built at run time, so the traceback's source lines do not hold the text.
         [
@@ -86,7 +71,7 @@ def test_a_failed_steps_output_with_stderr_is_where_code_agent_reads_it(executor
             "final_answer('ok')",
         ]
     )
-    agent = CodeAgent(tools=[], model=model, executor=executor, max_steps=3, verbosity_level=0)
+    agent = CodeAgent(tools=[], model=model, executor=agent_executor, max_steps=3, verbosity_level=0)
     assert agent.run("divide") == "ok"
     failing = steps(agent)[0]
     assert failing.error is not None and "ZeroDivisionError" in str(failing.error)
@@ -108,7 +93,7 @@ def _one_red_pixel() -> tuple[bytes, bytes]:
     return png.getvalue(), jpeg.getvalue()
 
 
-def test_a_value_offered_as_png_and_jpeg_comes_back_as_the_png(executor: Executor) -> None:
+def test_a_value_offered_as_png_and_jpeg_comes_back_as_the_png(agent_executor: Executor) -> None:
     png, jpeg = _one_red_pixel()
     code = (
         "class Picture:\n"
@@ -116,10 +101,12 @@ def test_a_value_offered_as_png_and_jpeg_comes_back_as_the_png(executor: Executo
         f"    def _repr_jpeg_(self): return {jpeg!r}\n"
         "Picture()"
     )
-    output = executor(code).output
+    output = agent_executor(code).output
     assert isinstance(output, PIL.Image.Image)
     assert output.convert("RGB").getpixel((3, 3)) == (255, 0, 0)
-    shown = executor(code.replace("Picture()", "from IPython.display import display\ndisplay(Picture())"))
+    shown = agent_executor(
+        code.replace("Picture()", "from IPython.display import display\ndisplay(Picture())")
+    )
     assert isinstance(shown.output, PIL.Image.Image)
     assert shown.output.convert("RGB").getpixel((3, 3)) == (255, 0, 0)
 
@@ -161,27 +148,27 @@ class PlainTool(Tool):
         return f"{x}:<{type(self.marker).__name__}>"
 
 
-def test_a_tool_whose_state_differs_from_a_fresh_instance_runs_on_the_host(executor: Executor) -> None:
+def test_a_tool_whose_state_differs_from_a_fresh_instance_runs_on_the_host(agent_executor: Executor) -> None:
     late = DefaultKeyedTool()
     late.name = "late"
     late.extra = "set after construction"  # type: ignore[attr-defined]
-    executor.send_tools({"keyed": DefaultKeyedTool("k1"), "late": late, "plain": PlainTool()})
-    assert executor("keyed('v')").output == "v:k1"
-    assert "'key'" in executor.host_tool_reasons["keyed"]
-    assert "k1" not in executor.host_tool_reasons["keyed"], "values are never reported"
-    assert "'extra'" in executor.host_tool_reasons["late"]
+    agent_executor.send_tools({"keyed": DefaultKeyedTool("k1"), "late": late, "plain": PlainTool()})
+    assert agent_executor("keyed('v')").output == "v:k1"
+    assert "'key'" in agent_executor.host_tool_reasons["keyed"]
+    assert "k1" not in agent_executor.host_tool_reasons["keyed"], "values are never reported"
+    assert "'extra'" in agent_executor.host_tool_reasons["late"]
     # State equal to a fresh instance's (an object without equality of its own counts by class).
-    assert "plain" not in executor.host_tool_reasons
-    assert executor("plain('v')").output == "v:<object>"
-    assert executor("type(plain).__module__").output == "__main__", "rebuilt in the kernel"
+    assert "plain" not in agent_executor.host_tool_reasons
+    assert agent_executor("plain('v')").output == "v:<object>"
+    assert agent_executor("type(plain).__module__").output == "__main__", "rebuilt in the kernel"
 
 
 # -- any number of runs of one agent ---------------------------------------------------
 
 
-def test_a_second_run_of_the_same_agent_still_gets_its_final_answer(executor: Executor) -> None:
+def test_a_second_run_of_the_same_agent_still_gets_its_final_answer(agent_executor: Executor) -> None:
     model = ScriptedModel(["final_answer(1 + 1)", "final_answer('again')", "final_answer([3])"])
-    agent = CodeAgent(tools=[], model=model, executor=executor, max_steps=2, verbosity_level=0)
+    agent = CodeAgent(tools=[], model=model, executor=agent_executor, max_steps=2, verbosity_level=0)
     assert agent.run("first") == 2
     assert agent.run("second") == "again"
     assert agent.run("third") == [3]
@@ -205,8 +192,8 @@ def test_a_second_run_of_the_same_agent_still_gets_its_final_answer(executor: Ex
         ("None", None),
     ],
 )
-def test_plain_values_come_back_as_the_objects(executor: Executor, code: str, expected: Any) -> None:
-    output = executor(code).output
+def test_plain_values_come_back_as_the_objects(agent_executor: Executor, code: str, expected: Any) -> None:
+    output = agent_executor(code).output
     assert output == expected and type(output) is type(expected)
 
 
@@ -246,17 +233,17 @@ def test_a_timed_out_step_raises_smolagents_timeout_error(gateway: GatewayEndpoi
         executor.cleanup()
 
 
-def test_send_tools_with_no_tools_defines_the_standard_imports(executor: Executor) -> None:
-    executor.send_tools({})
-    assert executor("math.sqrt(16) + len(re.findall('a', 'banana'))").output == 7.0
+def test_send_tools_with_no_tools_defines_the_standard_imports(agent_executor: Executor) -> None:
+    agent_executor.send_tools({})
+    assert agent_executor("math.sqrt(16) + len(re.findall('a', 'banana'))").output == 7.0
 
 
-def test_the_agents_print_output_cap_is_honoured(executor: Executor) -> None:
+def test_the_agents_print_output_cap_is_honoured(agent_executor: Executor) -> None:
     model = ScriptedModel(["print('x' * 5000)", "final_answer('done')"])
     agent = CodeAgent(
         tools=[],
         model=model,
-        executor=executor,
+        executor=agent_executor,
         max_steps=3,
         verbosity_level=0,
         max_print_outputs_length=1000,

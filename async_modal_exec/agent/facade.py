@@ -326,12 +326,10 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
             message = error_message(exc.result, f"Executing code failed: {exc}")
             error = StepTimeoutError if isinstance(exc, ExecutionTimeout) else AgentError
             raise error(self._cap(message), self.logger) from exc
-        self.state["_print_outputs"] = self._cap(result.logs)
+        logs = self.state["_print_outputs"] = self._cap(result.logs)
         if result.error is not None and not is_final_answer(result):
             raise AgentError(self._cap(error_message(result)), self.logger)
-        output = code_output(result, allow_pickle=self.allow_pickle)
-        output.logs = self.state["_print_outputs"]
-        return output
+        return code_output(result, logs=logs, allow_pickle=self.allow_pickle)
 
     def _cap(self, text: str) -> str:
         """``text`` cut to ``max_print_outputs_length`` (smolagents' marker in the middle)."""

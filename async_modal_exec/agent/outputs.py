@@ -43,28 +43,28 @@ def error_message(result: ExecutionResult, headline: str = "Executing code yield
     return "\n".join(part for part in parts if part)
 
 
-def code_output(result: ExecutionResult, *, allow_pickle: bool) -> CodeOutput:
+def code_output(result: ExecutionResult, *, logs: str, allow_pickle: bool) -> CodeOutput:
     """The ``CodeOutput`` of a successful (or final-answer) step.
 
     The output is the final answer when there is one; else the last value: the
     object itself when it came serialized (see :mod:`.values`), else its image
     as a ``PIL.Image`` (PNG over JPEG), else its ``text/plain``; else the last
-    displayed image; else None. The logs are stdout and stderr interleaved.
+    displayed image; else None. ``logs`` are the step's logs as the caller
+    capped them (``result.logs``: stdout and stderr interleaved).
     """
     if is_final_answer(result):
         assert result.error is not None
         value = RemotePythonExecutor._deserialize_final_answer(result.error.evalue, allow_pickle)
-        return CodeOutput(output=value, logs=result.logs, is_final_answer=True)
+        return CodeOutput(output=value, logs=logs, is_final_answer=True)
     output: Any = None
     if result.value is not None:
         decoded, value = decode_value(result.value, allow_pickle=allow_pickle)
-        best = result.value.best_image
         if decoded:
             output = value
-        elif best is not None:
+        elif (best := result.value.best_image) is not None:
             output = _as_image(best[1])
         else:
             output = result.value.text
     elif (best := result.best_image) is not None:
         output = _as_image(best[1])
-    return CodeOutput(output=output, logs=result.logs, is_final_answer=False)
+    return CodeOutput(output=output, logs=logs, is_final_answer=False)

@@ -99,10 +99,8 @@ def decode_value(output: RichOutput, *, allow_pickle: bool) -> tuple[bool, Any]:
     payload = output.data.get(VALUE_MIME)
     if not isinstance(payload, str):
         return False, None
-    if payload.startswith("pickle:") and not allow_pickle:
-        return False, None
     try:
         # As for final answers: "safe:" through SafeSerializer, "pickle:" only if allowed.
         return True, RemotePythonExecutor._deserialize_final_answer(payload, allow_pickle)
-    except Exception:  # a class the host cannot import, a payload it cannot read: the repr stays
+    except Exception:  # pickle not allowed, a class the host cannot import, a bad payload: the repr stays
         return False, None

@@ -17,6 +17,7 @@ from .errors import (
     BackendNotFound,
     BackendStartError,
     BackendUnreachable,
+    ChecksumMismatch,
     CodeError,
     ExecutionError,
     ExecutionTimeout,
@@ -31,10 +32,15 @@ from .errors import (
     PoolExhausted,
     ProtocolError,
     RecoveryOutcome,
+    RemoteFileError,
+    RemoteFileNotFound,
+    RemotePathRefused,
     SessionNotFound,
 )
 from .executor import AsyncExecutor, ExecutorState
+from .files import RemoteFile
 from .host_tools import HostTools
+from .packages import InstallReport
 from .pool import SandboxPool
 from .results import (
     DisplayEvent,
@@ -99,6 +105,7 @@ __all__ = [
     "BackendStartError",
     "BackendUnreachable",
     "BlockingCallWarning",
+    "ChecksumMismatch",
     "CodeError",
     "DisplayEvent",
     "ErrorEvent",
@@ -114,6 +121,7 @@ __all__ = [
     "GatewayError",
     "GatewayNotFound",
     "GatewayUnreachable",
+    "InstallReport",
     "KernelDied",
     "MissingExtra",
     "LocalBackend",
@@ -121,6 +129,10 @@ __all__ = [
     "PackageInstallError",
     "ProtocolError",
     "RemoteError",
+    "RemoteFile",
+    "RemoteFileError",
+    "RemoteFileNotFound",
+    "RemotePathRefused",
     "ResultEvent",
     "RichOutput",
     "SessionNotFound",

@@ -21,7 +21,11 @@ Everything this package raises derives from one root::
     │   ├── GatewayAuthError                     401 / 403: wrong or missing token
     │   └── GatewayNotFound                      404: no such kernel or route
     ├── ProtocolError                            a message that breaks the Jupyter protocol
-    ├── PackageInstallError                      installing a tool's packages in the sandbox failed
+    ├── PackageInstallError                      installing packages in the sandbox failed
+    ├── RemoteFileError                          a file operation in the sandbox failed
+    │   ├── RemotePathRefused (also PermissionError)   the path leads outside the work directory
+    │   ├── RemoteFileNotFound (also FileNotFoundError)  no such file in the sandbox
+    │   └── ChecksumMismatch                     the bytes that arrived differ from those sent
     ├── PoolExhausted (also TimeoutError)        no pooled executor became free in time
     ├── SessionNotFound (also LookupError)       no such session in the FastAPI session store
     └── ExecutionError                           one execution did not complete normally;
@@ -53,6 +57,7 @@ __all__ = [
     "BackendNotFound",
     "BackendStartError",
     "BackendUnreachable",
+    "ChecksumMismatch",
     "CodeError",
     "ExecutionError",
     "ExecutionTimeout",
@@ -67,6 +72,9 @@ __all__ = [
     "PoolExhausted",
     "ProtocolError",
     "RecoveryOutcome",
+    "RemoteFileError",
+    "RemoteFileNotFound",
+    "RemotePathRefused",
     "SessionNotFound",
 ]
 
@@ -200,6 +208,25 @@ class PackageInstallError(AsyncModalExecError):
         super().__init__(message)
         self.packages = packages
         self.output = output
+
+
+class RemoteFileError(AsyncModalExecError):
+    """A file operation in the sandbox failed (the message has the kernel's error)."""
+
+
+class RemotePathRefused(RemoteFileError, PermissionError):
+    """The path leads outside the sandbox's work directory (``..``, an absolute path, a symlink)."""
+
+
+class RemoteFileNotFound(RemoteFileError, FileNotFoundError):
+    """No such file or directory in the sandbox."""
+
+
+class ChecksumMismatch(RemoteFileError):
+    """The SHA-256 of the bytes that arrived differs from the one of the bytes sent.
+
+    An upload that fails so leaves no file behind (nor the previous one changed).
+    """
 
 
 class ExecutionError(AsyncModalExecError):

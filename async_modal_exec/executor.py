@@ -11,16 +11,18 @@ what the fold says, and recover the kernel when an execution is cut short.
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import enum
 import functools
 import logging
 import math
+import os
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import Any, overload
 
 import anyio
 
@@ -28,6 +30,7 @@ import anyio
 # otherwise run inside the event loop when the first executor is created.
 import anyio._backends._asyncio  # isort: skip
 
+from . import environment, files, packages
 from ._shield import Completion, run_shielded
 from ._timing import record_phase
 from .backends.base import Backend
@@ -119,6 +122,11 @@ class AsyncExecutor:
         host_tools: tools that run on the host and are called from the
             sandboxed code (see :class:`~async_modal_exec.HostTools`): a
             ``HostTools``, a mapping ``{name: tool}`` or a list of tools.
+        env: environment variables set in every kernel of this executor
+            before any code runs (a replacement kernel gets them too); see
+            also ``run(env=)`` for one run.
+        file_chunk_bytes: size of the chunks :meth:`upload` and
+            :meth:`download` move (memory use is a few of them).
     """
 
     def __init__(
@@ -136,6 +144,8 @@ class AsyncExecutor:
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
         liveness_interval: float = 2.0,
         host_tools: HostTools | Mapping[str, Any] | Iterable[Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        file_chunk_bytes: int = files.DEFAULT_CHUNK_BYTES,
     ) -> None:
         if backend is None:
             from .backends.local import LocalBackend
@@ -145,6 +155,11 @@ class AsyncExecutor:
             raise ValueError("timeout must be positive or None")
         if interrupt_grace <= 0:
             raise ValueError("interrupt_grace must be positive")
+        if file_chunk_bytes <= 0:
+            raise ValueError("file_chunk_bytes must be positive")
+        self.env = environment.checked_env(env)
+        self.file_chunk_bytes = file_chunk_bytes
+        self.packages = packages.PackageRecord()
         self.backend = backend
         self._owns_backend = owns_backend
         self.default_timeout = timeout
@@ -282,13 +297,19 @@ class AsyncExecutor:
 
     # -- execution -----------------------------------------------------------------
 
-    async def run(self, code: str, *, timeout: float | None = None) -> ExecutionResult:
+    async def run(
+        self, code: str, *, timeout: float | None = None, env: Mapping[str, str] | None = None
+    ) -> ExecutionResult:
         """Run ``code`` and return everything it produced.
 
         Args:
             code: Python source (IPython syntax works too).
             timeout: seconds for the whole call (waiting for the executions
                 queued before it included); default: the executor's ``timeout``.
+            env: environment variables for this run only: set before the
+                code, restored after it (also when it fails, times out or is
+                cancelled; if they cannot be restored, the kernel is replaced
+                before the next run).
 
         Returns:
             The result. If the code raised, ``result.error`` says so and the
@@ -311,21 +332,23 @@ class AsyncExecutor:
         background.
         """
         fold = self._new_fold(code)
-        async with aclosing(self._execute(code, fold, timeout)) as events:
+        async with aclosing(self._execute(code, fold, timeout, environment.checked_env(env))) as events:
             async for _ in events:
                 pass
         return fold.result()
 
-    async def stream(self, code: str, *, timeout: float | None = None) -> AsyncGenerator[Event, None]:
+    async def stream(
+        self, code: str, *, timeout: float | None = None, env: Mapping[str, str] | None = None
+    ) -> AsyncGenerator[Event, None]:
         """Run ``code``, yielding stdout, stderr, display, result and error events as they arrive.
 
-        Same errors as :meth:`run`. Leaving the loop early (``break``) or
+        Same arguments and errors as :meth:`run`. Leaving the loop early (``break``) or
         cancelling it interrupts the kernel; wrap the iterator in
         ``contextlib.aclosing`` so that happens at once rather than when the
         iterator is garbage-collected.
         """
         fold = self._new_fold(code)
-        async with aclosing(self._execute(code, fold, timeout)) as events:
+        async with aclosing(self._execute(code, fold, timeout, environment.checked_env(env))) as events:
             async for event in events:
                 yield event
 
@@ -336,10 +359,10 @@ class AsyncExecutor:
         self._numbering = (kernel_id, count)
         return count
 
-    def _new_fold(self, code: str) -> ExecutionFold:
+    def _new_fold(self, code: str, *, capped: bool = True) -> ExecutionFold:
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
-        return ExecutionFold(new_msg_id(), max_output_chars=self.max_output_chars)
+        return ExecutionFold(new_msg_id(), max_output_chars=self.max_output_chars if capped else None)
 
     def _timeout(self, timeout: float | None) -> float | None:
         value = self.default_timeout if timeout is None else timeout
@@ -348,12 +371,13 @@ class AsyncExecutor:
         return value
 
     async def _execute(
-        self, code: str, fold: ExecutionFold, timeout: float | None
+        self, code: str, fold: ExecutionFold, timeout: float | None, env: Mapping[str, str]
     ) -> AsyncGenerator[Event, None]:
         """The execution driver of :meth:`run` and :meth:`stream`.
 
         Takes the kernel's turn (a connected websocket to a live kernel),
-        defines missing host-tool stubs, then drives ``code``. One deadline
+        prepares a new kernel (environment, host-tool stubs), sets the run's
+        ``env``, drives ``code``, restores the environment. One deadline
         covers it all, waiting for the turn included.
         """
         timeout = self._timeout(timeout)
@@ -363,10 +387,19 @@ class AsyncExecutor:
         try:
             async with session.turn(deadline=deadline) as channel:
                 started = True
+                await self._prepare_kernel(channel, deadline)
                 await self._ensure_host_tools(channel, deadline)
-                async with aclosing(self._drive(channel, code, fold, deadline)) as events:
-                    async for event in events:
-                        yield event
+                if env:
+                    await self._setup(
+                        channel, environment.apply_code(save=True), deadline, "setting env", env
+                    )
+                try:
+                    async with aclosing(self._drive(channel, code, fold, deadline)) as events:
+                        async for event in events:
+                            yield event
+                finally:
+                    if env:
+                        await run_shielded(self._restore_env(channel, session))
         except TimeoutError as exc:
             if started or isinstance(exc, ExecutionTimeout):
                 raise
@@ -376,6 +409,59 @@ class AsyncExecutor:
                 fold.result(),
                 recovery=outcome,
             ) from None
+
+    async def _internal(
+        self,
+        channel: KernelChannel,
+        code: str,
+        deadline: float,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> ExecutionResult:
+        """Run the package's own ``code`` in the held turn: no output cap, nothing of it is the user's."""
+        fold = self._new_fold(code, capped=False)
+        async with aclosing(self._drive(channel, code, fold, deadline, metadata)) as events:
+            async for _ in events:
+                pass
+        return fold.result()
+
+    async def _setup(
+        self,
+        channel: KernelChannel,
+        code: str,
+        deadline: float,
+        what: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """A setup step in the held turn (at most ``_SETUP_TIMEOUT``); its error raises ExecutionError."""
+        metadata = {environment.METADATA_KEY: dict(env)} if env is not None else None
+        setup_deadline = min(deadline, time.monotonic() + _SETUP_TIMEOUT)
+        result = await self._internal(channel, code, setup_deadline, metadata)
+        if result.error is not None:
+            raise ExecutionError(
+                f"{what} in the kernel failed: {result.error.ename}: {result.error.evalue}", result
+            )
+
+    async def _prepare_kernel(self, channel: KernelChannel, deadline: float) -> None:
+        """Set the executor's environment in a kernel that does not have it yet."""
+        session = self._open_session()
+        env = {**self.backend.kernel_env, **self.env}
+        if env and "env" not in session.prepared:
+            await self._setup(channel, environment.apply_code(save=False), deadline, "setting env", env)
+        session.prepared.add("env")
+
+    async def _restore_env(self, channel: KernelChannel, session: KernelSession) -> None:
+        """Put back the environment a run changed; if that cannot be done, the kernel is replaced."""
+        kernel = session.kernel_id
+        try:
+            if session.state is not KernelState.CONNECTED or not channel.is_open:
+                raise ChannelLost("the kernel is not connected")
+            await self._setup(
+                channel, environment.restore_code(), time.monotonic() + _SETUP_TIMEOUT, "restoring env"
+            )
+        except (AsyncModalExecError, ChannelLost, TimeoutError) as exc:
+            if session.kernel_id == kernel and not session.closing:
+                logger.warning("restoring a run's env failed (%s); the kernel will be replaced", exc)
+                session.mark_lost("a run's environment could not be restored")
 
     async def _ensure_host_tools(self, channel: KernelChannel, deadline: float) -> None:
         """Define the stubs of host tools the current kernel lacks (all of them in a new kernel)."""
@@ -387,25 +473,21 @@ class AsyncExecutor:
         # Off the loop: the first call reads and tokenizes source files (tens of ms).
         setup = functools.partial(self.host_tools.setup_code, missing, install_bridge=stubbed is None)
         code = await anyio.to_thread.run_sync(setup)
-        fold = self._new_fold(code)
-        setup_deadline = min(deadline, time.monotonic() + _SETUP_TIMEOUT)
-        async with aclosing(self._drive(channel, code, fold, setup_deadline)) as events:
-            async for _ in events:
-                pass
-        result = fold.result()
-        if result.error is not None:
-            raise ExecutionError(
-                f"defining the host tools in the kernel failed: {result.error.ename}: {result.error.evalue}",
-                result,
-            )
+        await self._setup(channel, code, deadline, "defining the host tools")
         session.stubbed = (stubbed or set()) | set(missing)
 
     async def _drive(
-        self, channel: KernelChannel, code: str, fold: ExecutionFold, deadline: float
+        self,
+        channel: KernelChannel,
+        code: str,
+        fold: ExecutionFold,
+        deadline: float,
+        metadata: Mapping[str, Any] | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Send ``code`` and yield its events until the kernel goes idle (the session is held).
 
-        ``deadline`` is a ``time.monotonic()`` time (``math.inf``: none).
+        ``deadline`` is a ``time.monotonic()`` time (``math.inf``: none);
+        ``metadata`` goes in the request's metadata (data the code reads).
         """
         session = self._open_session()
         began = time.monotonic()
@@ -418,6 +500,7 @@ class AsyncExecutor:
             store_history=self.store_history,
             allow_stdin=bool(self.host_tools),
             msg_id=fold.msg_id,
+            metadata=metadata,
         )
         try:
             await self._send(channel, request)
@@ -707,3 +790,182 @@ class AsyncExecutor:
         """
         async with self._open_session().turn(fresh=True):
             pass
+
+    # -- files -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _files_turn(self, timeout: float | None) -> AsyncIterator[files.HelperCall]:
+        """Hold the kernel for one file operation; yield the call of its files helper.
+
+        ``timeout`` covers the whole operation (None: no limit). A timeout
+        raises :class:`ExecutionTimeout` like a run's.
+        """
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive or None")
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        session = self._open_session()
+        async with session.turn(deadline=deadline) as channel:
+            if "files" not in session.prepared:
+                work_dir = self.backend.work_dir
+                await self._setup(channel, files.helper_code(work_dir), deadline, "defining the files helper")
+                session.prepared.add("files")
+
+            async def call(operation: str, args: tuple[Any, ...], chunk: bytes | None) -> dict[str, Any]:
+                metadata = None
+                if chunk is not None:
+                    metadata = {files.CHUNK_KEY: base64.b64encode(chunk).decode("ascii")}
+                result = await self._internal(channel, files.call_code(operation, *args), deadline, metadata)
+                return files.answer_of(result, operation)
+
+            yield call
+
+    async def upload(
+        self,
+        source: bytes | str | os.PathLike[str],
+        remote_path: str,
+        *,
+        timeout: float | None = None,
+    ) -> files.RemoteFile:
+        """Write ``source`` (bytes, or the path of a local file) to ``remote_path`` in the sandbox.
+
+        ``remote_path`` is relative to the sandbox's work directory (or
+        absolute inside it); missing directories are created. The file is
+        sent in chunks of ``file_chunk_bytes`` (memory stays flat whatever its
+        size), written under a temporary name and renamed into place only
+        when its SHA-256 matches: a reader never sees half a file.
+
+        Returns:
+            The file as the sandbox sees it (:class:`RemoteFile`).
+
+        Raises:
+            RemotePathRefused: the path leads outside the work directory.
+            ChecksumMismatch: the bytes that arrived differ (nothing is written).
+            RemoteFileError: the sandbox refused (a directory there, disk full, ...).
+            FileNotFoundError: the local ``source`` does not exist.
+            ExecutionTimeout: ``timeout`` (seconds for the whole transfer) expired.
+
+        Cancelling the call (or any failure) stops the transfer and removes
+        the temporary file; an existing file at ``remote_path`` is untouched.
+        """
+        async with self._files_turn(timeout) as call:
+            return await files.upload(call, source, remote_path, self.file_chunk_bytes)
+
+    @overload
+    async def download(self, remote_path: str, *, timeout: float | None = None) -> bytes: ...
+
+    @overload
+    async def download(
+        self, remote_path: str, local_path: str | os.PathLike[str], *, timeout: float | None = None
+    ) -> files.RemoteFile: ...
+
+    async def download(
+        self,
+        remote_path: str,
+        local_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> bytes | files.RemoteFile:
+        """Read ``remote_path`` from the sandbox: its bytes, or into ``local_path``.
+
+        With ``local_path`` the file is streamed to disk in chunks (memory
+        stays flat) under a temporary name, renamed into place once its
+        SHA-256 matches the one the kernel computed; the result is then the
+        :class:`RemoteFile` read. Without it, the bytes are returned (the
+        whole file in memory).
+
+        Raises:
+            RemoteFileNotFound: no such file.
+            RemotePathRefused: the path leads outside the work directory.
+            ChecksumMismatch: the bytes that arrived differ (``local_path`` is untouched).
+            RemoteFileError: the sandbox refused (a directory, no permission, ...).
+            ExecutionTimeout: ``timeout`` (seconds for the whole transfer) expired.
+
+        Cancelling the call stops the transfer; a partial local file is removed.
+        """
+        async with self._files_turn(timeout) as call:
+            info, chunks = await files.begin_download(call, remote_path, self.file_chunk_bytes)
+            async with aclosing(chunks):
+                if local_path is None:
+                    return b"".join([chunk async for chunk in chunks])
+                target = anyio.Path(local_path)
+                temporary = target.with_name(f".{target.name}.{new_msg_id()}.part")
+                try:
+                    async with await anyio.open_file(temporary, "wb") as handle:
+                        async for chunk in chunks:
+                            await handle.write(chunk)
+                    await temporary.replace(target)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await temporary.unlink(missing_ok=True)
+                    raise
+        return info
+
+    async def listdir(self, remote_dir: str = ".", *, timeout: float | None = None) -> list[files.RemoteFile]:
+        """The entries of ``remote_dir`` in the sandbox, sorted by name (symlinks listed, not followed).
+
+        Raises:
+            RemoteFileNotFound: no such directory.
+            RemotePathRefused: the path leads outside the work directory.
+            RemoteFileError: not a directory, or the sandbox refused.
+
+        Cancelling the call abandons the listing (nothing changes).
+        """
+        async with self._files_turn(timeout) as call:
+            answer = await call("listdir", (remote_dir,), None)
+        return [files.RemoteFile.from_answer(entry) for entry in answer["entries"]]
+
+    async def remove(
+        self, remote_path: str, *, recursive: bool = False, timeout: float | None = None
+    ) -> None:
+        """Delete a file, a symlink (not what it points to) or a directory in the sandbox.
+
+        A directory must be empty unless ``recursive``. The work directory
+        itself cannot be removed.
+
+        Raises:
+            RemoteFileNotFound: no such file.
+            RemotePathRefused: the path leads outside the work directory (or is it).
+            RemoteFileError: a non-empty directory without ``recursive``, or the sandbox refused.
+
+        Cancelling the call may leave a recursive removal half done.
+        """
+        async with self._files_turn(timeout) as call:
+            await call("remove", (remote_path, recursive), None)
+
+    # -- packages --------------------------------------------------------------------
+
+    async def install(
+        self,
+        requirements: Sequence[str | packages.Requirement],
+        *,
+        timeout: float | None = 600.0,
+        on_output: Callable[[str], None] | None = None,
+    ) -> packages.InstallReport:
+        """Make ``requirements`` (installer specs: ``"pandas>=2"``) importable in the sandbox.
+
+        One probe asks the kernel which are already satisfied (the
+        distribution is installed at a version the spec allows); the missing
+        ones are installed in one command, with ``uv pip`` where the sandbox
+        has ``uv``, else pip, in the kernel's own interpreter (a jailed local
+        kernel has no network: its packages are installed from the host into
+        the backend's package directory). What this executor installed or
+        found is remembered, so asking again costs nothing.
+
+        Args:
+            requirements: the specs.
+            timeout: seconds for the probe and the installer together (None: no limit).
+            on_output: called on the loop with each piece of the installer's
+                output as it is written (it must not block).
+
+        Returns:
+            An :class:`InstallReport`: what was installed, what was already there.
+
+        Raises:
+            PackageInstallError: the installer failed (the message names the packages).
+            ExecutionTimeout: ``timeout`` expired (the installer is interrupted).
+
+        Cancelling the call interrupts the probe or the installer (like a
+        cancelled :meth:`run`); nothing is recorded as installed, so the next
+        call probes again.
+        """
+        return await packages.install(self, requirements, timeout=timeout, on_output=on_output)

@@ -91,9 +91,15 @@ def execute_request(
     store_history: bool = False,
     allow_stdin: bool = False,
     msg_id: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build an ``execute_request`` for the shell channel (``msg_id``: default, a fresh one)."""
-    return _message(
+    """Build an ``execute_request`` for the shell channel (``msg_id``: default, a fresh one).
+
+    ``metadata`` goes in the message's metadata, where code in the kernel can
+    read it (``get_ipython().kernel.get_parent()["metadata"]``) without it
+    being parsed as source: how file chunks travel.
+    """
+    message = _message(
         "execute_request",
         {
             "code": code,
@@ -107,6 +113,9 @@ def execute_request(
         channel="shell",
         msg_id=msg_id,
     )
+    if metadata:
+        message["metadata"] = dict(metadata)
+    return message
 
 
 def kernel_info_request(*, session: str) -> dict[str, Any]:

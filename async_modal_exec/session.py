@@ -111,6 +111,8 @@ class KernelSession:
         self.last_activity = time.monotonic()
         # Host-tool stubs defined in the current kernel; None: not even the bridge.
         self.stubbed: set[str] | None = None
+        # What the executor set up in the current kernel (its environment, the files helper).
+        self.prepared: set[str] = set()
 
     # -- what it is ----------------------------------------------------------------
 
@@ -241,6 +243,7 @@ class KernelSession:
         try:
             await self._create_kernel()
             self.stubbed = None
+            self.prepared = set()
             # A new session makes the gateway build new kernel streams instead
             # of replaying a buffer meant for another.
             self._ws_session = new_session_id()

@@ -24,12 +24,18 @@ import inspect
 import re
 import sys
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from smolagents.tools import Tool, validate_tool_attributes
 from smolagents.utils import get_source, instance_to_source
+
+from ..packages import (
+    IMPORT_TO_DISTRIBUTION,
+    Requirement,
+    requirement_for_import,
+    requirement_from_spec,
+)
 
 __all__ = [
     "IMPORT_TO_DISTRIBUTION",
@@ -43,86 +49,10 @@ __all__ = [
     "state_difference",
 ]
 
-# Import names whose distribution is named differently (smolagents maps only PIL).
-IMPORT_TO_DISTRIBUTION: Mapping[str, str] = {
-    "PIL": "pillow",
-    "sklearn": "scikit-learn",
-    "skimage": "scikit-image",
-    "cv2": "opencv-python",
-    "yaml": "pyyaml",
-    "bs4": "beautifulsoup4",
-    "dateutil": "python-dateutil",
-    "dotenv": "python-dotenv",
-    "docx": "python-docx",
-    "pptx": "python-pptx",
-    "fitz": "pymupdf",
-    "Crypto": "pycryptodome",
-    "jwt": "pyjwt",
-    "jose": "python-jose",
-    "magic": "python-magic",
-    "multipart": "python-multipart",
-    "serial": "pyserial",
-    "usb": "pyusb",
-    "OpenSSL": "pyopenssl",
-    "MySQLdb": "mysqlclient",
-    "psycopg2": "psycopg2-binary",
-    "zmq": "pyzmq",
-    "git": "gitpython",
-    "Bio": "biopython",
-    "faiss": "faiss-cpu",
-    "slugify": "python-slugify",
-    "attr": "attrs",
-    "google.protobuf": "protobuf",
-    "telegram": "python-telegram-bot",
-    "duckduckgo_search": "duckduckgo-search",
-    "ddgs": "ddgs",
-    "markdownify": "markdownify",
-    "tiktoken": "tiktoken",
-    "Levenshtein": "python-levenshtein",
-    "mpl_toolkits": "matplotlib",
-    "pkg_resources": "setuptools",
-}
-
 # Never installed: provided by the sandbox's own environment or meaningless there.
 _NEVER_INSTALL = frozenset({"smolagents", "__future__"})
 _IMPORT_LINE = re.compile(r"^\s*(?:import\s+([\w.]+(?:\s*,\s*[\w.]+)*)|from\s+([\w.]+)\s+import)", re.M)
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
-
-
-@dataclass(frozen=True)
-class Requirement:
-    """One package a tool needs.
-
-    Attributes:
-        spec: what to give the installer (``"pillow"``, ``"boto3>=1.34"``, a URL ...).
-        distribution: the distribution name, to check if it is installed (None if unknown).
-        import_name: the module it provides, to check if it is importable (None if unknown).
-    """
-
-    spec: str
-    distribution: str | None
-    import_name: str | None = None
-
-
-def requirement_for_import(module: str) -> Requirement:
-    """The requirement that provides top-level module ``module``."""
-    distribution = IMPORT_TO_DISTRIBUTION.get(module, module.replace("_", "-"))
-    return Requirement(spec=distribution, distribution=distribution, import_name=module)
-
-
-def requirement_from_spec(spec: str) -> Requirement:
-    """A requirement given as an installer spec (``"pkg"``, ``"pkg>=1"``, ``"pkg @ url"``).
-
-    A bare import name with a known distribution (``"PIL"``, ``"sklearn"``) is
-    mapped, since ``additional_imports`` are import names.
-    """
-    spec = spec.strip()
-    if spec in IMPORT_TO_DISTRIBUTION:
-        return requirement_for_import(spec)
-    match = _NAME.match(spec)
-    name = match.group(1) if match and "/" not in spec.split("@")[0] else None
-    import_name = name.replace("-", "_") if name and name == spec else None
-    return Requirement(spec=spec, distribution=name, import_name=import_name)
 
 
 def _imports_of(source: str) -> list[str]:
@@ -291,11 +221,3 @@ def state_difference(tool: Any) -> str | None:
         if name not in ours or not _same_value(ours[name], theirs[name]):
             return f"its attribute {name!r} differs from a fresh instance's (state given to its constructor?)"
     return None
-
-
-def unique(requirements: Iterable[Requirement]) -> list[Requirement]:
-    """Requirements without duplicates (same spec), in order."""
-    seen: dict[str, Requirement] = {}
-    for requirement in requirements:
-        seen.setdefault(requirement.spec, requirement)
-    return list(seen.values())

@@ -45,10 +45,35 @@ class Backend(abc.ABC):
         installs_on_host: packages for its kernels are installed by
             :meth:`install` from the host, not by an installer in the kernel
             (a jailed local kernel has no network and a read-only system).
+        kernel_env: environment variables executors set in each kernel
+            (for backends that cannot put them in the kernel's process).
+        work_dir: the directory file operations are confined to (None: the
+            kernel's working directory).
+        requirements: installer specs every executor on this backend
+            installs when it starts (see :meth:`AsyncExecutor.install`).
+        requirements_ready: the sandbox started with ``requirements``
+            already installed (a snapshot): executors install nothing.
     """
 
     idle_disconnect: float | None = None
     timings: dict[str, float]
+    requirements: tuple[str, ...] = ()
+    requirements_ready: bool = False
+
+    @property
+    def kernel_env(self) -> dict[str, str]:
+        return {}
+
+    @property
+    def work_dir(self) -> str | None:
+        return None
+
+    async def requirements_installed(self, installed: list[str]) -> None:
+        """Called by the executor after it installed ``requirements`` (``installed``: what was missing).
+
+        A backend that can keep the result (Modal: a filesystem snapshot) does it here.
+        """
+        return None
 
     @property
     def installs_on_host(self) -> bool:

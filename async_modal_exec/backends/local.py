@@ -33,6 +33,7 @@ import anyio
 from .._extras import require
 from .._shield import run_shielded
 from .._timing import record_phase
+from ..environment import checked_env
 from ..errors import BackendStartError, ExecutorStateError
 from .base import Backend, GatewayEndpoint
 from .isolation import (
@@ -194,7 +195,8 @@ class LocalBackend(Backend):
         self.isolated: bool | None = None  # known after start()
         self._pids_cgroup: str | None = None
         self.cwd = cwd
-        self.env = dict(env or {})
+        self.env = checked_env(env)
+        self._work_dir: str | None = None  # known after start()
         self.startup_timeout = startup_timeout
         self.nice = nice
         self.timings: dict[str, float] = {}
@@ -203,6 +205,11 @@ class LocalBackend(Backend):
         self._log: IO[bytes] | None = None
         self._endpoint: GatewayEndpoint | None = None
         self._started = False
+
+    @property
+    def work_dir(self) -> str | None:
+        """The kernels' working directory, the only one file operations reach (None before start)."""
+        return self._work_dir
 
     @property
     def pid(self) -> int | None:
@@ -234,6 +241,7 @@ class LocalBackend(Backend):
             private_dir = self._private_dir
             runtime_dir = os.path.join(private_dir, "rt")
             work_dir = os.fspath(self.cwd) if self.cwd is not None else os.path.join(private_dir, "work")
+            self._work_dir = work_dir
             try:
                 os.makedirs(work_dir, exist_ok=True)
             except OSError as exc:

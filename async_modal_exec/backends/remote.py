@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
+from ..environment import checked_env
 from .base import Backend, GatewayEndpoint
 
 __all__ = ["GatewayBackend"]
@@ -28,6 +30,10 @@ class GatewayBackend(Backend):
             or times out open connections (a Modal tunnel: a
             :class:`~async_modal_exec.SandboxPool` of Modal sandboxes passes
             the ``ModalBackend``'s value).
+        env: environment variables set in each kernel by its executor (a
+            gateway passes only some variables to the kernels it starts).
+        work_dir: the directory file operations are confined to (None: the
+            kernel's working directory).
 
     Raises:
         ValueError: the URL is not an absolute http(s) URL, or carries credentials.
@@ -40,6 +46,8 @@ class GatewayBackend(Backend):
         *,
         ssl_context: ssl.SSLContext | None = None,
         idle_disconnect: float | None = None,
+        env: Mapping[str, str] | None = None,
+        work_dir: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -49,6 +57,16 @@ class GatewayBackend(Backend):
         self.endpoint = GatewayEndpoint(url.rstrip("/"), token, ssl_context)
         self.idle_disconnect = idle_disconnect
         self.timings: dict[str, float] = {}
+        self._env = checked_env(env)
+        self._work_dir = work_dir
+
+    @property
+    def kernel_env(self) -> dict[str, str]:
+        return dict(self._env)
+
+    @property
+    def work_dir(self) -> str | None:
+        return self._work_dir
 
     async def start(self) -> GatewayEndpoint:
         """Return the endpoint; readiness is checked by the executor (nothing to cancel here)."""

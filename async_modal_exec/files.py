@@ -1,0 +1,312 @@
+"""Files in and out of the sandbox's work directory, in bounded chunks, checksummed.
+
+The portable path: every backend has a kernel, so files travel over the
+kernel's own channel. A helper module is defined in the kernel once
+(``_async_modal_exec_files`` in ``sys.modules``, nothing in the user's
+namespace); each call is one small execution. An upload chunk rides in the
+``execute_request``'s metadata, where the kernel reads it as data: put into the
+code as a literal it would be parsed as source, 15x slower (2 MiB: 650 ms
+against 43 ms). A download chunk comes back as a display of its own mime type.
+Memory stays bounded by a few chunks on both sides, whatever the file's size.
+
+Every path is resolved in the kernel (symlinks included) and must lie inside
+the work directory: the backend's (``LocalBackend``: the kernels' ``cwd``), or
+else the kernel's working directory when the helper was installed.
+
+Uploads go to a temporary name next to the target and are renamed into place
+only when the SHA-256 of what arrived equals the one of what was sent; a
+transfer cut short leaves nothing behind (the temporary file is removed).
+Downloads are checked against the SHA-256 the kernel computed while reading.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from .errors import ChecksumMismatch, RemoteFileError, RemoteFileNotFound, RemotePathRefused
+from .results import ExecutionResult
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "FILES_MIME", "RemoteFile", "helper_code"]
+
+FILES_MIME = "application/x.async-modal-exec.files+json"
+DEFAULT_CHUNK_BYTES = 2 * 2**20
+CHUNK_KEY = "async_modal_exec_chunk"
+
+# Runs in the kernel, once: defines the helper module.
+_HELPER = r"""
+def _install(mime, chunk_key, work_dir):
+    import base64, hashlib, os, shutil, stat, sys, types, uuid
+    from IPython.display import publish_display_data
+
+    if "_async_modal_exec_files" in sys.modules:
+        return
+    helper = types.ModuleType("_async_modal_exec_files")
+    root = os.path.realpath(work_dir or os.getcwd())
+    transfers = {}
+
+    class PathRefused(PermissionError):
+        pass
+
+    def answer(**fields):
+        publish_display_data({mime: fields})
+
+    def inside(path):
+        return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+    def resolve(path):
+        full = os.path.realpath(os.path.join(root, path))
+        if not inside(full):
+            raise PathRefused(f"{path!r} is outside the work directory {root!r}")
+        return full
+
+    def resolve_entry(path):
+        # The entry itself (a symlink is not followed), in a real parent.
+        lexical = os.path.normpath(os.path.join(root, path))
+        parent = os.path.realpath(os.path.dirname(lexical))
+        full = os.path.join(parent, os.path.basename(lexical))
+        if not inside(parent) or not inside(full) or full == root:
+            raise PathRefused(f"{path!r} is outside the work directory {root!r}")
+        return full
+
+    def describe(full):
+        info = os.lstat(full)
+        return {
+            "path": full,
+            "name": os.path.basename(full),
+            "size": info.st_size,
+            "is_dir": stat.S_ISDIR(info.st_mode),
+            "is_link": stat.S_ISLNK(info.st_mode),
+            "modified": info.st_mtime,
+        }
+
+    def begin_upload(path):
+        if not path or path.endswith(("/", os.sep)):
+            raise IsADirectoryError(f"{path!r} names a directory, not a file")
+        full = resolve(path)
+        if os.path.isdir(full):
+            raise IsADirectoryError(f"{path!r} is a directory")
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        temporary = os.path.join(os.path.dirname(full), f".{os.path.basename(full)}.{uuid.uuid4().hex}.part")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        token = uuid.uuid4().hex
+        transfers[token] = (os.fdopen(fd, "wb"), hashlib.sha256(), full, temporary)
+        answer(token=token)
+
+    def put(token):
+        handle, digest, _, _ = transfers[token]
+        data = base64.b64decode(get_ipython().kernel.get_parent()["metadata"][chunk_key])
+        handle.write(data)
+        digest.update(data)
+        answer(written=len(data))
+
+    def finish_upload(token, sha256):
+        handle, digest, full, temporary = transfers.pop(token)
+        handle.close()
+        if digest.hexdigest() != sha256:
+            os.unlink(temporary)
+            raise ValueError(f"checksum mismatch: sent {sha256}, arrived {digest.hexdigest()}")
+        os.replace(temporary, full)
+        answer(**describe(full))
+
+    def abort(token):
+        transfer = transfers.pop(token, None)
+        if transfer is not None:
+            transfer[0].close()
+            if len(transfer) == 4:
+                try:
+                    os.unlink(transfer[3])
+                except FileNotFoundError:
+                    pass
+        answer(aborted=transfer is not None)
+
+    def begin_download(path):
+        full = resolve(path)
+        if os.path.isdir(full):
+            raise IsADirectoryError(f"{path!r} is a directory")
+        handle = open(full, "rb")
+        token = uuid.uuid4().hex
+        transfers[token] = (handle, hashlib.sha256())
+        answer(token=token, file=describe(full))
+
+    def get(token, size):
+        handle, digest = transfers[token]
+        data = handle.read(size)
+        digest.update(data)
+        if len(data) < size:
+            transfers.pop(token)
+            handle.close()
+            answer(chunk=base64.b64encode(data).decode("ascii"), eof=True, sha256=digest.hexdigest())
+        else:
+            answer(chunk=base64.b64encode(data).decode("ascii"), eof=False)
+
+    def listdir(path):
+        full = resolve(path)
+        if not os.path.isdir(full):
+            raise NotADirectoryError(f"{path!r} is not a directory")
+        entries = [describe(os.path.join(full, name)) for name in sorted(os.listdir(full))]
+        answer(entries=entries)
+
+    def remove(path, recursive):
+        full = resolve_entry(path)
+        if os.path.isdir(full) and not os.path.islink(full):
+            if recursive:
+                shutil.rmtree(full)
+            else:
+                os.rmdir(full)
+        else:
+            os.unlink(full)
+        answer(removed=full)
+
+    for function in (begin_upload, put, finish_upload, abort, begin_download, get, listdir, remove):
+        setattr(helper, function.__name__, function)
+    helper.root = root
+    sys.modules[helper.__name__] = helper
+"""
+
+
+def helper_code(work_dir: str | None) -> str:
+    """Code defining the kernel's files helper (a no-op where it exists)."""
+    return f"{_HELPER}\n_install({FILES_MIME!r}, {CHUNK_KEY!r}, {work_dir!r})\ndel _install\n"
+
+
+def call_code(operation: str, *args: Any) -> str:
+    """Code calling one operation of the helper (binds no name in the user's namespace)."""
+    arguments = ", ".join(repr(arg) for arg in args)
+    return f"__import__('sys').modules['_async_modal_exec_files'].{operation}({arguments})"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file or directory in the sandbox.
+
+    Attributes:
+        path: its absolute path in the sandbox (symlinks resolved).
+        name: its last component.
+        size: bytes (for a directory: what the filesystem says).
+        is_dir: a directory.
+        is_link: a symbolic link (listed, not followed).
+        modified: modification time, seconds since the epoch.
+    """
+
+    path: str
+    name: str
+    size: int
+    is_dir: bool
+    is_link: bool
+    modified: float
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> RemoteFile:
+        return cls(
+            path=str(answer["path"]),
+            name=str(answer["name"]),
+            size=int(answer["size"]),
+            is_dir=bool(answer["is_dir"]),
+            is_link=bool(answer["is_link"]),
+            modified=float(answer["modified"]),
+        )
+
+
+# One helper call: (operation, its arguments, a chunk for the metadata or None) -> the answer.
+HelperCall = Callable[[str, "tuple[Any, ...]", "bytes | None"], Awaitable[dict[str, Any]]]
+
+_ERRORS: dict[str, type[RemoteFileError]] = {
+    "PathRefused": RemotePathRefused,
+    "FileNotFoundError": RemoteFileNotFound,
+}
+
+
+def answer_of(result: ExecutionResult, operation: str) -> dict[str, Any]:
+    """The helper's answer in ``result``; its error as a :class:`RemoteFileError`."""
+    if result.error is not None:
+        error = result.error
+        if error.evalue.startswith("checksum mismatch"):
+            raise ChecksumMismatch(f"{operation}: {error.evalue}")
+        kind = _ERRORS.get(error.ename)
+        if kind is not None:
+            raise kind(error.evalue)
+        raise RemoteFileError(f"{operation}: {error.ename}: {error.evalue}")
+    for output in reversed(result.displays):
+        answer = output.data.get(FILES_MIME)
+        if isinstance(answer, dict):
+            return answer
+    raise RemoteFileError(f"{operation}: the kernel's files helper did not answer")
+
+
+async def _chunks(source: bytes | str | os.PathLike[str], size: int) -> AsyncIterator[bytes]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        view = memoryview(source)
+        for start in range(0, len(view), size):
+            yield bytes(view[start : start + size])
+        return
+    async with await anyio.open_file(source, "rb") as handle:
+        while chunk := await handle.read(size):
+            yield chunk
+
+
+async def _abort(call: HelperCall, token: str) -> None:
+    """Drop a transfer in the kernel (its partial file, its open file); shielded, at most 5 s.
+
+    Errors are ignored: the kernel may be gone, and the transfer with it.
+    """
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5), contextlib.suppress(Exception):
+        await call("abort", (token,), None)
+
+
+async def upload(
+    call: HelperCall, source: bytes | str | os.PathLike[str], remote_path: str, chunk_bytes: int
+) -> RemoteFile:
+    """Send ``source`` (bytes or a local file) to ``remote_path``; see :meth:`AsyncExecutor.upload`."""
+    token = (await call("begin_upload", (remote_path,), None))["token"]
+    try:
+        digest = hashlib.sha256()
+        async for chunk in _chunks(source, chunk_bytes):
+            digest.update(chunk)
+            await call("put", (token,), chunk)
+        answer = await call("finish_upload", (token, digest.hexdigest()), None)
+    except BaseException:
+        await _abort(call, token)
+        raise
+    return RemoteFile.from_answer(answer)
+
+
+async def begin_download(
+    call: HelperCall, remote_path: str, chunk_bytes: int
+) -> tuple[RemoteFile, AsyncGenerator[bytes, None]]:
+    """Open ``remote_path`` for reading: what it is, and its bytes chunk by chunk.
+
+    The chunks end with a :class:`ChecksumMismatch` if what arrived differs
+    from what the kernel read; closing them early closes the file in the kernel.
+    """
+    begun = await call("begin_download", (remote_path,), None)
+    return RemoteFile.from_answer(begun["file"]), _chunks_of(call, begun["token"], remote_path, chunk_bytes)
+
+
+async def _chunks_of(
+    call: HelperCall, token: str, remote_path: str, chunk_bytes: int
+) -> AsyncGenerator[bytes, None]:
+    digest = hashlib.sha256()
+    finished = False
+    try:
+        while not finished:
+            answer = await call("get", (token, chunk_bytes), None)
+            chunk = base64.b64decode(answer["chunk"])
+            digest.update(chunk)
+            finished = bool(answer["eof"])
+            if finished and answer["sha256"] != digest.hexdigest():
+                raise ChecksumMismatch(
+                    f"downloading {remote_path!r}: the kernel read {answer['sha256']}, "
+                    f"{digest.hexdigest()} arrived"
+                )
+            yield chunk
+    finally:
+        if not finished:
+            await _abort(call, token)

@@ -1,0 +1,280 @@
+"""Install only what the sandbox is missing: one probe, then one installer command.
+
+Used by :meth:`AsyncExecutor.install` (and through it by the smolagents
+facade). The probe runs in the kernel: a requirement is satisfied when its
+distribution is installed at a version its spec allows (checked with
+``packaging`` where the kernel has it, else presence only), or, for a bare
+import name, when the module imports. The missing ones go to one installer
+command (``uv pip install`` where the sandbox has ``uv``, else pip, in the
+kernel's own interpreter), whose output is streamed while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import PackageInstallError, ProtocolError
+from .results import ErrorEvent, StderrEvent, StdoutEvent
+
+if TYPE_CHECKING:
+    from .executor import AsyncExecutor
+
+logger = logging.getLogger("async_modal_exec.packages")
+
+__all__ = [
+    "IMPORT_TO_DISTRIBUTION",
+    "InstallReport",
+    "PackageRecord",
+    "Requirement",
+    "requirement_for_import",
+    "requirement_from_spec",
+]
+
+# Import names whose distribution is named differently (smolagents maps only PIL).
+IMPORT_TO_DISTRIBUTION: Mapping[str, str] = {
+    "PIL": "pillow",
+    "sklearn": "scikit-learn",
+    "skimage": "scikit-image",
+    "cv2": "opencv-python",
+    "yaml": "pyyaml",
+    "bs4": "beautifulsoup4",
+    "dateutil": "python-dateutil",
+    "dotenv": "python-dotenv",
+    "docx": "python-docx",
+    "pptx": "python-pptx",
+    "fitz": "pymupdf",
+    "Crypto": "pycryptodome",
+    "jwt": "pyjwt",
+    "serial": "pyserial",
+    "usb": "pyusb",
+    "magic": "python-magic",
+    "attr": "attrs",
+    "google.protobuf": "protobuf",
+    "tiktoken": "tiktoken",
+    "Levenshtein": "python-levenshtein",
+    "mpl_toolkits": "matplotlib",
+    "pkg_resources": "setuptools",
+}
+
+_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_MARKER = "__async_modal_exec__="
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One package wanted in the sandbox.
+
+    Attributes:
+        spec: what to give the installer (``"pillow"``, ``"boto3>=1.34"``, a URL ...).
+        distribution: the distribution name, to check if it is installed (None if unknown).
+        import_name: the module it provides, to check if it is importable (None if unknown).
+    """
+
+    spec: str
+    distribution: str | None
+    import_name: str | None = None
+
+
+def requirement_for_import(module: str) -> Requirement:
+    """The requirement that provides top-level module ``module``."""
+    distribution = IMPORT_TO_DISTRIBUTION.get(module, module.replace("_", "-"))
+    return Requirement(spec=distribution, distribution=distribution, import_name=module)
+
+
+def requirement_from_spec(spec: str) -> Requirement:
+    """A requirement given as an installer spec (``"pkg"``, ``"pkg>=1"``, ``"pkg @ url"``).
+
+    A bare import name with a known distribution (``"PIL"``, ``"sklearn"``) is
+    mapped, since ``additional_imports`` are import names.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a requirement must be a non-empty installer spec, got {spec!r}")
+    spec = spec.strip()
+    if spec in IMPORT_TO_DISTRIBUTION:
+        return requirement_for_import(spec)
+    match = _NAME.match(spec)
+    name = match.group(1) if match and "/" not in spec.split("@")[0] else None
+    import_name = name.replace("-", "_") if name and name == spec else None
+    return Requirement(spec=spec, distribution=name, import_name=import_name)
+
+
+def unique(requirements: Iterable[Requirement]) -> list[Requirement]:
+    """Requirements without duplicates (same spec), in order."""
+    seen: dict[str, Requirement] = {}
+    for requirement in requirements:
+        seen.setdefault(requirement.spec, requirement)
+    return list(seen.values())
+
+
+@dataclass(frozen=True)
+class InstallReport:
+    """What :meth:`AsyncExecutor.install` did.
+
+    Attributes:
+        installed: the specs that were missing and are now installed.
+        already_present: the specs the sandbox already satisfied (or that this
+            executor installed before).
+        output: the end of the installer's output ("" when nothing ran).
+    """
+
+    installed: tuple[str, ...] = ()
+    already_present: tuple[str, ...] = ()
+    output: str = ""
+
+
+@dataclass
+class PackageRecord:
+    """What one executor installed or found, so nothing is probed twice."""
+
+    installed: list[str] = field(default_factory=list)
+    already_present: list[str] = field(default_factory=list)
+
+    def known(self) -> set[str]:
+        return {*self.installed, *self.already_present}
+
+
+def _marked_json(stdout: str) -> Any:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(_MARKER):
+            return json.loads(line[len(_MARKER) :])
+    raise ProtocolError(f"the sandbox did not answer the package probe: {stdout[-500:]!r}")
+
+
+def probe_code(requirements: Sequence[Requirement]) -> str:
+    """Code asking the kernel which requirements are satisfied, and whether it has ``uv``."""
+    wanted = [[r.spec, r.distribution, r.import_name] for r in requirements]
+    return f"""
+def __ame_probe(wanted):
+    import importlib.metadata, importlib.util, json, shutil
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        try:
+            from pip._vendor.packaging.requirements import Requirement
+        except ImportError:
+            Requirement = None
+    def importable(name):
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+    def satisfied(spec, distribution, import_name):
+        if distribution:
+            try:
+                version = importlib.metadata.version(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                version = None
+            if version is not None:
+                if Requirement is None:
+                    return True
+                try:
+                    return Requirement(spec).specifier.contains(version, prereleases=True)
+                except Exception:
+                    return True
+        return bool(import_name) and importable(import_name)
+    print({_MARKER!r} + json.dumps({{
+        "satisfied": {{spec: satisfied(spec, d, i) for spec, d, i in wanted}},
+        "uv": shutil.which("uv") is not None,
+    }}))
+__ame_probe({wanted!r})
+del __ame_probe
+"""
+
+
+def install_code(specs: Sequence[str], *, use_uv: bool) -> str:
+    """Code running one installer command in the kernel's interpreter, its output streamed on stderr."""
+    return f"""
+def __ame_install():
+    import importlib, json, shutil, subprocess, sys
+    if {use_uv!r}:
+        command = [shutil.which("uv"), "pip", "install", "--python", sys.executable]
+    else:
+        command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+    tail = []
+    with subprocess.Popen(
+        command + {list(specs)!r}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as process:
+        for line in process.stdout:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line)
+            del tail[:-200]
+    importlib.invalidate_caches()
+    print({_MARKER!r} + json.dumps({{"returncode": process.returncode, "output": "".join(tail)[-4000:]}}))
+__ame_install()
+del __ame_install
+"""
+
+
+def _remaining(deadline: float) -> float | None:
+    return None if deadline == math.inf else max(deadline - time.monotonic(), 0.001)
+
+
+async def install(
+    executor: AsyncExecutor,
+    requirements: Sequence[str | Requirement],
+    *,
+    timeout: float | None,
+    on_output: Callable[[str], None] | None,
+) -> InstallReport:
+    """See :meth:`AsyncExecutor.install`."""
+    if isinstance(requirements, str):
+        raise TypeError("requirements must be a list of specs, not one string")
+    wanted = unique(r if isinstance(r, Requirement) else requirement_from_spec(r) for r in requirements)
+    record = executor.packages
+    known = record.known()
+    todo = [r for r in wanted if r.spec not in known]
+    present = [r.spec for r in wanted if r.spec in known]
+    if not todo:
+        return InstallReport(already_present=tuple(present))
+    deadline = math.inf if timeout is None else time.monotonic() + timeout
+    probe = _marked_json(
+        (await executor.run(probe_code(todo), timeout=_remaining(deadline))).raise_for_error().stdout
+    )
+    missing = [r for r in todo if not probe["satisfied"].get(r.spec)]
+    record.already_present += [r.spec for r in todo if r not in missing]
+    present += [r.spec for r in todo if r not in missing]
+    if not missing:
+        logger.info("already in the sandbox, nothing to install: %s", ", ".join(r.spec for r in todo))
+        return InstallReport(already_present=tuple(present))
+    specs = [r.spec for r in missing]
+    logger.info("installing in the sandbox: %s", " ".join(specs))
+    backend = executor.backend
+    if backend.installs_on_host:
+        returncode, text = await backend.install(specs, _remaining(deadline) or math.inf)
+        if on_output is not None and text:
+            on_output(text)
+        (await executor.run("import importlib\nimportlib.invalidate_caches()")).raise_for_error()
+    else:
+        stdout: list[str] = []
+        code = install_code(specs, use_uv=bool(probe["uv"]))
+        async for event in executor.stream(code, timeout=_remaining(deadline)):
+            if isinstance(event, StderrEvent):
+                if on_output is not None:
+                    on_output(event.text)
+            elif isinstance(event, StdoutEvent):
+                stdout.append(event.text)
+            elif isinstance(event, ErrorEvent):
+                raise PackageInstallError(
+                    f"the installer of {', '.join(specs)} could not run: {event.error}",
+                    packages=specs,
+                    output="",
+                )
+        outcome = _marked_json("".join(stdout))
+        returncode, text = int(outcome["returncode"]), str(outcome["output"])
+    if returncode != 0:
+        named = [spec for spec in specs if spec.lower() in text.lower()] or specs
+        raise PackageInstallError(
+            f"installing {', '.join(named)} in the sandbox failed:\n{text[-1500:]}",
+            packages=named,
+            output=text,
+        )
+    record.installed += specs
+    return InstallReport(installed=tuple(specs), already_present=tuple(present), output=text)

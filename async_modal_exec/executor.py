@@ -111,8 +111,10 @@ class AsyncExecutor:
         store_history: passed to the kernel (``True``: the kernel keeps ``In``/``Out``).
         on_progress: called on the loop as each startup phase starts,
             ``(phase, None)``, and ends, ``(phase, seconds)``; the phases are
-            ``backend``, ``gateway_ready``, ``kernel_created`` (each end is also
-            an INFO record on ``async_modal_exec.startup``). It must not block.
+            ``backend``, ``gateway_ready``, ``kernel_created``, and
+            ``requirements`` when the backend has requirements to install
+            (each end is also an INFO record on ``async_modal_exec.startup``).
+            It must not block.
         ready_timeout: how long the gateway may take to answer after the backend started.
         kernel_name: kernel spec to start (None: the gateway's default).
         max_message_bytes: largest websocket message accepted (None: unlimited).
@@ -206,6 +208,7 @@ class AsyncExecutor:
             ExecutorStateError: already started or closed, or closed by
                 :meth:`aclose` while starting.
             BackendError, GatewayError: the sandbox or gateway failed.
+            PackageInstallError: installing the backend's ``requirements`` failed.
 
         Cancelling the call (or any failure) tears down everything started so
         far, shielded from the cancellation, and leaves the executor closed.
@@ -235,6 +238,14 @@ class AsyncExecutor:
                 raise ExecutorStateError("the executor was closed while it started") from exc
             raise
         self._state = ExecutorState.OPEN
+        if self.backend.requirements and not self.backend.requirements_ready:
+            try:
+                with self._phase("requirements"):
+                    report = await self.install(self.backend.requirements, timeout=None)
+                    await self.backend.requirements_installed(list(report.installed))
+            except BaseException:
+                await self._teardown()
+                raise
         if self.backend.idle_disconnect is not None:
             self._session.watch_idle(self.backend.idle_disconnect)
         return self

@@ -149,6 +149,8 @@ def _install(mime, chunk_key, work_dir):
 
     def listdir(path):
         full = resolve(path)
+        if not os.path.exists(full):
+            raise FileNotFoundError(f"no such directory: {path!r}")
         if not os.path.isdir(full):
             raise NotADirectoryError(f"{path!r} is not a directory")
         entries = [describe(os.path.join(full, name)) for name in sorted(os.listdir(full))]

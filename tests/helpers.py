@@ -233,3 +233,58 @@ def real_unclosed(messages: list[str]) -> list[str]:
     if sys.version_info >= (3, 11):
         return messages
     return [message for message in messages if not re.match(LEGACY_TLS_FALSE_WARNING, message)]
+
+
+def make_wheel(directory: Path, name: str, version: str, value: object) -> Path:
+    """Write a pure-Python wheel of distribution ``name`` (module ``name`` with ``VALUE = value``).
+
+    A wheel is a zip with a dist-info; pip installs it offline, with no build step.
+    """
+    import base64
+    import hashlib
+    import zipfile
+
+    module = name.replace("-", "_")
+    files = {
+        f"{module}/__init__.py": f"VALUE = {value!r}\n__version__ = {version!r}\n",
+        f"{module}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{module}-{version}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{module}-{version}.dist-info/RECORD,,")
+    files[f"{module}-{version}.dist-info/RECORD"] = "\n".join(record) + "\n"
+    directory.mkdir(parents=True, exist_ok=True)
+    wheel = directory / f"{module}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM (peak RSS) start again from the current RSS (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since start or :func:`reset_peak_rss` (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")

@@ -21,7 +21,7 @@ import secrets
 import ssl
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +40,7 @@ from grpclib.exceptions import StreamTerminatedError
 from .. import launcher
 from .._shield import run_shielded
 from .._timing import record_phase
+from ..environment import checked_env
 from ..errors import (
     BackendAuthError,
     BackendError,
@@ -49,12 +50,14 @@ from ..errors import (
     BackendUnreachable,
     ExecutorStateError,
 )
+from ..packages import requirement_from_spec
 from .base import Backend, GatewayEndpoint
 from .modal_defaults import DEFAULT_APP_NAME, DEFAULT_SANDBOX_TIMEOUT
+from .modal_snapshots import SnapshotEntry, SnapshotPolicy, SnapshotStore, snapshot_key
 
 logger = logging.getLogger("async_modal_exec.startup")
 
-__all__ = ["TAG_PACKAGE", "ModalBackend", "ReapedSandbox", "default_image", "reap"]
+__all__ = ["TAG_PACKAGE", "ModalBackend", "ReapedSandbox", "SnapshotPolicy", "default_image", "reap"]
 
 TAG_PACKAGE = "ame.package"
 TAG_APP = "ame.app"
@@ -152,6 +155,13 @@ class ModalBackend(Backend):
     limit lifted, IPC kernels), so executions are as fast as local ones plus
     the network.
 
+    Requirements: with ``requirements``, every executor on the backend
+    installs them when it starts (only what the image lacks). With
+    ``snapshots`` (the default), the first sandbox that installed a set is
+    snapshotted, and the next sandbox for the same image and set starts from
+    that snapshot and installs nothing (see
+    :mod:`~async_modal_exec.backends.modal_snapshots`).
+
     Args:
         app_name: Modal app to create sandboxes in.
         port: container port of the gateway.
@@ -161,6 +171,11 @@ class ModalBackend(Backend):
         idle_disconnect: executors on this backend close their kernel websocket
             after this many idle seconds (Modal counts an open tunnel
             connection as activity, which would defeat ``idle_timeout``).
+        env: environment variables of the sandbox (merged into
+            ``create_kwargs["env"]``).
+        requirements: installer specs the sandbox must have (see above).
+        snapshots: a :class:`SnapshotPolicy`, True (the default policy) or
+            False (install in every sandbox).
     """
 
     def __init__(
@@ -172,6 +187,9 @@ class ModalBackend(Backend):
         ssl_context: ssl.SSLContext | None = None,
         ready_timeout: int = 300,
         idle_disconnect: float | None = 60.0,
+        env: Mapping[str, str] | None = None,
+        requirements: Sequence[str] = (),
+        snapshots: SnapshotPolicy | bool = True,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port must be a TCP port number, got {port}")
@@ -180,6 +198,18 @@ class ModalBackend(Backend):
         self.app_name = app_name
         self.port = port
         self.create_kwargs = dict(create_kwargs or {})
+        if env:
+            self.create_kwargs["env"] = {**dict(self.create_kwargs.get("env") or {}), **checked_env(env)}
+        if isinstance(requirements, str):
+            raise TypeError("requirements must be a list of specs, not one string")
+        self.requirements = tuple(requirement_from_spec(spec).spec for spec in requirements)
+        self.snapshot_policy = (
+            snapshots if isinstance(snapshots, SnapshotPolicy) else SnapshotPolicy() if snapshots else None
+        )
+        self.requirements_ready = False
+        self.snapshot_image_id: str | None = None  # the snapshot this sandbox started from
+        self._snapshot_key: str | None = None
+        self._base_image_id: str | None = None
         self.ssl_context = ssl_context
         self.ready_timeout = int(ready_timeout)
         self.idle_disconnect = idle_disconnect
@@ -263,6 +293,9 @@ class ModalBackend(Backend):
             app = await modal.App.lookup.aio(self.app_name, create_if_missing=True)
         record_phase(self.timings, "app_lookup", began, logger, "modal ")
         image = kwargs.pop("image", None) or default_image()
+        base_image = image
+        if self.requirements and self.snapshot_policy is not None:
+            image = await self._image_with_requirements(app, image)
         ports = list(kwargs.pop("encrypted_ports", None) or [])
         if self.port not in ports:
             ports.append(self.port)
@@ -279,20 +312,36 @@ class ModalBackend(Backend):
         command = ("python", "-c", source, "--ip=0.0.0.0", f"--port={self.port}")
         began = time.monotonic()
 
-        async def create() -> None:
+        timeout = kwargs.pop("timeout", DEFAULT_SANDBOX_TIMEOUT)
+        probe = kwargs.pop("readiness_probe", None) or modal.Probe.with_tcp(self.port)
+
+        async def create_from(image: modal.Image) -> None:
             # Stores the sandbox itself, so a cancellation that arrives while the
             # call is in flight still finds it to terminate (start() does, on error).
             self.sandbox = await modal.Sandbox.create.aio(
                 *command,
                 app=app,
                 image=image,
-                timeout=kwargs.pop("timeout", DEFAULT_SANDBOX_TIMEOUT),
+                timeout=timeout,
                 encrypted_ports=ports,
                 secrets=[*user_secrets, token_secret],
                 tags=tags,
-                readiness_probe=kwargs.pop("readiness_probe", None) or modal.Probe.with_tcp(self.port),
+                readiness_probe=probe,
                 **kwargs,
             )
+
+        async def create() -> None:
+            if self.snapshot_image_id is None:
+                await create_from(image)
+                return
+            try:
+                await create_from(image)
+            except modal.exception.NotFoundError:
+                logger.warning(
+                    "requirement snapshot %s is gone; starting from the base image", self.snapshot_image_id
+                )
+                await self._forget_snapshot()
+                await create_from(base_image)
 
         # Shielded: the sandbox is created even if we stop waiting for it.
         await run_shielded(create())
@@ -302,6 +351,66 @@ class ModalBackend(Backend):
         began = time.monotonic()
         await self.sandbox.wait_until_ready.aio(timeout=self.ready_timeout)
         record_phase(self.timings, "ready", began, logger, "modal ")
+
+    def _snapshot_store(self) -> SnapshotStore:
+        assert self.snapshot_policy is not None
+        return SnapshotStore(self.app_name, self.snapshot_policy)
+
+    async def _image_with_requirements(self, app: modal.App, image: modal.Image) -> modal.Image:
+        """The snapshot for ``image`` + ``requirements`` if one is remembered, else ``image`` (built)."""
+        began = time.monotonic()
+        await image.build.aio(app)
+        self._base_image_id = image.object_id
+        self._snapshot_key = snapshot_key(image.object_id, self.requirements)
+        entry = await self._snapshot_store().lookup(self._snapshot_key)
+        record_phase(self.timings, "snapshot_lookup", began, logger, "modal ")
+        if entry is None:
+            return image
+        logger.info(
+            "starting from requirement snapshot %s (%s)", entry.image_id, ", ".join(self.requirements)
+        )
+        self.snapshot_image_id = entry.image_id
+        self.requirements_ready = True
+        return modal.Image.from_id(entry.image_id)
+
+    async def _forget_snapshot(self) -> None:
+        if self._snapshot_key is not None:
+            await self._snapshot_store().drop(self._snapshot_key)
+        self.snapshot_image_id = None
+        self.requirements_ready = False
+
+    async def requirements_installed(self, installed: list[str]) -> None:
+        """Snapshot the sandbox once it installed what its requirements lacked, and remember it.
+
+        Nothing happens when nothing was installed, snapshots are off, or the
+        sandbox already started from a snapshot. A failure is logged, not
+        raised: the sandbox works either way, and the next one installs again.
+        """
+        if not installed or self.snapshot_policy is None or self._snapshot_key is None:
+            return
+        if self.sandbox is None or self.requirements_ready or self._base_image_id is None:
+            return
+        began = time.monotonic()
+        try:
+            with _modal_errors(f"snapshotting sandbox {self.sandbox.object_id}"):
+                image = await self.sandbox.snapshot_filesystem.aio(ttl=self.snapshot_policy.ttl)
+                entry = SnapshotEntry(
+                    key=self._snapshot_key,
+                    image_id=image.object_id,
+                    base_image_id=self._base_image_id,
+                    requirements=tuple(sorted(self.requirements)),
+                    created=time.time(),
+                )
+                stored = await self._snapshot_store().remember(entry)
+        except BackendError as exc:
+            logger.warning("the requirement snapshot was not kept: %s", exc)
+            return
+        record_phase(self.timings, "snapshot", began, logger, "modal ")
+        logger.info(
+            "requirement snapshot %s %s",
+            image.object_id,
+            "remembered" if stored else "made (another was first)",
+        )
 
     async def _endpoint(self) -> GatewayEndpoint:
         assert self.sandbox is not None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import ssl
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from modal_proto import api_pb2
 
@@ -26,7 +28,15 @@ def free_port() -> int:
 
 @dataclass
 class FakeSandbox:
-    """One sandbox: its create request, its process, its ports and its fate."""
+    """One sandbox: its create request, its process, its ports and its fate.
+
+    Its filesystem is the host's, except for ``root``: the container's own
+    site-packages (``root/site``, first on ``PYTHONPATH``), where pip installs
+    (``PIP_TARGET``), so a sandbox's installs stay in the sandbox. A
+    filesystem snapshot copies ``root``; a sandbox created from the snapshot
+    starts with that copy. pip's log goes to ``pip_log`` (outside ``root``):
+    a sandbox whose pip never ran has none.
+    """
 
     sandbox_id: str
     task_id: str
@@ -34,6 +44,7 @@ class FakeSandbox:
     request: api_pb2.SandboxCreateV2Request
     env: dict[str, str]
     tags: dict[str, str]
+    home: Path
     created_at: float = field(default_factory=time.time)
     process: asyncio.subprocess.Process | None = None
     host_ports: dict[int, int] = field(default_factory=dict)
@@ -41,6 +52,26 @@ class FakeSandbox:
     exit_code: int | None = None
     terminated: bool = False
     _timeout_task: asyncio.Task[None] | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.home / "root"
+
+    @property
+    def pip_log(self) -> Path:
+        return self.home / "pip.log"
+
+    def make_filesystem(self, snapshot: Path | None) -> None:
+        """An empty ``root``, or a copy of ``snapshot`` (a filesystem snapshot)."""
+        self.home.mkdir(parents=True)
+        if snapshot is not None:
+            shutil.copytree(snapshot, self.root, symlinks=True)
+        (self.root / "site").mkdir(parents=True, exist_ok=True)
+
+    def container_env(self) -> dict[str, str]:
+        site = str(self.root / "site")
+        path = os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH", "")) if p)
+        return {"PYTHONPATH": path, "PIP_TARGET": site, "PIP_LOG": str(self.pip_log)}
 
     @property
     def definition(self) -> api_pb2.Sandbox:
@@ -69,7 +100,7 @@ class FakeSandbox:
             self.host_ports[port] = free_port()
         self.process = await asyncio.create_subprocess_exec(
             *self.argv(),
-            env={**os.environ, **self.env},
+            env={**os.environ, **self.container_env(), **self.env},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,

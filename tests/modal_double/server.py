@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import inspect
 import json
+import shutil
 import ssl
 import tempfile
 import threading
@@ -132,7 +134,9 @@ class _ControlPlane:
         await self.double.checkpoint("ImageGetOrCreate")
         request = await stream.recv_message()
         self.double.images.append(request.image)
-        image_id = f"im-{len(self.double.images)}"
+        # Like Modal: the same definition is the same image (its id names its content).
+        digest = hashlib.sha256(request.image.SerializeToString(deterministic=True)).hexdigest()
+        image_id = f"im-{digest[:24]}"
         if self.double.image_build_log:  # not built yet: the client joins the build's log stream
             await stream.send_message(api_pb2.ImageGetOrCreateResponse(image_id=image_id))
             return
@@ -150,6 +154,82 @@ class _ControlPlane:
             await asyncio.sleep(0.05)  # a build writes over time
         done = api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_SUCCESS)
         await stream.send_message(api_pb2.ImageJoinStreamingResponse(result=done, eof=True))
+
+    async def ImageFromId(self, stream: Stream[Any, Any]) -> None:
+        """Known: the filesystem snapshots the double made; any other id is NOT_FOUND."""
+        await self.double.checkpoint("ImageFromId")
+        request = await stream.recv_message()
+        if request.image_id not in self.double.snapshots:
+            raise GRPCError(Status.NOT_FOUND, f"Image {request.image_id} not found")
+        await stream.send_message(api_pb2.ImageFromIdResponse(image_id=request.image_id))
+
+    # -- modal.Dict: one store per name; keys and values are the client's serialized bytes.
+
+    async def DictGetOrCreate(self, stream: Stream[Any, Any]) -> None:
+        await self.double.checkpoint("DictGetOrCreate")
+        request = await stream.recv_message()
+        name = request.deployment_name
+        if name not in self.double.dict_ids:
+            if request.object_creation_type == api_pb2.OBJECT_CREATION_TYPE_UNSPECIFIED:
+                raise GRPCError(Status.NOT_FOUND, f"Dict '{name}' not found")
+            dict_id = f"di-{uuid.uuid4().hex[:22]}"
+            self.double.dict_ids[name] = dict_id
+            self.double.dicts[dict_id] = {}
+        dict_id = self.double.dict_ids[name]
+        await stream.send_message(
+            api_pb2.DictGetOrCreateResponse(dict_id=dict_id, metadata=api_pb2.DictMetadata(name=name))
+        )
+
+    def _dict(self, dict_id: str) -> dict[bytes, bytes]:
+        store = self.double.dicts.get(dict_id)
+        if store is None:
+            raise GRPCError(Status.NOT_FOUND, f"Dict {dict_id} not found")
+        return store
+
+    async def DictGet(self, stream: Stream[Any, Any]) -> None:
+        await self.double.checkpoint("DictGet")
+        request = await stream.recv_message()
+        store = self._dict(request.dict_id)
+        found = request.key in store
+        await stream.send_message(api_pb2.DictGetResponse(found=found, value=store.get(request.key, b"")))
+
+    async def DictContains(self, stream: Stream[Any, Any]) -> None:
+        await self.double.checkpoint("DictContains")
+        request = await stream.recv_message()
+        found = request.key in self._dict(request.dict_id)
+        await stream.send_message(api_pb2.DictContainsResponse(found=found))
+
+    async def DictUpdate(self, stream: Stream[Any, Any]) -> None:
+        await self.double.checkpoint("DictUpdate")
+        request = await stream.recv_message()
+        store = self._dict(request.dict_id)
+        created = True
+        for entry in request.updates:
+            if request.if_not_exists and entry.key in store:
+                created = False
+                continue
+            store[entry.key] = entry.value
+        await stream.send_message(api_pb2.DictUpdateResponse(created=created))
+
+    async def DictPop(self, stream: Stream[Any, Any]) -> None:
+        await self.double.checkpoint("DictPop")
+        request = await stream.recv_message()
+        store = self._dict(request.dict_id)
+        found = request.key in store
+        await stream.send_message(api_pb2.DictPopResponse(found=found, value=store.pop(request.key, b"")))
+
+    async def DictLen(self, stream: Stream[Any, Any]) -> None:
+        await self.double.checkpoint("DictLen")
+        request = await stream.recv_message()
+        await stream.send_message(api_pb2.DictLenResponse(len=len(self._dict(request.dict_id))))
+
+    async def DictContents(self, stream: Stream[Any, Any]) -> None:
+        await self.double.checkpoint("DictContents")
+        request = await stream.recv_message()
+        for key, value in list(self._dict(request.dict_id).items()):
+            await stream.send_message(
+                api_pb2.DictEntry(key=key if request.keys else b"", value=value if request.values else b"")
+            )
 
     async def SecretGetOrCreate(self, stream: Stream[Any, Any]) -> None:
         await self.double.checkpoint("SecretGetOrCreate")
@@ -204,14 +284,17 @@ class _ControlPlane:
             env.update(source.env.contents)
         for secret_id in request.definition.secret_ids:
             env.update(self.double.secret_values.get(secret_id, {}))
+        sandbox_id = f"{prefix}{uuid.uuid4().hex}"
         sandbox = FakeSandbox(
-            sandbox_id=f"{prefix}{uuid.uuid4().hex}",
+            sandbox_id=sandbox_id,
             task_id=f"ta-{uuid.uuid4().hex[:22]}",
             app_id=request.app_id,
             request=request,
             env=env,
             tags={tag.tag_name: tag.tag_value for tag in request.tags},
+            home=Path(self.double.directory, "sandboxes", sandbox_id),
         )
+        await asyncio.to_thread(sandbox.make_filesystem, self.double.snapshots.get(request.definition.image_id))
         self.double.sandboxes[sandbox.sandbox_id] = sandbox
         await sandbox.start(self.double.server_tls)
         return sandbox
@@ -354,6 +437,20 @@ class _Router:
         )
 
 
+    async def TaskSnapshotFilesystem(self, stream: Stream[Any, Any]) -> None:
+        """A snapshot is a copy of the sandbox's filesystem (its ``root``), an image id for it."""
+        await self.double.checkpoint("TaskSnapshotFilesystem")
+        request = await stream.recv_message()
+        sandbox = next((s for s in self.double.sandboxes.values() if s.task_id == request.task_id), None)
+        if sandbox is None:
+            raise GRPCError(Status.NOT_FOUND, f"task {request.task_id} not found")
+        image_id = f"im-snap-{uuid.uuid4().hex[:20]}"
+        target = Path(self.double.directory, "snapshots", image_id)
+        await asyncio.to_thread(shutil.copytree, sandbox.root, target, symlinks=True)
+        self.double.snapshots[image_id] = target
+        await stream.send_message(task_command_router_pb2.TaskSnapshotFilesystemResponse(image_id=image_id))
+
+
 class ModalDouble:
     """Serves the double on 127.0.0.1 from its own thread and event loop.
 
@@ -367,6 +464,11 @@ class ModalDouble:
         pauses: RPC name -> seconds each call of it is held before it is served.
         image_build_log: lines an image build writes; when set, every image is
             built (not found ready), its log streamed to the client.
+        snapshots: image id -> the directory a filesystem snapshot copied (a
+            sandbox created from that image starts with a copy of it as its
+            ``root``); delete an entry to make the snapshot "expire".
+        dicts: dict id -> its entries (serialized key -> serialized value);
+            ``dict_ids``: name -> dict id.
         failures: RPC name -> a ``GRPCError`` that every call of it answers (a
             fresh copy each time) until the entry is removed, e.g.
             ``failures["AppGetOrCreate"] = GRPCError(Status.UNAUTHENTICATED, "bad token")``.
@@ -386,7 +488,11 @@ class ModalDouble:
         self.calls: list[str] = []
         self.pauses: dict[str, float] = {}
         self.failures: dict[str, GRPCError] = {}
+        self.snapshots: dict[str, Path] = {}
+        self.dicts: dict[str, dict[bytes, bytes]] = {}
+        self.dict_ids: dict[str, str] = {}
         self._directory = tempfile.TemporaryDirectory(prefix="modal-double-")
+        self.directory = Path(self._directory.name)
         self.cert, key = make_certificate(Path(self._directory.name))
         self.server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.server_tls.load_cert_chain(self.cert, key)

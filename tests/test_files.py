@@ -73,7 +73,7 @@ async def test_bytes_round_trip_with_directories_listing_and_removal(executor: A
     listing = await executor.listdir("data")
     assert [(e.name, e.is_dir) for e in listing] == [("empty", False), ("in", True)]
 
-    with pytest.raises(RemoteFileError, match="not empty|Directory not empty"):
+    with pytest.raises(RemoteFileError, match="not empty"):
         await executor.remove("data/in")
     await executor.remove("data/empty")
     await executor.remove("data", recursive=True)
@@ -133,7 +133,9 @@ async def test_a_200_mb_file_round_trips_with_equal_checksum_and_flat_host_memor
     await executor.remove("big.bin")
 
 
-@pytest.mark.parametrize("path", ["../escape.txt", "a/../../escape.txt", "/tmp/escape.txt", "/etc/escape.txt"])
+@pytest.mark.parametrize(
+    "path", ["../escape.txt", "a/../../escape.txt", "/tmp/escape.txt", "/etc/escape.txt"]
+)
 async def test_a_path_outside_the_work_dir_is_refused(executor: AsyncExecutor, path: str) -> None:
     root = await work_dir(executor)
     outside = os.path.normpath(os.path.join(root, path))

@@ -294,7 +294,9 @@ class _ControlPlane:
             tags={tag.tag_name: tag.tag_value for tag in request.tags},
             home=Path(self.double.directory, "sandboxes", sandbox_id),
         )
-        await asyncio.to_thread(sandbox.make_filesystem, self.double.snapshots.get(request.definition.image_id))
+        await asyncio.to_thread(
+            sandbox.make_filesystem, self.double.snapshots.get(request.definition.image_id)
+        )
         self.double.sandboxes[sandbox.sandbox_id] = sandbox
         await sandbox.start(self.double.server_tls)
         return sandbox
@@ -435,7 +437,6 @@ class _Router:
         await stream.send_message(
             task_command_router_pb2.SandboxWaitUntilReadyTcrResponse(ready_at=time.time())
         )
-
 
     async def TaskSnapshotFilesystem(self, stream: Stream[Any, Any]) -> None:
         """A snapshot is a copy of the sandbox's filesystem (its ``root``), an image id for it."""

@@ -241,8 +241,7 @@ class AsyncExecutor:
         if self.backend.requirements and not self.backend.requirements_ready:
             try:
                 with self._phase("requirements"):
-                    report = await self.install(self.backend.requirements, timeout=None)
-                    await self.backend.requirements_installed(list(report.installed))
+                    await packages.provision(self, self.backend)
             except BaseException:
                 await self._teardown()
                 raise

@@ -24,6 +24,7 @@ from .errors import PackageInstallError, ProtocolError
 from .results import ErrorEvent, StderrEvent, StdoutEvent
 
 if TYPE_CHECKING:
+    from .backends.base import Backend
     from .executor import AsyncExecutor
 
 logger = logging.getLogger("async_modal_exec.packages")
@@ -278,3 +279,16 @@ async def install(
         )
     record.installed += specs
     return InstallReport(installed=tuple(specs), already_present=tuple(present), output=text)
+
+
+async def provision(executor: AsyncExecutor, backend: Backend) -> None:
+    """Install ``backend.requirements`` with ``executor`` unless the sandbox has them already.
+
+    Once done, the backend may keep the result (Modal: a snapshot), and its
+    ``requirements_ready`` turns true: the sandbox's next kernels skip even the probe.
+    """
+    if not backend.requirements or backend.requirements_ready:
+        return
+    report = await executor.install(backend.requirements, timeout=None)
+    await backend.requirements_installed(list(report.installed))
+    backend.requirements_ready = True

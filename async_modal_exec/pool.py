@@ -31,6 +31,7 @@ from typing import Any
 
 import anyio
 
+from . import packages
 from ._idle import retire_idle
 from ._shield import run_shielded
 from .backends.base import Backend, GatewayEndpoint
@@ -311,9 +312,17 @@ class SandboxPool:
             endpoint.token,
             ssl_context=endpoint.ssl,
             idle_disconnect=sandbox.backend.idle_disconnect,
+            env=sandbox.backend.kernel_env,
+            work_dir=sandbox.backend.work_dir,
         )
-        executor = AsyncExecutor(backend, **self.executor_options)
-        return await executor.start()
+        executor = await AsyncExecutor(backend, **self.executor_options).start()
+        try:
+            # The sandbox's first kernel installs what it lacks (or it started from a snapshot).
+            await packages.provision(executor, sandbox.backend)
+        except BaseException:
+            await run_shielded(executor.aclose())
+            raise
+        return executor
 
     async def _put_idle(self, warm: _Warm) -> None:
         if self._state is not _PoolState.OPEN:  # closed meanwhile: nothing may outlive the drain

@@ -356,6 +356,9 @@ class LocalBackend(Backend):
     async def install(self, specs: list[str], timeout: float) -> tuple[int, str]:
         """Install ``specs`` with pip into :attr:`packages_dir`, never the host's environment.
 
+        ``--upgrade`` makes a version that replaces an older one in the
+        directory take its place (with ``--target`` pip otherwise keeps the old).
+
         Returns the installer's exit status and the end of its output. Runs
         on the host (the jail has no network); the directory is mounted
         read-only in the kernels. Cancelling the call (or ``timeout``) kills
@@ -363,7 +366,7 @@ class LocalBackend(Backend):
         """
         command = [
             self.python, "-m", "pip", "install", "--disable-pip-version-check",
-            "--no-input", "--target", self.packages_dir, *specs,
+            "--no-input", "--upgrade", "--target", self.packages_dir, *specs,
         ]  # fmt: skip
         with anyio.move_on_after(timeout):
             done = await anyio.run_process(command, check=False, stderr=subprocess.STDOUT)

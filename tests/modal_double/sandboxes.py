@@ -58,12 +58,18 @@ class FakeSandbox:
         return self.home / "root"
 
     @property
+    def work_dir(self) -> Path:
+        """The container's working directory (not snapshotted: like ``/root``, it is the user's)."""
+        return self.home / "work"
+
+    @property
     def pip_log(self) -> Path:
         return self.home / "pip.log"
 
     def make_filesystem(self, snapshot: Path | None) -> None:
         """An empty ``root``, or a copy of ``snapshot`` (a filesystem snapshot)."""
         self.home.mkdir(parents=True)
+        self.work_dir.mkdir()
         if snapshot is not None:
             shutil.copytree(snapshot, self.root, symlinks=True)
         (self.root / "site").mkdir(parents=True, exist_ok=True)
@@ -105,6 +111,7 @@ class FakeSandbox:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
+            cwd=self.work_dir,
         )
         for container, host in self.host_ports.items():
             proxy = TlsProxy(tls, host)

@@ -248,3 +248,40 @@ async def test_a_jailed_local_kernel_confines_files_to_its_work_dir(tmp_path: Pa
         with pytest.raises(RemotePathRefused):
             await executor.upload(b"x", "/tmp/x")
         assert await executor.download("in.txt") == b"payload"
+
+
+def test_the_smolagents_facade_moves_files_around_an_agent_run(tmp_path: Path, gateway: GatewayEndpoint) -> None:
+    """Upload a CSV, let a real CodeAgent (scripted model) read it and write a result, download it."""
+    from smolagents import CodeAgent
+
+    from async_modal_exec import Executor
+
+    from .agent_helpers import QUIET, ScriptedModel
+
+    work = tmp_path / "work"
+    work.mkdir()
+    backend = GatewayBackend(gateway.base_url, gateway.token, work_dir=str(work))
+    executor = Executor(backend, logger=QUIET, timeout=60, env={"REPORT_TITLE": "totals"})
+    try:
+        executor.upload(b"x,y\n1,2\n3,4\n", "in/data.csv")
+        assert [e.name for e in executor.listdir("in")] == ["data.csv"]
+        model = ScriptedModel(
+            [
+                f"import csv, os\nos.chdir({str(work)!r})\n"
+                "rows = list(csv.DictReader(open('in/data.csv')))\n"
+                "total = sum(int(r['x']) + int(r['y']) for r in rows)\n"
+                "open('out.txt', 'w').write(os.environ['REPORT_TITLE'] + ': ' + str(total))\n"
+                "final_answer(total)"
+            ]
+        )
+        agent = CodeAgent(tools=[], model=model, executor=executor, max_steps=2)
+        assert agent.run("sum the table") == 10
+        assert executor.download("out.txt") == b"totals: 10"
+        local = tmp_path / "out.txt"
+        info = executor.download("out.txt", local)
+        assert isinstance(info, RemoteFile) and info.size == len(b"totals: 10")
+        assert local.read_bytes() == b"totals: 10"
+        executor.remove("in", recursive=True)
+        assert {e.name for e in executor.listdir()} == {"out.txt"}
+    finally:
+        executor.cleanup()

@@ -11,7 +11,9 @@ sandbox. No Modal or HTTP call ever blocks a running event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import sys
 import threading
 import weakref
@@ -31,6 +33,7 @@ from .._shield import run_shielded, wait_shielded
 from ..backends.base import Backend
 from ..errors import ExecutionError, ExecutionTimeout, ExecutorStateError
 from ..executor import AsyncExecutor, ExecutorState
+from ..files import RemoteFile
 from ..host_tools import HostTools, tool_name
 from ..results import ExecutionResult
 from .bridge import LoopBridge, running_loop
@@ -390,6 +393,46 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
     async def _install_after_start(self, requirements: Sequence[Requirement]) -> list[str]:
         await self._ensure_started()
         return await self._install(requirements)
+
+    # -- files (the sandbox starts on first use) -------------------------------------------
+
+    def upload(
+        self, source: bytes | str | os.PathLike[str], remote_path: str, *, timeout: float | None = None
+    ) -> RemoteFile:
+        """Write bytes or a local file to ``remote_path`` in the sandbox; see :meth:`AsyncExecutor.upload`."""
+        info: RemoteFile = self._call(
+            functools.partial(self._on_core, "upload", source, remote_path, timeout=timeout)
+        )
+        return info
+
+    def download(
+        self,
+        remote_path: str,
+        local_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> bytes | RemoteFile:
+        """``remote_path``'s bytes, or written to ``local_path``; see :meth:`AsyncExecutor.download`."""
+        args = (remote_path,) if local_path is None else (remote_path, local_path)
+        got: bytes | RemoteFile = self._call(
+            functools.partial(self._on_core, "download", *args, timeout=timeout)
+        )
+        return got
+
+    def listdir(self, remote_dir: str = ".", *, timeout: float | None = None) -> list[RemoteFile]:
+        """The entries of ``remote_dir`` in the sandbox; see :meth:`AsyncExecutor.listdir`."""
+        return self._call(functools.partial(self._on_core, "listdir", remote_dir, timeout=timeout))
+
+    def remove(self, remote_path: str, *, recursive: bool = False, timeout: float | None = None) -> None:
+        """Delete a file or directory in the sandbox; see :meth:`AsyncExecutor.remove`."""
+        self._call(
+            functools.partial(self._on_core, "remove", remote_path, recursive=recursive, timeout=timeout)
+        )
+
+    async def _on_core(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``core.<method>(*args, **kwargs)``, once the sandbox is started."""
+        core = await self._ensure_started()
+        return await getattr(core, method)(*args, **kwargs)
 
     def cleanup(self) -> None:
         """Terminate the sandbox and stop the background loop; safe to call twice.

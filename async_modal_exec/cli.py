@@ -1,11 +1,15 @@
 """Command line: ``python -m async_modal_exec run ...``.
 
-Commands: ``run`` (code in a fresh kernel), ``reap`` (terminate Modal
-sandboxes this package left running).
+Commands: ``run`` (code in a fresh kernel; ``--put``/``--get`` copy files in
+before it and out after it), ``cp`` (copy a file into or out of a sandbox that
+runs: a gateway, or a Modal sandbox by id), ``reap`` (terminate Modal
+sandboxes this package left running), ``snapshots`` (list or drop the Modal
+requirement snapshots of an app).
 
-Exit status: 0 success; 1 the code raised (traceback on stderr); 2 bad usage;
-3 the backend or gateway failed (Modal's errors included, e.g. refused
-credentials; also for ``reap``); 124 the timeout expired; 130 interrupted.
+Exit status: 0 success; 1 the code raised (traceback on stderr), or a file
+could not be copied; 2 bad usage; 3 the backend or gateway failed (Modal's
+errors included, e.g. refused credentials; also for ``reap``); 124 the
+timeout expired; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import anyio
 from .backends import Backend, GatewayBackend, LocalBackend
 from .backends.isolation import ISOLATION_MODES
 from .backends.modal_defaults import DEFAULT_APP_NAME
-from .errors import AsyncModalExecError, ExecutionTimeout
+from .errors import AsyncModalExecError, ExecutionTimeout, RemoteFileError
 from .executor import AsyncExecutor
 from .results import DisplayEvent, ErrorEvent, ResultEvent, RichOutput, StderrEvent, StdoutEvent
 
@@ -35,6 +39,35 @@ EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 
 
+def _add_backend_options(parser: argparse.ArgumentParser, backends: list[str], default: str | None) -> None:
+    parser.add_argument("--backend", choices=backends, default=default, required=default is None)
+    parser.add_argument(
+        "--app",
+        default=DEFAULT_APP_NAME,
+        help="with --backend modal: the Modal app name (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--gateway-url", help="with --backend gateway: http(s)://host:port of a running gateway"
+    )
+    parser.add_argument(
+        "--token-env",
+        default="ASYNC_MODAL_EXEC_GATEWAY_TOKEN",
+        help="environment variable holding the gateway token (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=None,
+        help="seconds before the run or copy is interrupted",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=_positive_seconds,
+        default=120.0,
+        help="seconds to wait for the gateway (default: %(default)s)",
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m async_modal_exec", description=__doc__.split("\n", 1)[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,37 +75,54 @@ def _build_parser() -> argparse.ArgumentParser:
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("-c", dest="code", help="code to run")
     source.add_argument("file", nargs="?", help="a file of code to run, or - for stdin")
-    run.add_argument("--backend", choices=["local", "gateway", "modal"], default="local")
-    run.add_argument(
-        "--app",
-        default=DEFAULT_APP_NAME,
-        help="with --backend modal: the Modal app name (default: %(default)s)",
-    )
+    _add_backend_options(run, ["local", "gateway", "modal"], "local")
     run.add_argument(
         "--isolation",
         choices=ISOLATION_MODES,
         default="auto",
         help="with --backend local: jail the kernel with bubblewrap (default: %(default)s, where it works)",
     )
-    run.add_argument("--gateway-url", help="with --backend gateway: http(s)://host:port of a running gateway")
     run.add_argument(
-        "--token-env",
-        default="ASYNC_MODAL_EXEC_GATEWAY_TOKEN",
-        help="environment variable holding the gateway token (default: %(default)s)",
+        "--put",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("LOCAL", "REMOTE"),
+        help="copy a local file into the sandbox's work directory before the code runs (repeatable)",
     )
     run.add_argument(
-        "--timeout", type=_positive_seconds, default=None, help="seconds before the run is interrupted"
+        "--get",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("REMOTE", "LOCAL"),
+        help="copy a file out of the sandbox after the code ran (repeatable)",
     )
-    run.add_argument(
-        "--ready-timeout",
-        type=_positive_seconds,
-        default=120.0,
-        help="seconds to wait for the gateway (default: %(default)s)",
+    cp = commands.add_parser(
+        "cp",
+        help="copy a file into or out of a running sandbox; the sandbox side starts with ':' (:data/in.csv)",
+    )
+    cp.add_argument("source")
+    cp.add_argument("destination")
+    _add_backend_options(cp, ["gateway", "modal"], None)
+    cp.add_argument(
+        "--sandbox-id", help="with --backend modal: the sandbox (its gateway token is read from --token-env)"
     )
     reap = commands.add_parser("reap", help="terminate Modal sandboxes this package left running")
     reap.add_argument("--app", default=DEFAULT_APP_NAME, help="the Modal app name (default: %(default)s)")
     reap.add_argument("--older-than", type=_duration, default=None, help="e.g. 30s, 15m, 2h, 1d")
     reap.add_argument("--dry-run", action="store_true", help="list, terminate nothing")
+    snapshots = commands.add_parser(
+        "snapshots", help="list or drop the Modal requirement snapshots of an app"
+    )
+    snapshots.add_argument("action", choices=["list", "drop"])
+    snapshots.add_argument("keys", nargs="*", help="with drop: the keys to drop (default: all)")
+    snapshots.add_argument(
+        "--app", default=DEFAULT_APP_NAME, help="the Modal app name (default: %(default)s)"
+    )
+    snapshots.add_argument(
+        "--older-than", type=_duration, default=None, help="with drop: only entries older than this (e.g. 7d)"
+    )
     return parser
 
 
@@ -118,6 +168,13 @@ def _make_backend(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.backend == "modal":
         from .backends.modal_sandbox import ModalBackend
 
+        if getattr(args, "sandbox_id", None):
+            token = os.environ.get(args.token_env)
+            if not token:
+                parser.error(f"--sandbox-id needs the sandbox's gateway token in ${args.token_env}")
+            return ModalBackend.attach(args.sandbox_id, token)
+        if args.command == "cp":
+            parser.error("cp with --backend modal needs --sandbox-id")
         return ModalBackend(app_name=args.app)
     return LocalBackend(isolation=args.isolation)
 
@@ -201,8 +258,48 @@ def _modal_display() -> contextlib.AbstractContextManager[None]:
     return modal.enable_output()
 
 
+async def _snapshots(app: str, action: str, keys: list[str], older_than: float | None) -> int:
+    from .backends.modal_snapshots import SnapshotPolicy, SnapshotStore
+
+    store = SnapshotStore(app, SnapshotPolicy())
+    entries = await store.entries()
+    if action == "list":
+        for entry in entries:
+            print(f"{entry.key}  {entry.image_id}  {entry.age():.0f} s old  {' '.join(entry.requirements)}")
+        print(f"{len(entries)} snapshot(s) in {store.name!r}")
+        return 0
+    chosen = [
+        e for e in entries if (not keys or e.key in keys) and (older_than is None or e.age() > older_than)
+    ]
+    for entry in chosen:
+        await store.drop(entry.key)
+        print(f"dropped {entry.key} ({entry.image_id})")
+    print(f"{len(chosen)} snapshot(s) dropped from {store.name!r}")
+    return 0
+
+
+async def _copy(
+    source: str, destination: str, backend: Backend, timeout: float | None, ready_timeout: float
+) -> int:
+    """``cp``: exactly one side is the sandbox's (it starts with ``:``)."""
+    async with AsyncExecutor(backend, ready_timeout=ready_timeout) as executor:
+        if source.startswith(":"):
+            info = await executor.download(source[1:], destination, timeout=timeout)
+            sys.stderr.write(f"copied {info.path} ({info.size} bytes) to {destination}\n")
+        else:
+            info = await executor.upload(source, destination[1:], timeout=timeout)
+            sys.stderr.write(f"copied {source} to {info.path} ({info.size} bytes)\n")
+    return 0
+
+
 async def _run(
-    code: str, backend: Backend, timeout: float | None, ready_timeout: float, modal_output: bool
+    code: str,
+    backend: Backend,
+    timeout: float | None,
+    ready_timeout: float,
+    modal_output: bool,
+    put: Sequence[Sequence[str]] = (),
+    get: Sequence[Sequence[str]] = (),
 ) -> int:
     out, err = sys.stdout, sys.stderr
     started = time.monotonic()
@@ -214,6 +311,9 @@ async def _run(
         await _start(executor, err, modal_output=modal_output)
         err.write(f"kernel ready in {time.monotonic() - started:.1f} s\n")
         err.flush()
+        for local, remote in put:
+            info = await executor.upload(local, remote)
+            err.write(f"put {local} -> {info.path} ({info.size} bytes)\n")
         try:
             async for event in executor.stream(code):
                 if isinstance(event, StdoutEvent):
@@ -231,6 +331,10 @@ async def _run(
         except ExecutionTimeout as exc:
             err.write(f"error: {exc}\n")
             status = EXIT_TIMEOUT
+        if status != EXIT_TIMEOUT:
+            for remote, local in get:
+                info = await executor.download(remote, local)
+                err.write(f"get {info.path} -> {local} ({info.size} bytes)\n")
     finally:
         await executor.aclose()
     return status
@@ -240,26 +344,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the command line; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.command == "reap":
+    if args.command in ("reap", "snapshots"):
         try:
-            return anyio.run(_reap, args.app, args.older_than, args.dry_run)
+            if args.command == "reap":
+                return anyio.run(_reap, args.app, args.older_than, args.dry_run)
+            return anyio.run(_snapshots, args.app, args.action, args.keys, args.older_than)
         except AsyncModalExecError as exc:  # Modal's own errors arrive translated
             sys.stderr.write(f"error: {exc}\n")
             return EXIT_BACKEND
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
-    try:
-        code = _read_code(args)
-    except OSError as exc:
-        parser.error(f"cannot read {args.file}: {exc}")
+    if args.command == "cp" and args.source.startswith(":") == args.destination.startswith(":"):
+        parser.error("exactly one of source and destination is the sandbox's (starts with ':')")
+    code = ""
+    if args.command == "run":
+        try:
+            code = _read_code(args)
+        except OSError as exc:
+            parser.error(f"cannot read {args.file}: {exc}")
     _show_startup_progress()
     try:
         backend = _make_backend(args, parser)
+        if args.command == "cp":
+            return anyio.run(_copy, args.source, args.destination, backend, args.timeout, args.ready_timeout)
         modal_output = args.backend == "modal"
-        return anyio.run(_run, code, backend, args.timeout, args.ready_timeout, modal_output)
+        return anyio.run(
+            _run, code, backend, args.timeout, args.ready_timeout, modal_output, args.put, args.get
+        )
+    except RemoteFileError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_CODE_ERROR
     except AsyncModalExecError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_BACKEND
+    except OSError as exc:  # a local file to copy (the gateway's connection errors are above)
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_CODE_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED

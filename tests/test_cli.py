@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint
 
 from .helpers import descendants, wait_gone
 from .modal_double.server import ModalDouble
@@ -201,3 +204,65 @@ async def test_without_a_terminal_the_build_log_stays_out_of_the_output(
     status, out, err = await run_cli("run", "--backend", "modal", "--app", "cli-build", "-c", "6 * 7")
     assert status == 0, err
     assert out.strip() == "42" and "cowsay" not in out + err
+
+
+@pytest.mark.slow
+async def test_run_puts_files_in_before_the_code_and_gets_them_out_after(tmp_path: Path) -> None:
+    (tmp_path / "numbers.txt").write_text("1 2 3 4\n")
+    code = "total = sum(map(int, open('numbers.txt').read().split()))\nopen('total.txt', 'w').write(str(total))\ntotal"
+    status, out, err = await run_cli(
+        "run", "-c", code,
+        "--put", str(tmp_path / "numbers.txt"), "numbers.txt",
+        "--get", "total.txt", str(tmp_path / "total.txt"),
+    )  # fmt: skip
+    assert status == 0, err
+    assert out == "10\n"
+    assert (tmp_path / "total.txt").read_text() == "10"
+    assert "put " in err and "get " in err
+
+
+@pytest.mark.slow
+async def test_run_refuses_a_path_outside_the_work_dir_with_status_1(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    status, _, err = await run_cli("run", "-c", "1", "--put", str(tmp_path / "f"), "../outside")
+    assert status == 1
+    assert "outside the work directory" in err
+
+
+async def test_cp_copies_in_and_out_of_a_running_gateway(
+    gateway: GatewayEndpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ASYNC_MODAL_EXEC_GATEWAY_TOKEN", gateway.token or "")
+    source = tmp_path / "report.csv"
+    source.write_bytes(b"a,b\n" * 1000)
+    remote = f":{tmp_path.name}-cp/report.csv"  # the gateway's work dir is its own directory
+    options = ("--backend", "gateway", "--gateway-url", gateway.base_url)
+    status, _, err = await run_cli("cp", str(source), remote, *options)
+    assert status == 0, err
+    status, _, err = await run_cli("cp", remote, str(tmp_path / "back.csv"), *options)
+    assert status == 0, err
+    assert (tmp_path / "back.csv").read_bytes() == source.read_bytes()
+    status, _, err = await run_cli("cp", ":no/such/file", str(tmp_path / "x"), *options)
+    assert status == 1 and "no/such/file" in err
+    status, _, err = await run_cli("cp", str(source), str(tmp_path / "y"), *options)
+    assert status == 2 and "starts with ':'" in err
+    async with AsyncExecutor(GatewayBackend(gateway.base_url, gateway.token)) as executor:
+        await executor.remove(f"{tmp_path.name}-cp", recursive=True)
+
+
+@pytest.mark.usefixtures("modal_sandboxes_checked")
+async def test_snapshots_lists_and_drops_an_apps_entries(modal_double: ModalDouble) -> None:
+    from async_modal_exec.backends.modal_snapshots import SnapshotEntry, SnapshotPolicy, SnapshotStore
+
+    store = SnapshotStore("cli-snapshots", SnapshotPolicy())
+    for key, age in (("k-old", 10 * 86400), ("k-new", 60)):
+        await store.remember(SnapshotEntry(key, f"im-{key}", "im-base", ("pandas>=2",), time.time() - age))
+    status, out, err = await run_cli("snapshots", "list", "--app", "cli-snapshots")
+    assert status == 0, err
+    assert "k-old  im-k-old" in out and "k-new  im-k-new" in out and "pandas>=2" in out
+    status, out, _ = await run_cli("snapshots", "drop", "--app", "cli-snapshots", "--older-than", "7d")
+    assert status == 0 and "dropped k-old" in out and "k-new" not in out
+    assert [e.key for e in await store.entries()] == ["k-new"]
+    status, out, _ = await run_cli("snapshots", "drop", "--app", "cli-snapshots")
+    assert status == 0 and "1 snapshot(s) dropped" in out
+    assert await store.entries() == []

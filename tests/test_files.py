@@ -250,7 +250,9 @@ async def test_a_jailed_local_kernel_confines_files_to_its_work_dir(tmp_path: Pa
         assert await executor.download("in.txt") == b"payload"
 
 
-def test_the_smolagents_facade_moves_files_around_an_agent_run(tmp_path: Path, gateway: GatewayEndpoint) -> None:
+def test_the_smolagents_facade_moves_files_around_an_agent_run(
+    tmp_path: Path, gateway: GatewayEndpoint
+) -> None:
     """Upload a CSV, let a real CodeAgent (scripted model) read it and write a result, download it."""
     from smolagents import CodeAgent
 

@@ -831,12 +831,12 @@ class AsyncExecutor:
 
     async def upload(
         self,
-        source: bytes | str | os.PathLike[str],
+        source: files.Source,
         remote_path: str,
         *,
         timeout: float | None = None,
     ) -> files.RemoteFile:
-        """Write ``source`` (bytes, or the path of a local file) to ``remote_path`` in the sandbox.
+        """Write ``source`` (bytes, a local file's path, or an async iterable of bytes) to ``remote_path``.
 
         ``remote_path`` is relative to the sandbox's work directory (or
         absolute inside it); missing directories are created. The file is
@@ -892,23 +892,54 @@ class AsyncExecutor:
 
         Cancelling the call stops the transfer; a partial local file is removed.
         """
+        async with self.reading(remote_path, timeout=timeout) as (info, chunks):
+            if local_path is None:
+                return b"".join([chunk async for chunk in chunks])
+            target = anyio.Path(local_path)
+            temporary = target.with_name(f".{target.name}.{new_msg_id()}.part")
+            try:
+                async with await anyio.open_file(temporary, "wb") as handle:
+                    async for chunk in chunks:
+                        await handle.write(chunk)
+                await temporary.replace(target)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await temporary.unlink(missing_ok=True)
+                raise
+        return info
+
+    @contextlib.asynccontextmanager
+    async def reading(
+        self, remote_path: str, *, timeout: float | None = None
+    ) -> AsyncIterator[tuple[files.RemoteFile, AsyncIterator[bytes]]]:
+        """Open ``remote_path`` for streaming: ``async with ex.reading(p) as (info, chunks)``.
+
+        ``info`` is known (and errors are raised) before the first chunk is
+        read; ``chunks`` yields the bytes in pieces of ``file_chunk_bytes`` and
+        ends with :class:`ChecksumMismatch` if they differ from what the kernel
+        read. The kernel is held for the block: other runs wait until it ends.
+
+        Raises:
+            RemoteFileNotFound, RemotePathRefused, RemoteFileError: as :meth:`download`.
+
+        Leaving the block early (or cancelling it) closes the file in the kernel.
+        """
         async with self._files_turn(timeout) as call:
             info, chunks = await files.begin_download(call, remote_path, self.file_chunk_bytes)
             async with aclosing(chunks):
-                if local_path is None:
-                    return b"".join([chunk async for chunk in chunks])
-                target = anyio.Path(local_path)
-                temporary = target.with_name(f".{target.name}.{new_msg_id()}.part")
-                try:
-                    async with await anyio.open_file(temporary, "wb") as handle:
-                        async for chunk in chunks:
-                            await handle.write(chunk)
-                    await temporary.replace(target)
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await temporary.unlink(missing_ok=True)
-                    raise
-        return info
+                yield info, chunks
+
+    async def stat(self, remote_path: str, *, timeout: float | None = None) -> files.RemoteFile:
+        """What ``remote_path`` is in the sandbox (symlinks followed, within the work directory).
+
+        Raises:
+            RemoteFileNotFound: no such file or directory.
+            RemotePathRefused: the path leads outside the work directory.
+
+        Cancelling the call abandons it (nothing changes).
+        """
+        async with self._files_turn(timeout) as call:
+            return files.RemoteFile.from_answer(await call("stat_path", (remote_path,), None))
 
     async def listdir(self, remote_dir: str = ".", *, timeout: float | None = None) -> list[files.RemoteFile]:
         """The entries of ``remote_dir`` in the sandbox, sorted by name (symlinks listed, not followed).

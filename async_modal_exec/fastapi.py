@@ -18,6 +18,12 @@ Routes of :func:`sessions_router` (bearer token on each; 401 without it):
 * ``POST /sessions/{id}/stream`` ``{"code", "timeout"}`` -> Server-Sent Events:
   ``stdout``, ``stderr``, ``display``, ``result``, ``error`` as they happen, then ``end``
 * ``POST /sessions/{id}/interrupt`` -> 204; ``DELETE /sessions/{id}`` -> 204
+* ``PUT /sessions/{id}/files/{path}`` (the raw bytes as the body) -> ``201`` and
+  the file as JSON; ``GET /sessions/{id}/files/{path}`` -> the bytes, streamed
+  (``application/octet-stream``); ``DELETE /sessions/{id}/files/{path}`` -> 204.
+  Paths are relative to the sandbox's work directory: one outside it is 403,
+  a missing file 404, a directory (or other refusal) 400; a body over
+  ``max_file_bytes`` is 413 as soon as that many bytes arrived.
 
 A client that disconnects mid-run gets its execution cancelled, which
 interrupts the kernel; one that disconnects while its ``POST /sessions`` waits
@@ -32,6 +38,7 @@ expired session is answered with 404.
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -58,7 +65,17 @@ from starlette.requests import ClientDisconnect
 
 from ._idle import retire_idle
 from ._shield import run_shielded, wait_shielded
-from .errors import ExecutionError, ExecutionTimeout, ExecutorStateError, PoolExhausted, SessionNotFound
+from .errors import (
+    ChecksumMismatch,
+    ExecutionError,
+    ExecutionTimeout,
+    ExecutorStateError,
+    PoolExhausted,
+    RemoteFileError,
+    RemoteFileNotFound,
+    RemotePathRefused,
+    SessionNotFound,
+)
 from .executor import AsyncExecutor
 from .pool import SandboxPool
 from .results import ErrorEvent, Event, ResultEvent, StderrEvent, StdoutEvent
@@ -315,6 +332,21 @@ def _not_found_as_404() -> Iterator[None]:
         raise HTTPException(404, str(exc)) from exc
 
 
+@contextlib.contextmanager
+def _file_errors_as_http() -> Iterator[None]:
+    """A file operation's refusal as an HTTP status with the same message."""
+    try:
+        yield
+    except RemotePathRefused as exc:
+        raise HTTPException(403, str(exc)) from exc
+    except RemoteFileNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except ChecksumMismatch as exc:
+        raise HTTPException(502, str(exc)) from exc
+    except RemoteFileError as exc:
+        raise HTTPException(400, str(exc)) from exc
+
+
 def _body_errors(exc: ValidationError) -> list[dict[str, Any]]:
     """Pydantic's errors for a request body, located as FastAPI locates them (``("body", ...)``).
 
@@ -447,6 +479,7 @@ def sessions_router(
     max_body_bytes: int = 2_000_000,
     run_timeout: float | None = 300.0,
     keepalive: float | None = 15.0,
+    max_file_bytes: int = 100 * 2**20,
 ) -> APIRouter:
     """An ``APIRouter`` for code-execution sessions (see the module docstring).
 
@@ -460,28 +493,32 @@ def sessions_router(
         keepalive: seconds without an event after which an SSE stream sends a
             ``: keep-alive`` comment, so proxies do not cut a stream whose code
             runs silently (None: never).
+        max_file_bytes: largest file a ``PUT .../files/{path}`` accepts (413
+            beyond, refused as the body limit is); the upload streams to the
+            sandbox as it arrives, so memory stays flat.
     """
     if not token:
         raise ValueError("sessions_router needs a non-empty token")
     if keepalive is not None and keepalive <= 0:
         raise ValueError("keepalive must be positive (or None)")
     bearer = HTTPBearer(auto_error=False)
-    too_large = HTTPException(
-        413,
-        f"request body over {max_body_bytes} bytes",
+
+    def too_large_error(limit: int) -> HTTPException:
         # Closing the connection is what stops the client sending the rest:
         # on a kept-alive connection the server would have to read it all.
-        headers={"Connection": "close"},
-    )
+        return HTTPException(413, f"request body over {limit} bytes", headers={"Connection": "close"})
+
+    too_large = too_large_error(max_body_bytes)
 
     async def authorised(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
     ) -> None:
         if credentials is None or not secrets.compare_digest(credentials.credentials, token):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        limit = max_file_bytes if request.method == "PUT" else max_body_bytes
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            raise too_large
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large_error(limit)
 
     async def run_request(request: Request) -> RunRequest:
         # Read here rather than declared as a body parameter: FastAPI reads a
@@ -576,5 +613,59 @@ def sessions_router(
     async def delete(session_id: str, sessions: Store) -> None:
         with _not_found_as_404():
             await sessions.delete(session_id)
+
+    async def limited_body(request: Request) -> AsyncIterator[bytes]:
+        received = 0
+        try:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > max_file_bytes:
+                    raise too_large_error(max_file_bytes)
+                yield chunk
+        except ClientDisconnect as exc:
+            raise HTTPException(400, "the client disconnected while sending the file") from exc
+
+    @router.put("/{session_id}/files/{path:path}", status_code=201)
+    async def put_file(session_id: str, path: str, request: Request, sessions: Store) -> dict[str, Any]:
+        with _not_found_as_404(), _file_errors_as_http():
+            async with sessions.use(session_id) as session:
+                info = await session.executor.upload(limited_body(request), path, timeout=run_timeout)
+        return dataclasses.asdict(info)
+
+    @router.get("/{session_id}/files/{path:path}")
+    async def get_file(session_id: str, path: str, sessions: Store) -> StreamingResponse:
+        # Checked first, so a refusal is an HTTP status; the body streams from
+        # the response's own task (the kernel is held there, until the last byte).
+        with _not_found_as_404(), _file_errors_as_http():
+            async with sessions.use(session_id) as session:
+                info = await session.executor.stat(path, timeout=run_timeout)
+        if info.is_dir:
+            raise HTTPException(400, f"{path!r} is a directory")
+
+        async def body() -> AsyncIterator[bytes]:
+            async with (
+                sessions.use(session_id) as session,
+                session.executor.reading(path, timeout=run_timeout) as (now, chunks),
+            ):
+                if now.size != info.size:  # changed meanwhile: the announced length would lie
+                    raise RemoteFileError(f"{path!r} changed while it was being sent")
+                async for chunk in chunks:
+                    yield chunk
+
+        name = info.name.replace('"', "")
+        return StreamingResponse(
+            body(),
+            media_type="application/octet-stream",
+            headers={
+                "Content-Length": str(info.size),
+                "Content-Disposition": f'attachment; filename="{name}"',
+            },
+        )
+
+    @router.delete("/{session_id}/files/{path:path}", status_code=204)
+    async def delete_file(session_id: str, path: str, sessions: Store, recursive: bool = False) -> None:
+        with _not_found_as_404(), _file_errors_as_http():
+            async with sessions.use(session_id) as session:
+                await session.executor.remove(path, recursive=recursive, timeout=run_timeout)
 
     return router

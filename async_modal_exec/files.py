@@ -25,7 +25,7 @@ import base64
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ import anyio
 from .errors import ChecksumMismatch, RemoteFileError, RemoteFileNotFound, RemotePathRefused
 from .results import ExecutionResult
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "FILES_MIME", "RemoteFile", "helper_code"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "FILES_MIME", "RemoteFile", "Source", "helper_code"]
 
 FILES_MIME = "application/x.async-modal-exec.files+json"
 DEFAULT_CHUNK_BYTES = 2 * 2**20
@@ -147,6 +147,9 @@ def _install(mime, chunk_key, work_dir):
         else:
             answer(chunk=base64.b64encode(data).decode("ascii"), eof=False)
 
+    def stat_path(path):
+        answer(**describe(resolve(path)))
+
     def listdir(path):
         full = resolve(path)
         if not os.path.exists(full):
@@ -167,7 +170,8 @@ def _install(mime, chunk_key, work_dir):
             os.unlink(full)
         answer(removed=full)
 
-    for function in (begin_upload, put, finish_upload, abort, begin_download, get, listdir, remove):
+    operations = (begin_upload, put, finish_upload, abort, begin_download, get, stat_path, listdir, remove)
+    for function in operations:
         setattr(helper, function.__name__, function)
     helper.root = root
     sys.modules[helper.__name__] = helper
@@ -243,11 +247,25 @@ def answer_of(result: ExecutionResult, operation: str) -> dict[str, Any]:
     raise RemoteFileError(f"{operation}: the kernel's files helper did not answer")
 
 
-async def _chunks(source: bytes | str | os.PathLike[str], size: int) -> AsyncIterator[bytes]:
+Source = bytes | str | os.PathLike[str] | AsyncIterable[bytes]
+
+
+async def _chunks(source: Source, size: int) -> AsyncIterator[bytes]:
+    """``source`` (bytes, a local file's path, or an async stream of bytes) in pieces of ``size``."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         view = memoryview(source)
         for start in range(0, len(view), size):
             yield bytes(view[start : start + size])
+        return
+    if isinstance(source, AsyncIterable):
+        pending = bytearray()
+        async for piece in source:
+            pending += piece
+            while len(pending) >= size:
+                yield bytes(pending[:size])
+                del pending[:size]
+        if pending:
+            yield bytes(pending)
         return
     async with await anyio.open_file(source, "rb") as handle:
         while chunk := await handle.read(size):
@@ -263,9 +281,7 @@ async def _abort(call: HelperCall, token: str) -> None:
         await call("abort", (token,), None)
 
 
-async def upload(
-    call: HelperCall, source: bytes | str | os.PathLike[str], remote_path: str, chunk_bytes: int
-) -> RemoteFile:
+async def upload(call: HelperCall, source: Source, remote_path: str, chunk_bytes: int) -> RemoteFile:
     """Send ``source`` (bytes or a local file) to ``remote_path``; see :meth:`AsyncExecutor.upload`."""
     token = (await call("begin_upload", (remote_path,), None))["token"]
     try:

@@ -551,3 +551,61 @@ async def test_run_and_stream_report_failures_the_same_way(gateway: GatewayEndpo
         assert streamed.keys() == failure.keys() and streamed["type"] == "ExecutionTimeout"
         assert streamed["recovery"] == "interrupted"
         assert (await client.post(run, json={"code": "kept"}, headers=AUTH)).json()["status"] == "ok"
+
+
+async def test_files_go_in_and_out_of_a_session_over_http(gateway: GatewayEndpoint) -> None:
+    limit = 8 * 2**20
+    app = make_app(gateway, min_idle=1, max_size=1, router_options={"max_file_bytes": limit})
+    folder = f"http-files-{secrets.token_hex(4)}"  # the session gateway's work dir is shared
+    data = os.urandom(5 * 2**20 + 3)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+        session = await new_session(client)
+        files = f"/sessions/{session}/files"
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, len(data), 100_000):
+                yield data[start : start + 100_000]
+
+        put = await client.put(f"{files}/{folder}/blob.bin", content=pieces(), headers=AUTH)
+        assert put.status_code == 201, put.text
+        assert put.json()["size"] == len(data) and put.json()["name"] == "blob.bin"
+        async with client.stream("GET", f"{files}/{folder}/blob.bin", headers=AUTH) as got:
+            assert got.status_code == 200
+            assert got.headers["content-length"] == str(len(data))
+            assert b"".join([chunk async for chunk in got.aiter_bytes()]) == data
+        seen = await client.post(
+            f"/sessions/{session}/run",
+            json={"code": f"import os\nos.path.getsize('{folder}/blob.bin')"},
+            headers=AUTH,
+        )
+        assert seen.json()["value"]["data"]["text/plain"] == str(len(data))
+
+        assert (await client.get(f"{files}/{folder}/blob.bin")).status_code == 401
+        assert (await client.put(f"{files}/%2E%2E/escape.txt", content=b"x", headers=AUTH)).status_code == 403
+        assert (await client.get(f"{files}/{folder}/missing", headers=AUTH)).status_code == 404
+        assert (await client.get(f"{files}/{folder}", headers=AUTH)).status_code == 400
+        assert (await client.get(f"/sessions/nope/files/{folder}/blob.bin", headers=AUTH)).status_code == 404
+
+        async def too_big() -> AsyncIterator[bytes]:
+            for _ in range(40):
+                yield b"x" * 2**20
+
+        status, _ = await put_reading_early(f"{url}{files}/{folder}/big.bin", too_big())
+        assert status == 413
+        listing = await client.post(
+            f"/sessions/{session}/run",
+            json={"code": f"import os\nsorted(os.listdir('{folder}'))"},
+            headers=AUTH,
+        )
+        assert listing.json()["value"]["data"]["text/plain"] == "['blob.bin']", "a partial upload was left"
+
+        assert (await client.delete(f"{files}/{folder}/blob.bin", headers=AUTH)).status_code == 204
+        assert (await client.get(f"{files}/{folder}/blob.bin", headers=AUTH)).status_code == 404
+        gone = await client.delete(f"{files}/{folder}", params={"recursive": "true"}, headers=AUTH)
+        assert gone.status_code == 204
+
+
+async def put_reading_early(url: str, body: AsyncIterator[bytes]) -> tuple[int, str]:
+    """PUT a streamed body with aiohttp, which reads an early answer while it still sends."""
+    async with aiohttp.ClientSession() as http, http.put(url, data=body, headers=AUTH) as response:
+        return response.status, await response.text()

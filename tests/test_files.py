@@ -65,6 +65,8 @@ async def test_bytes_round_trip_with_directories_listing_and_removal(executor: A
     assert (info.name, info.size, info.is_dir) == ("table.csv", 8, False)
     assert info.path == os.path.join(await work_dir(executor), "data/in/table.csv")
     assert await executor.download("data/in/table.csv") == b"a,b\n1,2\n"
+    assert await executor.stat("data/in/table.csv") == info
+    assert (await executor.stat("data")).is_dir
     seen = (await executor.run("open('data/in/table.csv').read()")).value
     assert seen is not None and seen.text == repr("a,b\n1,2\n")
 

@@ -399,11 +399,10 @@ class AsyncExecutor:
                 started = True
                 await self._prepare_kernel(channel, deadline)
                 await self._ensure_host_tools(channel, deadline)
-                if env:
-                    await self._setup(
-                        channel, environment.apply_code(save=True), deadline, "setting env", env
-                    )
                 try:
+                    if env:
+                        apply = environment.apply_code(save=True)
+                        await self._setup(channel, apply, deadline, "setting env", env)
                     async with aclosing(self._drive(channel, code, fold, deadline)) as events:
                         async for event in events:
                             yield event

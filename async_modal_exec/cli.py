@@ -259,23 +259,27 @@ def _modal_display() -> contextlib.AbstractContextManager[None]:
 
 
 async def _snapshots(app: str, action: str, keys: list[str], older_than: float | None) -> int:
+    from .backends.modal_sandbox import _modal_errors
     from .backends.modal_snapshots import SnapshotPolicy, SnapshotStore
 
-    store = SnapshotStore(app, SnapshotPolicy())
-    entries = await store.entries()
-    if action == "list":
-        for entry in entries:
-            print(f"{entry.key}  {entry.image_id}  {entry.age():.0f} s old  {' '.join(entry.requirements)}")
-        print(f"{len(entries)} snapshot(s) in {store.name!r}")
+    with _modal_errors(f"reading the requirement snapshots of app {app!r}"):
+        store = SnapshotStore(app, SnapshotPolicy(), create=False)  # listing creates nothing
+        entries = await store.entries()
+        if action == "list":
+            for entry in entries:
+                print(
+                    f"{entry.key}  {entry.image_id}  {entry.age():.0f} s old  {' '.join(entry.requirements)}"
+                )
+            print(f"{len(entries)} snapshot(s) in {store.name!r}")
+            return 0
+        chosen = [
+            e for e in entries if (not keys or e.key in keys) and (older_than is None or e.age() > older_than)
+        ]
+        for entry in chosen:
+            await store.drop(entry.key)
+            print(f"dropped {entry.key} ({entry.image_id})")
+        print(f"{len(chosen)} snapshot(s) dropped from {store.name!r}")
         return 0
-    chosen = [
-        e for e in entries if (not keys or e.key in keys) and (older_than is None or e.age() > older_than)
-    ]
-    for entry in chosen:
-        await store.drop(entry.key)
-        print(f"dropped {entry.key} ({entry.image_id})")
-    print(f"{len(chosen)} snapshot(s) dropped from {store.name!r}")
-    return 0
 
 
 async def _copy(
@@ -374,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RemoteFileError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_CODE_ERROR
+    except ExecutionTimeout as exc:  # a copy (a run's own timeout is handled in _run)
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_TIMEOUT
     except AsyncModalExecError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_BACKEND

@@ -32,14 +32,13 @@ del _async_modal_exec_env
 _RESTORE = """
 def _async_modal_exec_env():
     import os, sys
-    store = sys.modules.get("_async_modal_exec_env")
-    for name, value in getattr(store, "saved", {}).items():
+    store = sys.modules["_async_modal_exec_env"]  # missing: an error, and the kernel is replaced
+    for name, value in store.saved.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    if store is not None:
-        store.saved = {}
+    store.saved = {}
 _async_modal_exec_env()
 del _async_modal_exec_env
 """

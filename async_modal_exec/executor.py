@@ -319,7 +319,8 @@ class AsyncExecutor:
             env: environment variables for this run only: set before the
                 code, restored after it (also when it fails, times out or is
                 cancelled; if they cannot be restored, the kernel is replaced
-                before the next run).
+                before the next run). The restore may add up to
+                ``interrupt_grace`` to the bounds below.
 
         Returns:
             The result. If the code raised, ``result.error`` says so and the
@@ -428,7 +429,7 @@ class AsyncExecutor:
     ) -> ExecutionResult:
         """Run the package's own ``code`` in the held turn: no output cap, nothing of it is the user's."""
         fold = self._new_fold(code, capped=False)
-        async with aclosing(self._drive(channel, code, fold, deadline, metadata)) as events:
+        async with aclosing(self._drive(channel, code, fold, deadline, metadata, internal=True)) as events:
             async for _ in events:
                 pass
         return fold.result()
@@ -464,9 +465,9 @@ class AsyncExecutor:
         try:
             if session.state is not KernelState.CONNECTED or not channel.is_open:
                 raise ChannelLost("the kernel is not connected")
-            await self._setup(
-                channel, environment.restore_code(), time.monotonic() + _SETUP_TIMEOUT, "restoring env"
-            )
+            # Bounded like the interrupt: a run's end waits for its restore.
+            until = time.monotonic() + min(_SETUP_TIMEOUT, self.interrupt_grace)
+            await self._setup(channel, environment.restore_code(), until, "restoring env")
         except (AsyncModalExecError, ChannelLost, TimeoutError) as exc:
             if session.kernel_id == kernel and not session.closing:
                 logger.warning("restoring a run's env failed (%s); the kernel will be replaced", exc)
@@ -492,21 +493,25 @@ class AsyncExecutor:
         fold: ExecutionFold,
         deadline: float,
         metadata: Mapping[str, Any] | None = None,
+        *,
+        internal: bool = False,
     ) -> AsyncGenerator[Event, None]:
         """Send ``code`` and yield its events until the kernel goes idle (the session is held).
 
         ``deadline`` is a ``time.monotonic()`` time (``math.inf``: none);
-        ``metadata`` goes in the request's metadata (data the code reads).
+        ``metadata`` goes in the request's metadata (data the code reads);
+        ``internal`` code (the package's own) is kept out of the history and
+        out of the numbering of the user's runs.
         """
         session = self._open_session()
         began = time.monotonic()
         self._pending.clear()
-        if not self.store_history:
+        if not self.store_history and not internal:
             fold.number = self._next_number(session.kernel_id)
         request = execute_request(
             code,
             session=session.ws_session,
-            store_history=self.store_history,
+            store_history=self.store_history and not internal,
             allow_stdin=bool(self.host_tools),
             msg_id=fold.msg_id,
             metadata=metadata,
@@ -813,20 +818,37 @@ class AsyncExecutor:
             raise ValueError("timeout must be positive or None")
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         session = self._open_session()
-        async with session.turn(deadline=deadline) as channel:
-            if "files" not in session.prepared:
-                work_dir = self.backend.work_dir
-                await self._setup(channel, files.helper_code(work_dir), deadline, "defining the files helper")
-                session.prepared.add("files")
+        acquired = False
+        try:
+            async with session.turn(deadline=deadline) as channel:
+                acquired = True
+                if "files" not in session.prepared:
+                    helper = files.helper_code(self.backend.work_dir)
+                    await self._setup(channel, helper, deadline, "defining the files helper")
+                    session.prepared.add("files")
 
-            async def call(operation: str, args: tuple[Any, ...], chunk: bytes | None) -> dict[str, Any]:
-                metadata = None
-                if chunk is not None:
-                    metadata = {files.CHUNK_KEY: base64.b64encode(chunk).decode("ascii")}
-                result = await self._internal(channel, files.call_code(operation, *args), deadline, metadata)
-                return files.answer_of(result, operation)
+                async def call(operation: str, args: tuple[Any, ...], chunk: bytes | None) -> dict[str, Any]:
+                    metadata = None
+                    if chunk is not None:
+                        metadata = {files.CHUNK_KEY: base64.b64encode(chunk).decode("ascii")}
+                    until = deadline
+                    if operation == "abort":  # cleaning up, also after the deadline: briefly, if at all
+                        if session.state is not KernelState.CONNECTED or not channel.is_open:
+                            return {}
+                        until = time.monotonic() + min(_SETUP_TIMEOUT, self.interrupt_grace)
+                    code = files.call_code(operation, *args)
+                    return files.answer_of(await self._internal(channel, code, until, metadata), operation)
 
-            yield call
+                yield call
+        except TimeoutError as exc:
+            if acquired or isinstance(exc, ExecutionTimeout):
+                raise
+            outcome = RecoveryOutcome.NOT_STARTED
+            raise ExecutionTimeout(
+                f"the file operation timed out after {timeout} s; {outcome.describe()}",
+                ExecutionResult(),
+                recovery=outcome,
+            ) from None
 
     async def upload(
         self,

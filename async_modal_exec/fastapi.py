@@ -337,6 +337,10 @@ def _file_errors_as_http() -> Iterator[None]:
     """A file operation's refusal as an HTTP status with the same message."""
     try:
         yield
+    except ExecutionTimeout as exc:
+        raise HTTPException(504, str(exc)) from exc
+    except ExecutionError as exc:  # the kernel died, or the executor closed, mid-transfer
+        raise HTTPException(503, str(exc)) from exc
     except RemotePathRefused as exc:
         raise HTTPException(403, str(exc)) from exc
     except RemoteFileNotFound as exc:
@@ -422,6 +426,38 @@ def _status(result: dict[str, Any]) -> str:
     if "failure" in result:
         return "failed"
     return "error" if result.get("error") is not None else "ok"
+
+
+async def _produced_by_a_task(produce: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+    """The chunks of ``produce()``, iterated by a task of its own.
+
+    What ``produce`` holds (a session's turn: an ``anyio.Lock``, owned by the
+    task that took it) is then taken and let go in one task, however the
+    response ends: Starlette may leave this generator to be finalised in
+    another task when the client disconnects. Closing it cancels the task.
+    """
+    chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)  # None: nothing more
+
+    async def drive() -> None:
+        try:
+            async with aclosing(produce()) as produced:  # type: ignore[type-var]
+                async for chunk in produced:
+                    await chunks.put(chunk)
+        except Exception:
+            await chunks.put(None)  # the generator raises it, as it would have raised it itself
+            raise
+        await chunks.put(None)
+
+    producer = asyncio.create_task(drive())
+    try:
+        while (chunk := await chunks.get()) is not None:
+            yield chunk
+    finally:
+        producer.cancel()  # a no-op once it is done
+        await wait_shielded(producer)
+    failed = None if producer.cancelled() else producer.exception()
+    if failed is not None:
+        raise failed
 
 
 async def _sse_events(
@@ -642,7 +678,7 @@ def sessions_router(
         if info.is_dir:
             raise HTTPException(400, f"{path!r} is a directory")
 
-        async def body() -> AsyncIterator[bytes]:
+        async def read() -> AsyncIterator[bytes]:
             async with (
                 sessions.use(session_id) as session,
                 session.executor.reading(path, timeout=run_timeout) as (now, chunks),
@@ -654,7 +690,7 @@ def sessions_router(
 
         name = info.name.replace('"', "")
         return StreamingResponse(
-            body(),
+            _produced_by_a_task(read),
             media_type="application/octet-stream",
             headers={
                 "Content-Length": str(info.size),

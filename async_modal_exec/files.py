@@ -25,7 +25,8 @@ import base64
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +44,15 @@ CHUNK_KEY = "async_modal_exec_chunk"
 # Runs in the kernel, once: defines the helper module.
 _HELPER = r"""
 def _install(mime, chunk_key, work_dir):
-    import base64, hashlib, os, shutil, stat, sys, types, uuid
+    import base64, hashlib, os, shutil, stat, sys, types
     from IPython.display import publish_display_data
 
     if "_async_modal_exec_files" in sys.modules:
         return
     helper = types.ModuleType("_async_modal_exec_files")
     root = os.path.realpath(work_dir or os.getcwd())
+    if root == os.sep:
+        raise ValueError("the work directory cannot be the filesystem's root")
     transfers = {}
 
     class PathRefused(PermissionError):
@@ -61,18 +64,23 @@ def _install(mime, chunk_key, work_dir):
     def inside(path):
         return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
-    def resolve(path):
-        full = os.path.realpath(os.path.join(root, path))
-        if not inside(full):
-            raise PathRefused(f"{path!r} is outside the work directory {root!r}")
+    def real(path, asked):
+        # realpath gives up at a symlink loop and collapses the rest as text,
+        # where ".." can hide a symlink the OS would follow: a path is only
+        # trusted once resolving it again changes nothing.
+        full = os.path.realpath(path)
+        if "\0" in asked or os.path.realpath(full) != full or not inside(full):
+            raise PathRefused(f"{asked!r} is outside the work directory {root!r}")
         return full
+
+    def resolve(path):
+        return real(os.path.join(root, path), path)
 
     def resolve_entry(path):
         # The entry itself (a symlink is not followed), in a real parent.
         lexical = os.path.normpath(os.path.join(root, path))
-        parent = os.path.realpath(os.path.dirname(lexical))
-        full = os.path.join(parent, os.path.basename(lexical))
-        if not inside(parent) or not inside(full) or full == root:
+        full = os.path.join(real(os.path.dirname(lexical), path), os.path.basename(lexical))
+        if not inside(full) or full == root:
             raise PathRefused(f"{path!r} is outside the work directory {root!r}")
         return full
 
@@ -87,16 +95,15 @@ def _install(mime, chunk_key, work_dir):
             "modified": info.st_mtime,
         }
 
-    def begin_upload(path):
+    def begin_upload(token, path):
         if not path or path.endswith(("/", os.sep)):
             raise IsADirectoryError(f"{path!r} names a directory, not a file")
         full = resolve(path)
         if os.path.isdir(full):
             raise IsADirectoryError(f"{path!r} is a directory")
         os.makedirs(os.path.dirname(full), exist_ok=True)
-        temporary = os.path.join(os.path.dirname(full), f".{os.path.basename(full)}.{uuid.uuid4().hex}.part")
+        temporary = os.path.join(os.path.dirname(full), f".{os.path.basename(full)}.{token}.part")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        token = uuid.uuid4().hex
         transfers[token] = (os.fdopen(fd, "wb"), hashlib.sha256(), full, temporary)
         answer(token=token)
 
@@ -109,11 +116,17 @@ def _install(mime, chunk_key, work_dir):
 
     def finish_upload(token, sha256):
         handle, digest, full, temporary = transfers.pop(token)
-        handle.close()
-        if digest.hexdigest() != sha256:
-            os.unlink(temporary)
-            raise ValueError(f"checksum mismatch: sent {sha256}, arrived {digest.hexdigest()}")
-        os.replace(temporary, full)
+        try:
+            handle.close()
+            if digest.hexdigest() != sha256:
+                raise ValueError(f"checksum mismatch: sent {sha256}, arrived {digest.hexdigest()}")
+            os.replace(temporary, full)
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass
+            raise
         answer(**describe(full))
 
     def abort(token):
@@ -127,13 +140,16 @@ def _install(mime, chunk_key, work_dir):
                     pass
         answer(aborted=transfer is not None)
 
-    def begin_download(path):
+    def begin_download(token, path):
         full = resolve(path)
         if os.path.isdir(full):
             raise IsADirectoryError(f"{path!r} is a directory")
-        handle = open(full, "rb")
-        token = uuid.uuid4().hex
-        transfers[token] = (handle, hashlib.sha256())
+        # Non-blocking, then only a regular file: opening a FIFO would wait forever.
+        fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError(f"{path!r} is not a regular file")
+        transfers[token] = (os.fdopen(fd, "rb"), hashlib.sha256())
         answer(token=token, file=describe(full))
 
     def get(token, size):
@@ -174,6 +190,7 @@ def _install(mime, chunk_key, work_dir):
     for function in operations:
         setattr(helper, function.__name__, function)
     helper.root = root
+    helper.transfers = transfers  # open transfers, by token (a test checks none is left)
     sys.modules[helper.__name__] = helper
 """
 
@@ -194,7 +211,8 @@ class RemoteFile:
     """A file or directory in the sandbox.
 
     Attributes:
-        path: its absolute path in the sandbox (symlinks resolved).
+        path: its absolute path in the sandbox (for a listed symlink: the
+            link's own path; otherwise symlinks resolved).
         name: its last component.
         size: bytes (for a directory: what the filesystem says).
         is_dir: a directory.
@@ -282,9 +300,10 @@ async def _abort(call: HelperCall, token: str) -> None:
 
 
 async def upload(call: HelperCall, source: Source, remote_path: str, chunk_bytes: int) -> RemoteFile:
-    """Send ``source`` (bytes or a local file) to ``remote_path``; see :meth:`AsyncExecutor.upload`."""
-    token = (await call("begin_upload", (remote_path,), None))["token"]
+    """Send ``source`` to ``remote_path``; see :meth:`AsyncExecutor.upload`."""
+    token = uuid.uuid4().hex  # made here, so a transfer cut short at once can still be dropped
     try:
+        await call("begin_upload", (token, remote_path), None)
         digest = hashlib.sha256()
         async for chunk in _chunks(source, chunk_bytes):
             digest.update(chunk)
@@ -296,35 +315,52 @@ async def upload(call: HelperCall, source: Source, remote_path: str, chunk_bytes
     return RemoteFile.from_answer(answer)
 
 
-async def begin_download(
-    call: HelperCall, remote_path: str, chunk_bytes: int
-) -> tuple[RemoteFile, AsyncGenerator[bytes, None]]:
-    """Open ``remote_path`` for reading: what it is, and its bytes chunk by chunk.
+class Download:
+    """The bytes of one remote file, chunk by chunk (an async iterator).
 
-    The chunks end with a :class:`ChecksumMismatch` if what arrived differs
-    from what the kernel read; closing them early closes the file in the kernel.
+    Ends with :class:`ChecksumMismatch` if what arrived differs from what the
+    kernel read. :meth:`aclose` drops the transfer in the kernel (its open
+    file) unless it ended, also when no chunk was ever read.
     """
-    begun = await call("begin_download", (remote_path,), None)
-    return RemoteFile.from_answer(begun["file"]), _chunks_of(call, begun["token"], remote_path, chunk_bytes)
 
+    def __init__(self, call: HelperCall, token: str, remote_path: str, chunk_bytes: int) -> None:
+        self._call = call
+        self._token = token
+        self._remote_path = remote_path
+        self._chunk_bytes = chunk_bytes
+        self._digest = hashlib.sha256()
+        self._ended = False
 
-async def _chunks_of(
-    call: HelperCall, token: str, remote_path: str, chunk_bytes: int
-) -> AsyncGenerator[bytes, None]:
-    digest = hashlib.sha256()
-    finished = False
-    try:
-        while not finished:
-            answer = await call("get", (token, chunk_bytes), None)
-            chunk = base64.b64decode(answer["chunk"])
-            digest.update(chunk)
-            finished = bool(answer["eof"])
-            if finished and answer["sha256"] != digest.hexdigest():
+    def __aiter__(self) -> Download:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._ended:
+            raise StopAsyncIteration
+        answer = await self._call("get", (self._token, self._chunk_bytes), None)
+        chunk = base64.b64decode(answer["chunk"])
+        self._digest.update(chunk)
+        if answer["eof"]:
+            self._ended = True  # the kernel closed the file
+            if answer["sha256"] != self._digest.hexdigest():
                 raise ChecksumMismatch(
-                    f"downloading {remote_path!r}: the kernel read {answer['sha256']}, "
-                    f"{digest.hexdigest()} arrived"
+                    f"downloading {self._remote_path!r}: the kernel read {answer['sha256']}, "
+                    f"{self._digest.hexdigest()} arrived"
                 )
-            yield chunk
-    finally:
-        if not finished:
-            await _abort(call, token)
+        return chunk
+
+    async def aclose(self) -> None:
+        if not self._ended:
+            self._ended = True
+            await _abort(self._call, self._token)
+
+
+async def begin_download(call: HelperCall, remote_path: str, chunk_bytes: int) -> tuple[RemoteFile, Download]:
+    """Open ``remote_path`` for reading: what it is, and its bytes (close the :class:`Download`)."""
+    token = uuid.uuid4().hex
+    try:
+        begun = await call("begin_download", (token, remote_path), None)
+    except BaseException:
+        await _abort(call, token)
+        raise
+    return RemoteFile.from_answer(begun["file"]), Download(call, token, remote_path, chunk_bytes)

@@ -17,6 +17,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -256,18 +257,19 @@ async def install(
     else:
         stdout: list[str] = []
         code = install_code(specs, use_uv=bool(probe["uv"]))
-        async for event in executor.stream(code, timeout=_remaining(deadline)):
-            if isinstance(event, StderrEvent):
-                if on_output is not None:
-                    on_output(event.text)
-            elif isinstance(event, StdoutEvent):
-                stdout.append(event.text)
-            elif isinstance(event, ErrorEvent):
-                raise PackageInstallError(
-                    f"the installer of {', '.join(specs)} could not run: {event.error}",
-                    packages=specs,
-                    output="",
-                )
+        async with aclosing(executor.stream(code, timeout=_remaining(deadline))) as events:
+            async for event in events:
+                if isinstance(event, StderrEvent):
+                    if on_output is not None:
+                        on_output(event.text)
+                elif isinstance(event, StdoutEvent):
+                    stdout.append(event.text)
+                elif isinstance(event, ErrorEvent):
+                    raise PackageInstallError(
+                        f"the installer of {', '.join(specs)} could not run: {event.error}",
+                        packages=specs,
+                        output="",
+                    )
         outcome = _marked_json("".join(stdout))
         returncode, text = int(outcome["returncode"]), str(outcome["output"])
     if returncode != 0:
@@ -289,6 +291,6 @@ async def provision(executor: AsyncExecutor, backend: Backend) -> None:
     """
     if not backend.requirements or backend.requirements_ready:
         return
-    report = await executor.install(backend.requirements, timeout=None)
+    report = await executor.install(backend.requirements, timeout=backend.requirements_timeout)
     await backend.requirements_installed(list(report.installed))
     backend.requirements_ready = True

@@ -266,3 +266,11 @@ async def test_snapshots_lists_and_drops_an_apps_entries(modal_double: ModalDoub
     status, out, _ = await run_cli("snapshots", "drop", "--app", "cli-snapshots")
     assert status == 0 and "1 snapshot(s) dropped" in out
     assert await store.entries() == []
+
+
+@pytest.mark.usefixtures("modal_sandboxes_checked")
+async def test_listing_the_snapshots_of_an_app_without_any_creates_nothing(modal_double: ModalDouble) -> None:
+    status, out, err = await run_cli("snapshots", "list", "--app", "cli-no-snapshots")
+    assert status == 0, err
+    assert "0 snapshot(s)" in out
+    assert "cli-no-snapshots-requirement-snapshots" not in modal_double.dict_ids

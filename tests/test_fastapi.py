@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import aiohttp
+import anyio
 import httpx
 import pytest
 import uvicorn
@@ -573,11 +574,16 @@ async def test_files_go_in_and_out_of_a_session_over_http(gateway: GatewayEndpoi
             assert got.status_code == 200
             assert got.headers["content-length"] == str(len(data))
             assert b"".join([chunk async for chunk in got.aiter_bytes()]) == data
-        seen = await client.post(
-            f"/sessions/{session}/run",
-            json={"code": f"import os\nos.path.getsize('{folder}/blob.bin')"},
-            headers=AUTH,
-        )
+        # A client that leaves mid-download lets go of the kernel: the next run is not kept waiting.
+        async with client.stream("GET", f"{files}/{folder}/blob.bin", headers=AUTH) as left:
+            async for _ in left.aiter_raw(65536):
+                break
+        with anyio.fail_after(10):
+            seen = await client.post(
+                f"/sessions/{session}/run",
+                json={"code": f"import os\nos.path.getsize('{folder}/blob.bin')"},
+                headers=AUTH,
+            )
         assert seen.json()["value"]["data"]["text/plain"] == str(len(data))
 
         assert (await client.get(f"{files}/{folder}/blob.bin")).status_code == 401

@@ -201,7 +201,7 @@ async def test_a_checksum_that_does_not_match_writes_nothing(executor: AsyncExec
     """The kernel's own check: a finish that claims other bytes than those that arrived is refused."""
     await executor.upload(b"kept", "report.txt")
     async with executor._files_turn(None) as call:
-        token = (await call("begin_upload", ("report.txt",), None))["token"]
+        token = (await call("begin_upload", ("a-token", "report.txt"), None))["token"]
         await call("put", (token,), b"these bytes arrived")
         with pytest.raises(ChecksumMismatch, match="checksum mismatch"):
             await call("finish_upload", (token, hashlib.sha256(b"other bytes").hexdigest()), None)
@@ -289,3 +289,60 @@ def test_the_smolagents_facade_moves_files_around_an_agent_run(
         assert {e.name for e in executor.listdir()} == {"out.txt"}
     finally:
         executor.cleanup()
+
+
+async def open_transfers(executor: AsyncExecutor) -> int:
+    result = await executor.run("len(__import__('sys').modules['_async_modal_exec_files'].transfers)")
+    assert result.value is not None
+    return int(result.value.text)
+
+
+async def test_a_symlink_loop_cannot_hide_a_way_out(executor: AsyncExecutor, tmp_path: Path) -> None:
+    """realpath gives up at a loop and collapses '..' as text: 'loop/../evil' must still be refused."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host secret")
+    await executor.run(
+        f"import os\nos.symlink('loop', 'loop')\nos.symlink({str(tmp_path)!r}, 'evil')\n"
+        "os.symlink('loop/../evil', 'hidden')"
+    )
+    for path in ("loop/../evil/secret.txt", "hidden/secret.txt"):
+        with pytest.raises(RemotePathRefused):
+            await executor.download(path)
+        with pytest.raises(RemotePathRefused):
+            await executor.upload(b"planted", path)
+    with pytest.raises(RemotePathRefused):
+        await executor.remove("hidden/secret.txt")
+    assert secret.read_text() == "host secret"
+    for link in ("loop", "evil", "hidden"):
+        await executor.remove(link)
+
+
+async def test_a_fifo_is_refused_instead_of_waited_for(executor: AsyncExecutor) -> None:
+    await executor.run("import os\nos.mkfifo('pipe')")
+    with anyio.fail_after(10):
+        with pytest.raises(RemoteFileError, match="not a regular file"):
+            await executor.download("pipe")
+    await executor.remove("pipe")
+
+
+async def test_no_transfer_stays_open_in_the_kernel(executor: AsyncExecutor, tmp_path: Path) -> None:
+    await executor.upload(b"x" * 5000, "f.bin")
+    with pytest.raises(FileNotFoundError):
+        await executor.download("f.bin", tmp_path / "no" / "such" / "dir" / "f.bin")  # fails before a chunk
+    async with executor.reading("f.bin") as (info, _):
+        assert info.size == 5000  # left without reading
+    with anyio.move_on_after(0.05):
+        await executor.upload(os.urandom(20 * MB), "g.bin")
+    assert await open_transfers(executor) == 0
+    assert {e.name for e in await executor.listdir()} == {"f.bin"}
+    await executor.remove("f.bin")
+
+
+async def test_file_operations_do_not_count_as_runs(executor: AsyncExecutor) -> None:
+    first = await executor.run("1")
+    await executor.upload(os.urandom(5 * MB), "counted.bin")  # three chunks, and the helper
+    await executor.download("counted.bin")
+    second = await executor.run("2")
+    assert first.execution_count is not None
+    assert second.execution_count == first.execution_count + 1
+    await executor.remove("counted.bin")

@@ -51,14 +51,18 @@ class Backend(abc.ABC):
             kernel's working directory).
         requirements: installer specs every executor on this backend
             installs when it starts (see :meth:`AsyncExecutor.install`).
-        requirements_ready: the sandbox started with ``requirements``
-            already installed (a snapshot): executors install nothing.
+        requirements_ready: the sandbox has ``requirements`` (it started
+            from a snapshot, or an executor installed them): executors
+            install nothing.
+        requirements_timeout: seconds installing ``requirements`` may take
+            (None: no limit).
     """
 
     idle_disconnect: float | None = None
     timings: dict[str, float]
     requirements: tuple[str, ...] = ()
     requirements_ready: bool = False
+    requirements_timeout: float | None = 1800.0
 
     @property
     def kernel_env(self) -> dict[str, str]:

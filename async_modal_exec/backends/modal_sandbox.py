@@ -293,7 +293,6 @@ class ModalBackend(Backend):
             app = await modal.App.lookup.aio(self.app_name, create_if_missing=True)
         record_phase(self.timings, "app_lookup", began, logger, "modal ")
         image = kwargs.pop("image", None) or default_image()
-        base_image = image
         if self.requirements and self.snapshot_policy is not None:
             image = await self._image_with_requirements(app, image)
         ports = list(kwargs.pop("encrypted_ports", None) or [])
@@ -330,21 +329,8 @@ class ModalBackend(Backend):
                 **kwargs,
             )
 
-        async def create() -> None:
-            if self.snapshot_image_id is None:
-                await create_from(image)
-                return
-            try:
-                await create_from(image)
-            except modal.exception.NotFoundError:
-                logger.warning(
-                    "requirement snapshot %s is gone; starting from the base image", self.snapshot_image_id
-                )
-                await self._forget_snapshot()
-                await create_from(base_image)
-
         # Shielded: the sandbox is created even if we stop waiting for it.
-        await run_shielded(create())
+        await run_shielded(create_from(image))
         assert self.sandbox is not None
         record_phase(self.timings, "create", began, logger, "modal ")
         logger.info("modal sandbox %s created", self.sandbox.object_id)
@@ -366,18 +352,19 @@ class ModalBackend(Backend):
         record_phase(self.timings, "snapshot_lookup", began, logger, "modal ")
         if entry is None:
             return image
+        snapshot = modal.Image.from_id(entry.image_id)
+        try:
+            await snapshot.build.aio(app)  # loads it (ImageFromId): does Modal still have it?
+        except modal.exception.NotFoundError:
+            logger.warning("requirement snapshot %s is gone; starting from the base image", entry.image_id)
+            await self._snapshot_store().drop(self._snapshot_key)
+            return image
         logger.info(
             "starting from requirement snapshot %s (%s)", entry.image_id, ", ".join(self.requirements)
         )
         self.snapshot_image_id = entry.image_id
         self.requirements_ready = True
-        return modal.Image.from_id(entry.image_id)
-
-    async def _forget_snapshot(self) -> None:
-        if self._snapshot_key is not None:
-            await self._snapshot_store().drop(self._snapshot_key)
-        self.snapshot_image_id = None
-        self.requirements_ready = False
+        return snapshot
 
     async def requirements_installed(self, installed: list[str]) -> None:
         """Snapshot the sandbox once it installed what its requirements lacked, and remember it.
@@ -391,8 +378,12 @@ class ModalBackend(Backend):
         if self.sandbox is None or self.requirements_ready or self._base_image_id is None:
             return
         began = time.monotonic()
+        store = self._snapshot_store()
         try:
             with _modal_errors(f"snapshotting sandbox {self.sandbox.object_id}"):
+                if await store.lookup(self._snapshot_key) is not None:
+                    logger.info("another sandbox snapshotted these requirements meanwhile: not again")
+                    return
                 image = await self.sandbox.snapshot_filesystem.aio(ttl=self.snapshot_policy.ttl)
                 entry = SnapshotEntry(
                     key=self._snapshot_key,
@@ -401,7 +392,7 @@ class ModalBackend(Backend):
                     requirements=tuple(sorted(self.requirements)),
                     created=time.time(),
                 )
-                stored = await self._snapshot_store().remember(entry)
+                stored = await store.remember(entry)
         except BackendError as exc:
             logger.warning("the requirement snapshot was not kept: %s", exc)
             return

@@ -9,10 +9,11 @@ set from the snapshot and installs nothing.
 
 The policy (:class:`SnapshotPolicy`): entries older than ``max_age`` are not
 used (and dropped); beyond ``max_entries`` the oldest are dropped; Modal keeps
-each snapshot image for ``ttl`` seconds. Modal's client reports no image
-size, so the bound on storage is the number of entries. A snapshot Modal no
-longer has (expired, deleted) makes the sandbox start from the base image and
-install, and the entry is dropped.
+each snapshot image for ``ttl`` seconds, also after its entry is dropped (so
+``ttl``, not the entries, bounds what is stored; ``ttl=None`` keeps images
+until deleted in Modal). Modal's client reports no image size. A snapshot
+Modal no longer has (expired, deleted) makes the sandbox start from the base
+image and install, and the entry is dropped.
 
 Every Modal call is a ``.aio`` one; errors translate as the backend's do.
 """
@@ -113,10 +114,10 @@ def snapshot_dict_name(app_name: str, policy: SnapshotPolicy | None = None) -> s
 class SnapshotStore:
     """The Dict of one app's requirement snapshots."""
 
-    def __init__(self, app_name: str, policy: SnapshotPolicy) -> None:
+    def __init__(self, app_name: str, policy: SnapshotPolicy, *, create: bool = True) -> None:
         self.policy = policy
         self.name = snapshot_dict_name(app_name, policy)
-        self._dict = modal.Dict.from_name(self.name, create_if_missing=True)
+        self._dict = modal.Dict.from_name(self.name, create_if_missing=create)
 
     async def lookup(self, key: str) -> SnapshotEntry | None:
         """The usable entry for ``key``; one past ``max_age`` is dropped and None returned."""
@@ -139,9 +140,13 @@ class SnapshotStore:
         await self._dict.pop.aio(key, None)
 
     async def entries(self) -> list[SnapshotEntry]:
-        """Every entry, oldest first."""
+        """Every entry, oldest first (none if the Dict does not exist)."""
         found = []
-        async for key, value in self._dict.items.aio():
+        try:
+            items = [item async for item in self._dict.items.aio()]
+        except modal.exception.NotFoundError:
+            return []
+        for key, value in items:
             entry = SnapshotEntry.from_json(str(key), value)
             if entry is not None:
                 found.append(entry)

@@ -76,11 +76,12 @@ class _LiteralComments(ast.NodeTransformer):
         if comment is None or (isinstance(call, ast.Call) and getattr(call.func, "id", "") == "print"):
             return node
         try:
-            expected = ast.literal_eval(comment)
+            ast.literal_eval(comment)  # a literal, nothing else: then its own expression is compared
         except (ValueError, SyntaxError):
             return node
+        expected = ast.parse(comment, mode="eval").body  # lists and dicts are no ast.Constant
         check = ast.Assert(
-            test=ast.Compare(left=node.value, ops=[ast.Eq()], comparators=[ast.Constant(expected)]),
+            test=ast.Compare(left=node.value, ops=[ast.Eq()], comparators=[expected]),
             msg=ast.Constant(f"the page says {comment}"),
         )
         return ast.copy_location(check, node)

@@ -25,6 +25,7 @@ COMPAT_CORNERS = {
 # double), the smolagents facade and host tools, the modal-only install.
 COMPAT_TESTS = [
     "tests/test_modal.py",
+    "tests/test_modal_snapshots.py",
     "tests/test_agent_modal.py",
     "tests/test_agent.py",
     "tests/test_host_tools.py",

@@ -454,8 +454,10 @@ class AsyncExecutor:
     async def _prepare_kernel(self, channel: KernelChannel, deadline: float) -> None:
         """Set the executor's environment in a kernel that does not have it yet."""
         session = self._open_session()
+        if "env" in session.prepared:  # every run passes here: nothing else to do once set
+            return
         env = {**self.backend.kernel_env, **self.env}
-        if env and "env" not in session.prepared:
+        if env:
             await self._setup(channel, environment.apply_code(save=False), deadline, "setting env", env)
         session.prepared.add("env")
 

@@ -339,7 +339,7 @@ def _file_errors_as_http() -> Iterator[None]:
         yield
     except ExecutionTimeout as exc:
         raise HTTPException(504, str(exc)) from exc
-    except ExecutionError as exc:  # the kernel died, or the executor closed, mid-transfer
+    except ExecutionError as exc:  # the kernel died mid-transfer
         raise HTTPException(503, str(exc)) from exc
     except RemotePathRefused as exc:
         raise HTTPException(403, str(exc)) from exc

@@ -125,7 +125,7 @@ class KernelChannel:
             raise GatewayUnreachable("the kernel websocket was closed for good")
 
     async def confirm_iopub(
-        self, *, session: str, timeout: float, retry_every: float = 1.0, reply_grace: float = 0.05
+        self, *, session: str, timeout: float, retry_every: float = 1.0, reply_grace: float = 0.01
     ) -> None:
         """Return once the kernel's IOPub messages reach this websocket.
 

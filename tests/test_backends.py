@@ -30,7 +30,7 @@ from async_modal_exec.backends.local import _process_tree
 from async_modal_exec.channel import KernelChannel
 from async_modal_exec.errors import GatewayError, gateway_error_for_status
 from async_modal_exec.gateway import GatewayClient
-from async_modal_exec.launcher import KERNEL_TUNING_ARGS, _tuned_kernel_spec_manager_class
+from async_modal_exec.launcher import KERNEL_BOOTSTRAP, KERNEL_TUNING_ARGS, _tuned_kernel_spec_manager_class
 
 from .helpers import pid_alive, sleeper, until_running, wait_gone
 
@@ -237,8 +237,10 @@ def test_kernel_tuning_applies_to_ipython_kernel_specs_only(tmp_path: Path) -> N
             json.dumps({"argv": argv, "display_name": name, "language": name})
         )
     manager = _tuned_kernel_spec_manager_class(None)(kernel_dirs=[str(tmp_path)], ensure_native_kernel=False)
-    assert manager.get_kernel_spec("py").argv == [*specs["py"], *KERNEL_TUNING_ARGS]
-    assert manager.get_kernel_spec("py").argv == [*specs["py"], *KERNEL_TUNING_ARGS]  # not appended twice
+    # IPython kernels start through the bootstrap (IOPub limits), with the same arguments after it.
+    tuned = ["/usr/bin/python3", "-c", KERNEL_BOOTSTRAP, "-f", "{connection_file}", *KERNEL_TUNING_ARGS]
+    assert manager.get_kernel_spec("py").argv == tuned
+    assert manager.get_kernel_spec("py").argv == tuned  # not appended twice
     assert manager.get_kernel_spec("other").argv == specs["other"]
     # Jailed: every kernel (not only IPython) runs behind the jail, interrupted by message.
     jail = ["/usr/bin/python3", "-I", "-S", "kernel_jail.py", "{}"]
@@ -246,7 +248,7 @@ def test_kernel_tuning_applies_to_ipython_kernel_specs_only(tmp_path: Path) -> N
     for name in specs:
         spec = manager.get_kernel_spec(name)
         assert spec.argv[: len(jail)] == jail and spec.interrupt_mode == "message"
-    assert manager.get_kernel_spec("py").argv == [*jail, *specs["py"], *KERNEL_TUNING_ARGS]
+    assert manager.get_kernel_spec("py").argv == [*jail, *tuned]
 
 
 async def test_gateway_tracks_kernel_activity(

@@ -1,0 +1,399 @@
+"""Throughput and scale: this package vs jupyter_client's AsyncKernelClient, side by side in one run.
+
+Both sides drive the same kind of kernel: started from the launcher's tuned spec
+(``KERNEL_BOOTSTRAP``, ``KERNEL_TUNING_ARGS``), ZeroMQ over IPC, not jailed, and
+every execution with ``store_history=False``. Ours goes client -> websocket ->
+gateway (our launcher) -> kernel; the reference talks ZeroMQ to its kernel
+directly. Ratios are reference time / our time (above 1: ours is faster), or our
+cost / reference cost where it says so.
+
+Sections (``--only`` picks some):
+
+latency     ``x += 1`` on one session, median of interleaved blocks
+output      one execution printing 0 B to 10 MB (1 MB writes), and 20 MB: throughput
+burst       20,000 ``print(..., flush=True)``: lines that arrived, per run
+sessions    10/50/100 sessions, each one ``x += 1`` at once: wall time, client memory per idle session
+kernels     kernels on one gateway (``--kernels``, default 100): memory and gateway CPU per kernel
+cold        cold start to the first result (a new gateway and kernel vs a new kernel)
+
+Usage: python benchmarks/scale.py [--rounds N] [--only SECTION ...] [--kernels N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+from async_modal_exec import AsyncExecutor, GatewayBackend, LocalBackend
+from async_modal_exec.launcher import KERNEL_TUNING_ARGS, _bootstrapped
+
+SECTIONS = ("latency", "output", "burst", "sessions", "kernels", "cold")
+MB = 1_000_000
+SETUP = "import sys\nchunk = 'x' * 1_000_000\n"
+
+
+def output_code(total: int) -> str:
+    whole, rest = divmod(total, MB)
+    return (
+        f"for _ in range({whole}):\n    sys.stdout.write(chunk)\n    sys.stdout.flush()\n"
+        f"sys.stdout.write('y' * {rest})\n"
+    )
+
+
+BURST_LINES = 20_000
+BURST = f"for i in range({BURST_LINES}):\n    print(f'line {{i:05d}}', flush=True)\n"
+
+
+class Reference:
+    """jupyter_client's AsyncKernelClient on a kernel it starts from the launcher's tuned spec."""
+
+    def __init__(self) -> None:
+        from jupyter_client import AsyncKernelManager
+
+        self.manager = AsyncKernelManager(kernel_name="python3", transport="ipc")
+        spec = self.manager.kernel_spec
+        assert spec is not None
+        spec.argv = [*_bootstrapped(spec.argv), *KERNEL_TUNING_ARGS]
+        self.client: Any = None
+
+    async def start(self) -> Reference:
+        await self.manager.start_kernel()
+        self.client = self.manager.client()
+        self.client.start_channels()
+        await self.client.wait_for_ready(timeout=60)
+        return self
+
+    async def run(self, code: str) -> int:
+        """Characters of stdout received."""
+        received = 0
+
+        def hook(message: dict[str, Any]) -> None:
+            nonlocal received
+            if message["header"]["msg_type"] == "stream":
+                received += len(message["content"]["text"])
+
+        reply = await self.client.execute_interactive(
+            code, store_history=False, timeout=600, output_hook=hook
+        )
+        assert reply["content"]["status"] == "ok", reply["content"]
+        return received
+
+    async def aclose(self) -> None:
+        if self.client is not None:
+            self.client.stop_channels()
+        await self.manager.shutdown_kernel(now=True)
+
+
+class Ours:
+    """An AsyncExecutor on a gateway of our launcher (shared by several, or its own)."""
+
+    def __init__(self, executor: AsyncExecutor) -> None:
+        self.executor = executor
+
+    async def run(self, code: str) -> int:
+        result = await self.executor.run(code)
+        assert result.error is None, result.error
+        return len(result.stdout)
+
+    async def aclose(self) -> None:
+        await self.executor.aclose()
+
+
+async def timed(run: Callable[[], Awaitable[Any]]) -> float:
+    started = time.perf_counter()
+    await run()
+    return time.perf_counter() - started
+
+
+async def interleaved(
+    sides: dict[str, Callable[[], Awaitable[Any]]], count: int, block: int
+) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {name: [] for name in sides}
+    for run in sides.values():
+        await run()  # warm up
+    done = 0
+    while done < count:
+        for name, run in sides.items():
+            for _ in range(min(block, count - done)):
+                samples[name].append(await timed(run))
+        done += block
+    return samples
+
+
+def median_ms(values: list[float]) -> float:
+    return round(statistics.median(values) * 1000, 3)
+
+
+async def section_latency(ours: Ours, ref: Reference, rounds: int) -> dict[str, Any]:
+    await ours.run("x = 0")
+    await ref.run("x = 0")
+    samples = await interleaved(
+        {"ours": lambda: ours.run("x += 1"), "ref": lambda: ref.run("x += 1")}, 300, 20
+    )
+    rows = []
+    for _ in range(rounds - 1):
+        more = await interleaved(
+            {"ours": lambda: ours.run("x += 1"), "ref": lambda: ref.run("x += 1")}, 300, 20
+        )
+        rows.append(more)
+    rows.insert(0, samples)
+    ratios = [statistics.median(r["ours"]) / statistics.median(r["ref"]) for r in rows]
+    return {
+        "ours_ms": [median_ms(r["ours"]) for r in rows],
+        "ref_ms": [median_ms(r["ref"]) for r in rows],
+        "ours/ref per round": [round(r, 3) for r in ratios],
+        "ours/ref median": round(statistics.median(ratios), 3),
+    }
+
+
+async def section_output(ours: Ours, ref: Reference, rounds: int) -> dict[str, Any]:
+    await ours.run(SETUP)
+    await ref.run(SETUP)
+    figures: dict[str, Any] = {}
+    for total in (0, 1_000, 100_000, MB, 10 * MB, 20 * MB):
+        code = output_code(total)
+        ratios, ours_s, ref_s = [], [], []
+        for _ in range(rounds):
+            ours_time = await timed(lambda code=code, total=total: _expect(ours.run(code), total))
+            ref_time = await timed(lambda code=code, total=total: _expect(ref.run(code), total))
+            ours_s.append(ours_time)
+            ref_s.append(ref_time)
+            ratios.append(ref_time / ours_time)
+        figures[f"{total} B"] = {
+            "ours_ms": [round(t * 1000, 1) for t in ours_s],
+            "ref_ms": [round(t * 1000, 1) for t in ref_s],
+            "ref/ours per round": [round(r, 2) for r in ratios],
+            "ref/ours median": round(statistics.median(ratios), 2),
+            "ours MB/s": round(total / MB / statistics.median(ours_s), 1) if total else None,
+        }
+    return figures
+
+
+async def _expect(run: Awaitable[int], total: int) -> None:
+    received = await run
+    assert received == total, f"{received} of {total} characters arrived"
+
+
+async def section_burst(ours: Ours, ref: Reference, rounds: int) -> dict[str, Any]:
+    expected = sum(len(f"line {i:05d}\n") for i in range(BURST_LINES))
+    figures: dict[str, Any] = {"ours": [], "ref": []}
+    for _ in range(max(rounds, 10)):
+        for name, side in (("ours", ours), ("ref", ref)):
+            started = time.perf_counter()
+            received = await side.run(BURST)
+            figures[name].append(
+                {
+                    "whole": received == expected,
+                    "chars": received,
+                    "s": round(time.perf_counter() - started, 2),
+                }
+            )
+    for name in ("ours", "ref"):
+        figures[f"{name} whole runs"] = f"{sum(r['whole'] for r in figures[name])}/{len(figures[name])}"
+    return figures
+
+
+async def section_sessions(base_url: str, token: str, counts: list[int]) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for count in counts:
+        async with AsyncExitStack() as stack:
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            ours = []
+            for _ in range(count):
+                executor = AsyncExecutor(GatewayBackend(base_url, token))
+                await executor.start()
+                stack.push_async_callback(executor.aclose)
+                ours.append(executor)
+            gc.collect()
+            ours_bytes = (tracemalloc.get_traced_memory()[0] - before) / count
+            refs = []
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(count):
+                ref = await Reference().start()
+                stack.push_async_callback(ref.aclose)
+                refs.append(ref)
+            gc.collect()
+            ref_bytes = (tracemalloc.get_traced_memory()[0] - before) / count
+            tracemalloc.stop()
+            for executor in ours:
+                await executor.run("x = 0")
+            for ref in refs:
+                await ref.run("x = 0")
+            ours_wall, ref_wall = [], []
+            for _ in range(5):
+                ours_wall.append(
+                    await timed(lambda ours=ours: asyncio.gather(*(e.run("x += 1") for e in ours)))
+                )
+                ref_wall.append(
+                    await timed(lambda refs=refs: asyncio.gather(*(r.run("x += 1") for r in refs)))
+                )
+            figures[str(count)] = {
+                "ours_ms": median_ms(ours_wall),
+                "ref_ms": median_ms(ref_wall),
+                "ref/ours": round(statistics.median(ref_wall) / statistics.median(ours_wall), 2),
+                "client KB per idle session, ours": round(ours_bytes / 1024, 1),
+                "client KB per idle session, ref": round(ref_bytes / 1024, 1),
+                "threads": len(os.listdir("/proc/self/task")),
+            }
+    return figures
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+async def section_kernels(count: int) -> dict[str, Any]:
+    backend = LocalBackend(isolation="none")
+    figures: dict[str, Any] = {}
+    async with AsyncExitStack() as stack:
+        endpoint = await backend.start()
+        stack.push_async_callback(backend.aclose)
+        assert backend.pid is not None
+        gateway_rss = _rss(backend.pid)
+        executors = []
+        started = time.perf_counter()
+        for index in range(count):
+            executor = AsyncExecutor(GatewayBackend(endpoint.base_url, endpoint.token))
+            await executor.start()
+            stack.push_async_callback(executor.aclose)
+            executors.append(executor)
+            if (index + 1) % 50 == 0 or index + 1 == count:
+                kernels = _children(backend.pid)
+                figures[str(index + 1)] = {
+                    "seconds": round(time.perf_counter() - started, 1),
+                    "gateway MB": round(_rss(backend.pid) / MB, 1),
+                    "kernel MB (mean)": round(sum(_rss(k) for k in kernels) / len(kernels) / MB, 1),
+                }
+        cpu_before = _cpu_seconds(backend.pid)
+        wall = await timed(lambda: asyncio.gather(*(e.run("x = 1") for e in executors)))
+        cpu = _cpu_seconds(backend.pid) - cpu_before
+        idle_before = _cpu_seconds(backend.pid)
+        await asyncio.sleep(5)
+        idle = _cpu_seconds(backend.pid) - idle_before
+        figures["all at once"] = {
+            "kernels": count,
+            "wall ms": round(wall * 1000, 1),
+            "gateway CPU ms per execution": round(cpu * 1000 / count, 3),
+            "gateway idle CPU % (5 s)": round(idle / 5 * 100, 1),
+            "gateway MB per kernel": round((_rss(backend.pid) - gateway_rss) / count / MB, 3),
+        }
+    return figures
+
+
+async def section_cold(rounds: int) -> dict[str, Any]:
+    ours_s, ref_s, ratios = [], [], []
+    for _ in range(max(rounds, 5)):
+
+        async def ours_once() -> None:
+            async with AsyncExecutor(LocalBackend(isolation="none")) as executor:
+                await executor.run("x = 1")
+
+        async def ref_once() -> None:
+            ref = await Reference().start()
+            try:
+                await ref.run("x = 1")
+            finally:
+                await ref.aclose()
+
+        ours_time = await timed(ours_once)
+        ref_time = await timed(ref_once)
+        ours_s.append(ours_time)
+        ref_s.append(ref_time)
+        ratios.append(ours_time / ref_time)
+    return {
+        "ours_ms": [round(t * 1000) for t in ours_s],
+        "ref_ms": [round(t * 1000) for t in ref_s],
+        "ours/ref median": round(statistics.median(ratios), 2),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    only = set(args.only or SECTIONS)
+    async with AsyncExitStack() as stack:
+        backend = LocalBackend(isolation="none")
+        endpoint = await backend.start()
+        stack.push_async_callback(backend.aclose)
+        if only & {"latency", "output", "burst"}:
+            ours = Ours(
+                await AsyncExecutor(
+                    GatewayBackend(endpoint.base_url, endpoint.token), max_output_chars=None
+                ).start()
+            )
+            stack.push_async_callback(ours.aclose)
+            ref = await Reference().start()
+            stack.push_async_callback(ref.aclose)
+            for name, section in (
+                ("latency", section_latency),
+                ("output", section_output),
+                ("burst", section_burst),
+            ):
+                if name in only:
+                    figures[name] = await section(ours, ref, args.rounds)
+                    print(name, json.dumps(figures[name], indent=1), flush=True)
+        if "sessions" in only:
+            figures["sessions"] = await section_sessions(
+                endpoint.base_url, endpoint.token or "", [10, 50, 100]
+            )
+            print("sessions", json.dumps(figures["sessions"], indent=1), flush=True)
+    if "kernels" in only:
+        figures["kernels"] = await section_kernels(args.kernels)
+        print("kernels", json.dumps(figures["kernels"], indent=1), flush=True)
+    if "cold" in only:
+        figures["cold"] = await section_cold(args.rounds)
+        print("cold", json.dumps(figures["cold"], indent=1), flush=True)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per comparison (default 3)")
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, help="sections to run (default all)")
+    parser.add_argument("--kernels", type=int, default=100, help="kernels on one gateway (default 100)")
+    parser.add_argument(
+        "--json", action="store_true", help="print all figures as one JSON document at the end"
+    )
+    args = parser.parse_args()
+    figures = asyncio.run(main_async(args))
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -57,10 +57,12 @@ BURST = f"for i in range({BURST_LINES}):\n    print(f'line {{i:05d}}', flush=Tru
 class Reference:
     """jupyter_client's AsyncKernelClient on a kernel it starts from the launcher's tuned spec."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, signed: bool = True) -> None:
         from jupyter_client import AsyncKernelManager
 
         self.manager = AsyncKernelManager(kernel_name="python3", transport="ipc")
+        if not signed:  # as our launcher runs kernels in a private runtime directory
+            self.manager.session.key = b""
         spec = self.manager.kernel_spec
         assert spec is not None
         spec.argv = [*_bootstrapped(spec.argv), *KERNEL_TUNING_ARGS]
@@ -157,26 +159,30 @@ async def section_latency(ours: Ours, ref: Reference, rounds: int) -> dict[str, 
 
 
 async def section_output(ours: Ours, ref: Reference, rounds: int) -> dict[str, Any]:
-    await ours.run(SETUP)
-    await ref.run(SETUP)
-    figures: dict[str, Any] = {}
-    for total in (0, 1_000, 100_000, MB, 10 * MB, 20 * MB):
-        code = output_code(total)
-        ratios, ours_s, ref_s = [], [], []
-        for _ in range(rounds):
-            ours_time = await timed(lambda code=code, total=total: _expect(ours.run(code), total))
-            ref_time = await timed(lambda code=code, total=total: _expect(ref.run(code), total))
-            ours_s.append(ours_time)
-            ref_s.append(ref_time)
-            ratios.append(ref_time / ours_time)
-        figures[f"{total} B"] = {
-            "ours_ms": [round(t * 1000, 1) for t in ours_s],
-            "ref_ms": [round(t * 1000, 1) for t in ref_s],
-            "ref/ours per round": [round(r, 2) for r in ratios],
-            "ref/ours median": round(statistics.median(ratios), 2),
-            "ours MB/s": round(total / MB / statistics.median(ours_s), 1) if total else None,
-        }
-    return figures
+    unsigned = await Reference(signed=False).start()
+    try:
+        sides = {"ours": ours, "ref": ref, "ref_unsigned": unsigned}
+        for side in sides.values():
+            await side.run(SETUP)
+        figures: dict[str, Any] = {}
+        for total in (0, 1_000, 100_000, MB, 10 * MB, 20 * MB):
+            code = output_code(total)
+            times: dict[str, list[float]] = {name: [] for name in sides}
+            for _ in range(rounds):
+                for name, side in sides.items():
+                    times[name].append(
+                        await timed(lambda side=side, code=code, total=total: _expect(side.run(code), total))
+                    )
+            row: dict[str, Any] = {f"{name}_ms": [round(t * 1000, 1) for t in times[name]] for name in sides}
+            for name in ("ref", "ref_unsigned"):
+                ratios = [r / o for r, o in zip(times[name], times["ours"], strict=True)]
+                row[f"{name}/ours per round"] = [round(r, 2) for r in ratios]
+                row[f"{name}/ours median"] = round(statistics.median(ratios), 2)
+            row["ours MB/s"] = round(total / MB / statistics.median(times["ours"]), 1) if total else None
+            figures[f"{total} B"] = row
+        return figures
+    finally:
+        await unsigned.aclose()
 
 
 async def _expect(run: Awaitable[int], total: int) -> None:
@@ -208,6 +214,7 @@ async def section_sessions(base_url: str, token: str, counts: list[int]) -> dict
     for count in counts:
         async with AsyncExitStack() as stack:
             gc.collect()
+            threads_before = len(os.listdir("/proc/self/task"))
             tracemalloc.start()
             before = tracemalloc.get_traced_memory()[0]
             ours = []
@@ -218,6 +225,7 @@ async def section_sessions(base_url: str, token: str, counts: list[int]) -> dict
                 ours.append(executor)
             gc.collect()
             ours_bytes = (tracemalloc.get_traced_memory()[0] - before) / count
+            ours_threads = len(os.listdir("/proc/self/task")) - threads_before
             refs = []
             before = tracemalloc.get_traced_memory()[0]
             for _ in range(count):
@@ -226,6 +234,7 @@ async def section_sessions(base_url: str, token: str, counts: list[int]) -> dict
                 refs.append(ref)
             gc.collect()
             ref_bytes = (tracemalloc.get_traced_memory()[0] - before) / count
+            ref_threads = len(os.listdir("/proc/self/task")) - threads_before - ours_threads
             tracemalloc.stop()
             for executor in ours:
                 await executor.run("x = 0")
@@ -245,7 +254,8 @@ async def section_sessions(base_url: str, token: str, counts: list[int]) -> dict
                 "ref/ours": round(statistics.median(ref_wall) / statistics.median(ours_wall), 2),
                 "client KB per idle session, ours": round(ours_bytes / 1024, 1),
                 "client KB per idle session, ref": round(ref_bytes / 1024, 1),
-                "threads": len(os.listdir("/proc/self/task")),
+                "client threads added, ours": ours_threads,
+                "client threads added, ref": ref_threads,
             }
     return figures
 
@@ -318,20 +328,23 @@ async def section_kernels(count: int) -> dict[str, Any]:
 async def section_cold(rounds: int) -> dict[str, Any]:
     ours_s, ref_s, ratios = [], [], []
     for _ in range(max(rounds, 5)):
-
-        async def ours_once() -> None:
-            async with AsyncExecutor(LocalBackend(isolation="none")) as executor:
-                await executor.run("x = 1")
-
-        async def ref_once() -> None:
-            ref = await Reference().start()
-            try:
-                await ref.run("x = 1")
-            finally:
-                await ref.aclose()
-
-        ours_time = await timed(ours_once)
-        ref_time = await timed(ref_once)
+        # Timed to the first result; closing (kernel and gateway stopped) is not counted.
+        started = time.perf_counter()
+        executor = AsyncExecutor(LocalBackend(isolation="none"))
+        try:
+            await executor.start()
+            await executor.run("x = 1")
+            ours_time = time.perf_counter() - started
+        finally:
+            await executor.aclose()
+        started = time.perf_counter()
+        ref = Reference()
+        try:
+            await ref.start()
+            await ref.run("x = 1")
+            ref_time = time.perf_counter() - started
+        finally:
+            await ref.aclose()
         ours_s.append(ours_time)
         ref_s.append(ref_time)
         ratios.append(ours_time / ref_time)

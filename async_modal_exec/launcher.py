@@ -185,9 +185,10 @@ def _v1_frame(channel: str, parts: list[bytes]) -> list[bytes]:
 
     The same bytes as the server's own path (``serialize_msg_to_ws_v1`` and
     tornado's ``write_message``, unmasked and uncompressed, as a server sends),
-    but the message parts are not copied into one buffer and then into a
+    but big message parts are not copied into one buffer and then into a
     frame: a 1 MB output was copied twice on the way out, a third of the
-    gateway's CPU time for big outputs.
+    gateway's CPU time for big outputs. Small pieces are joined: the
+    frame of a small message is one write.
     """
     name = channel.encode()
     offsets = [8 * (len(parts) + 3)]
@@ -201,7 +202,23 @@ def _v1_frame(channel: str, parts: list[bytes]) -> list[bytes]:
         length = bytes([126]) + size.to_bytes(2, "big")
     else:
         length = bytes([127]) + size.to_bytes(8, "big")
-    return [b"\x82" + length + header + name, *(part for part in parts if part)]
+    pieces: list[bytes] = []
+    pending = [b"\x82", length, header, name]
+    for part in parts:
+        if len(part) < _SMALL_PIECE:
+            pending.append(part)
+            continue
+        pieces.append(b"".join(pending))
+        pending = []
+        pieces.append(part)
+    if pending:
+        pieces.append(b"".join(pending))
+    return pieces
+
+
+# Parts smaller than this are joined with their neighbours: every write is a
+# send() (and, with TCP_NODELAY, a segment), so a small message stays one.
+_SMALL_PIECE = 64 * 1024
 
 
 # Runs in the kernel at start (``exec_lines``, in a namespace of its own, so the
@@ -589,6 +606,29 @@ def _tune_zmq(context: Any, max_sockets: int) -> None:
     context.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)  # a kernel that is gone: back off to once a second
 
 
+# A kernel's longest IPC socket path is <runtime dir>/kernel-<uuid>-ipc-<n>;
+# Linux allows 107 bytes for the path of a Unix socket.
+_IPC_NAME_LENGTH = len("/kernel-00000000-0000-0000-0000-000000000000-ipc-5")
+_UNIX_PATH_MAX = 107
+
+
+def _shorten_runtime_dir() -> str | None:
+    """Move the runtime directory to a new short one if IPC paths in it would be too long.
+
+    Kernels could not start under a long ``$HOME`` (``ZMQError: File name
+    too long``). Returns the directory made (removed when the gateway stops).
+    """
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    if len(jupyter_runtime_dir()) + _IPC_NAME_LENGTH <= _UNIX_PATH_MAX:
+        return None
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="ame-rt-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    os.environ["JUPYTER_RUNTIME_DIR"] = path
+    return path
+
+
 def _runtime_dir_is_private() -> bool:
     """True if only this user can reach the kernels' connection files and IPC sockets.
 
@@ -694,6 +734,9 @@ def main(argv: list[str] | None = None) -> None:
         os.nice(args.nice)
     _raise_open_file_limit()
     _skip_slow_imports()
+    # A jailed kernel sees the runtime directory its jail binds: that one stays
+    # (LocalBackend keeps it short).
+    short_runtime_dir = None if args.kernel_jail else _shorten_runtime_dir()
     # Inherited by kernels: silences debugpy's frozen-modules warning on stderr.
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 
@@ -740,6 +783,8 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(runtime_dir, ignore_errors=True)
         if args.remove_dir:
             shutil.rmtree(args.remove_dir, ignore_errors=True)
+        if short_runtime_dir:
+            shutil.rmtree(short_runtime_dir, ignore_errors=True)
         cgroup = json.loads(args.kernel_jail).get("pids_cgroup") if args.kernel_jail else None
         if cgroup:
             # Empty once the kernels are stopped; whoever started us removes it otherwise.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import secrets
 import sys
@@ -39,11 +40,14 @@ async def test_a_burst_of_20000_flushed_prints_arrives_whole_ten_times_in_ten(
 
 
 @asynccontextmanager
-async def launcher(*options: str) -> AsyncIterator[tuple[GatewayEndpoint, int]]:
+async def launcher(
+    *options: str, runtime_dir: str | None = None
+) -> AsyncIterator[tuple[GatewayEndpoint, int]]:
     """Our launcher started by hand (options LocalBackend does not pass); stopped and checked after."""
     token = secrets.token_urlsafe(16)
     others = set(descendants())  # e.g. the session gateway and its kernels
-    with tempfile.TemporaryDirectory(prefix="scale-", dir="/tmp") as runtime_dir:  # short: IPC paths
+    with tempfile.TemporaryDirectory(prefix="scale-", dir="/tmp") as default_dir:
+        runtime_dir = runtime_dir or default_dir
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -106,6 +110,8 @@ def _parent(pid: int) -> int | None:
         return None
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # about 100 s for the starts alone
 @pytest.mark.parametrize("count", [250])
 async def test_one_gateway_holds_250_kernels_each_with_its_websocket(count: int) -> None:
     # libzmq's default cap (1023 sockets per context) stopped a gateway at 170
@@ -139,3 +145,48 @@ async def test_the_gateway_stops_while_clients_delete_its_kernels() -> None:
         # Leaving the block checked that the launcher exited and left no process.
         await asyncio.gather(*deletes, return_exceptions=True)
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [b'{"msg_type":"status"}', b"{}", b"{}", b'{"execution_state":"idle"}'],
+        [b"{}", b"{}", b"{}", b'{"text":"' + b"x" * 100_000 + b'"}', b"buffer", b"b" * 70_000],
+        [b"", b"", b"", b""],
+        [b"h" * 125, b"", b"", b""],
+        [b"h" * 65_400, b"", b"", b""],
+    ],
+)
+def test_a_v1_frame_written_in_pieces_is_the_frame_the_server_would_write(parts: list[bytes]) -> None:
+    from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
+
+    from async_modal_exec.launcher import _SMALL_PIECE, _v1_frame
+
+    payload = serialize_msg_to_ws_v1(parts, "iopub")
+    size = len(payload)
+    if size < 126:
+        length = bytes([size])
+    elif size <= 0xFFFF:
+        length = bytes([126]) + size.to_bytes(2, "big")
+    else:
+        length = bytes([127]) + size.to_bytes(8, "big")
+    pieces = _v1_frame("iopub", parts)
+    assert b"".join(pieces) == b"\x82" + length + payload  # FIN, binary, unmasked
+    big = [part for part in parts if len(part) >= _SMALL_PIECE]
+    assert len(pieces) <= 2 * len(big) + 1  # small parts are joined, big ones written as they are
+
+
+async def test_kernels_start_under_a_runtime_dir_too_long_for_ipc_sockets() -> None:
+    # A Unix socket path may be 107 bytes: under a long $HOME, kernels of the
+    # launcher failed to start (ZMQError: File name too long). The launcher
+    # moves them to a short directory of its own, removed when it stops.
+    short_dirs = set(glob.glob("/tmp/ame-rt-*"))
+    with tempfile.TemporaryDirectory(prefix="scale-", dir="/tmp") as root:
+        long_dir = os.path.join(root, "d" * 80)
+        async with (
+            launcher(runtime_dir=long_dir) as (endpoint, _),
+            AsyncExecutor(GatewayBackend(endpoint.base_url, endpoint.token)) as executor,
+        ):
+            assert _text(await executor.run("6 * 7")) == "42"
+            assert len(set(glob.glob("/tmp/ame-rt-*")) - short_dirs) == 1
+    assert set(glob.glob("/tmp/ame-rt-*")) == short_dirs

@@ -15,6 +15,8 @@ burst       20,000 ``print(..., flush=True)``: lines that arrived, per run
 sessions    10/50/100 sessions, each one ``x += 1`` at once: wall time, client memory per idle session
 kernels     kernels on one gateway (``--kernels``, default 100): memory and gateway CPU per kernel
 cold        cold start to the first result (a new gateway and kernel vs a new kernel)
+pool        a SandboxPool(max_size=4) under saturation (8 clients): sessions per second, the
+            replacement started as a session ends vs after its sandbox closed (the former order)
 
 Usage: python benchmarks/scale.py [--rounds N] [--only SECTION ...] [--kernels N] [--json]
 """
@@ -34,10 +36,10 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
-from async_modal_exec import AsyncExecutor, GatewayBackend, LocalBackend
+from async_modal_exec import AsyncExecutor, GatewayBackend, LocalBackend, SandboxPool
 from async_modal_exec.launcher import KERNEL_TUNING_ARGS, _bootstrapped
 
-SECTIONS = ("latency", "output", "burst", "sessions", "kernels", "cold")
+SECTIONS = ("latency", "output", "burst", "sessions", "kernels", "cold", "pool")
 MB = 1_000_000
 SETUP = "import sys\nchunk = 'x' * 1_000_000\n"
 
@@ -355,6 +357,52 @@ async def section_cold(rounds: int) -> dict[str, Any]:
     }
 
 
+class CloseFirstPool(SandboxPool):
+    """The former recycling order: the replacement waits until the old sandbox has closed."""
+
+    async def _recycle(self, sandbox: Any, executor: AsyncExecutor) -> None:
+        await executor.aclose()
+        await self._retire(sandbox)
+        self._replenish()
+
+
+async def saturated_sessions_per_second(
+    pool_class: type[SandboxPool], seconds: float, *, reuse: bool = False
+) -> float:
+    def backend() -> LocalBackend:
+        return LocalBackend(isolation="none")
+
+    async with pool_class(backend, min_idle=4, max_size=4, reuse_sandboxes=reuse) as pool:
+        await pool.wait_ready(120)
+        done = 0
+        deadline = time.perf_counter() + seconds
+
+        async def client() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                async with pool.session(timeout=120) as executor:
+                    await executor.run("x = 1")
+                done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(8)))
+        return done / (time.perf_counter() - started)
+
+
+async def section_pool(rounds: int) -> dict[str, Any]:
+    ours, former = [], []
+    for _ in range(rounds):
+        ours.append(await saturated_sessions_per_second(SandboxPool, 15))
+        former.append(await saturated_sessions_per_second(CloseFirstPool, 15))
+    reused = [await saturated_sessions_per_second(SandboxPool, 15, reuse=True) for _ in range(rounds)]
+    return {
+        "sessions/s": [round(x, 2) for x in ours],
+        "sessions/s, close first": [round(x, 2) for x in former],
+        "ours/former median": round(statistics.median(o / f for o, f in zip(ours, former, strict=True)), 2),
+        "sessions/s, reuse_sandboxes (a fresh kernel per session)": [round(x, 2) for x in reused],
+    }
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     only = set(args.only or SECTIONS)
@@ -390,6 +438,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if "cold" in only:
         figures["cold"] = await section_cold(args.rounds)
         print("cold", json.dumps(figures["cold"], indent=1), flush=True)
+    if "pool" in only:
+        figures["pool"] = await section_pool(args.rounds)
+        print("pool", json.dumps(figures["pool"], indent=1), flush=True)
     return figures
 
 

@@ -71,6 +71,8 @@ _RECONNECT_ATTEMPTS = 3
 _SETUP_TIMEOUT = 10.0  # defining the host-tool stubs in a kernel
 _LAST_LOOK = 1.0  # recovery: how long a websocket ping may take (a dead link, or a stuck kernel?)
 _IOPUB_GRACE = 3.0  # after the execute_reply, how long IOPub may stay silent before idle
+# What a started execute_request sends at least (busy, execute_input, execute_reply, idle).
+_STARTED_REQUEST_MESSAGES = 4
 
 
 class ExecutorState(str, enum.Enum):
@@ -669,9 +671,14 @@ class AsyncExecutor:
         are handled in order, and a started one sends at least four
         messages). Gateways "nudge" a reconnected kernel with
         ``kernel_info_request``s of their own: each such request seen (by its
-        status messages) accounts for three numbers (busy, reply, idle). In
-        doubt, nothing is sent again. Anything that arrives meanwhile is kept
-        for the fold.
+        status messages) accounts for three numbers (busy, reply, idle).
+        Fewer than four numbers nobody saw cannot be the request either: had
+        it started, its four messages (busy, execute_input, reply, idle)
+        would all be among them, or one would have arrived. That leaves room
+        for the kernel's greeting of a new IOPub subscription
+        (``iopub_welcome``), which the gateway's own check takes. In doubt,
+        nothing is sent again. Anything that arrives meanwhile is kept for
+        the fold.
         """
         probe = kernel_info_request(session=self._open_session().ws_session)
         try:
@@ -683,7 +690,7 @@ class AsyncExecutor:
         except ChannelLost:
             return  # dropped again: the next receive reconnects and asks again
         unexplained = unaccounted_messages(last_seen, message, self._pending)
-        if unexplained == 0:
+        if unexplained is not None and 0 <= unexplained < _STARTED_REQUEST_MESSAGES:
             logger.info("the request was lost with the connection; sending it again")
             with contextlib.suppress(ChannelLost):
                 await channel.send(request)

@@ -33,8 +33,9 @@ What it changes compared with ``jupyter kernelgateway``:
   process), and stopping the gateway shuts down every kernel even when
   some were deleted meanwhile (the stock stop gave up at the first 404 and
   the gateway never exited).
-* Messages between the gateway and its kernels are not signed when the
-  runtime directory is private (``--sign-messages`` to sign anyway): the
+* Messages between the gateway and its kernels are not signed when they
+  use IPC and the runtime directory is ``0700`` and ours (``--sign-messages``
+  to sign anyway): the
   key lies next to the IPC sockets, readable by exactly who can reach them
   (see ``docs/security.md``). Signing cost the kernel a fifth of its CPU for
   big outputs.
@@ -356,12 +357,13 @@ except Exception as exc:
 """
 
 # Runs an IPython kernel in place of ``-m ipykernel_launcher`` (same start, and
-# like it, the working directory does not shadow modules). Before the kernel
-# makes its IOPub socket, the send high-water mark of the sockets it makes is
-# lifted: at the default (1000 messages queued for a subscriber) a burst of
-# output, e.g. 20,000 flushed prints, overflowed it and ZeroMQ dropped messages
-# without a word. And the socket reports every subscription, not only the
-# first: ipykernel greets each new subscriber with an ``iopub_welcome``
+# like it, the working directory does not shadow modules). The kernel's IOPub
+# socket gets no send high-water mark: at the default (1000 messages queued
+# for a subscriber) a burst of output, e.g. 20,000 flushed prints, overflowed
+# it and ZeroMQ dropped messages without a word. The price: output a
+# subscriber cannot take yet waits in memory (the gateway reads eagerly, so
+# it waits in the gateway). And the socket reports every subscription, not
+# only the first: ipykernel greets each new subscriber with an ``iopub_welcome``
 # message, which tells a gateway's websocket that its subscription is live
 # (with only the first reported, a gateway's second subscriber was never
 # greeted and waited for its 0.5 s retry).
@@ -379,11 +381,17 @@ def _install():
     init_iopub = IPKernelApp.init_iopub
 
     def init_lossless_iopub(self, context):
-        context.setsockopt(zmq.SNDHWM, 0)  # sockets made from here on: IOPub's
-        init_iopub(self, context)
-        socket = getattr(getattr(self, "iopub_thread", None), "socket", None)
-        if socket is not None and socket.getsockopt(zmq.TYPE) == zmq.XPUB:  # ipykernel 7 greets
-            socket.setsockopt(zmq.XPUB_VERBOSE, 1)
+        # Options of the sockets made in init_iopub only (pyzmq skips those a
+        # socket type lacks): set before the IOPub socket binds, and before its
+        # thread runs. Sockets made later (the per-thread event pipes, whose
+        # limit makes a printing thread wait) keep the defaults.
+        options = {zmq.SNDHWM: 0, zmq.XPUB_VERBOSE: 1}
+        context.sockopts.update(options)
+        try:
+            init_iopub(self, context)
+        finally:
+            for option in options:
+                context.sockopts.pop(option, None)
 
     IPKernelApp.init_iopub = init_lossless_iopub
 
@@ -452,7 +460,7 @@ def _tuned_kernel_spec_manager_class(jail: list[str] | None) -> type[Any]:
     return TunedKernelSpecManager
 
 
-def _light_activity_kernel_manager_class() -> type[Any]:
+def _light_activity_kernel_manager_class(*, sign_messages: bool) -> type[Any]:
     import asyncio
 
     from jupyter_core.utils import ensure_async
@@ -469,6 +477,14 @@ def _light_activity_kernel_manager_class() -> type[Any]:
         def pre_start_kernel(self, kernel_name: str | None, kwargs: dict[str, Any]) -> Any:
             km, kernel_name, kernel_id = super().pre_start_kernel(kernel_name, kwargs)
             self._launches[kernel_id] = km
+            private = km.transport == "ipc" and _only_ours(os.path.dirname(km.connection_file))
+            if private and not sign_messages:
+                # Set before the connection file is written. The kernel talks
+                # to the gateway over IPC sockets in a directory only this user
+                # can enter, next to the connection file that holds the key: a
+                # process that could forge a message could read the key as well.
+                # Signing then protects nothing, and costs an HMAC of every byte.
+                km.session.key = b""
             return km, kernel_name, kernel_id
 
         async def start_kernel(self, *args: Any, kernel_id: str | None = None, **kwargs: Any) -> Any:
@@ -629,25 +645,13 @@ def _shorten_runtime_dir() -> str | None:
     return path
 
 
-def _runtime_dir_is_private() -> bool:
-    """True if only this user can reach the kernels' connection files and IPC sockets.
-
-    That is, the runtime directory or one above it belongs to this user and
-    lets nobody else in (``LocalBackend``'s ``ame-*`` directory, or Jupyter's
-    own runtime directory, made ``0700``).
-    """
-    from jupyter_core.paths import jupyter_runtime_dir
-
-    path = os.path.realpath(jupyter_runtime_dir())
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    while True:
-        info = os.stat(path)
-        if info.st_uid == os.getuid() and info.st_mode & 0o077 == 0:
-            return True
-        parent = os.path.dirname(path)
-        if parent == path:
-            return False
-        path = parent
+def _only_ours(directory: str) -> bool:
+    """True if ``directory`` belongs to this user and lets nobody else in (mode ``0700``)."""
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and info.st_mode & 0o077 == 0
 
 
 def _watch_stdin(app: Any) -> None:
@@ -720,7 +724,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sign-messages",
         action="store_true",
-        help="sign kernel messages even over IPC in a private runtime directory (see docs/security.md)",
+        help="sign kernel messages even over IPC in a runtime directory only we can enter (docs/security.md)",
     )
     parser.add_argument(
         "--max-sockets",
@@ -737,6 +741,9 @@ def main(argv: list[str] | None = None) -> None:
     # A jailed kernel sees the runtime directory its jail binds: that one stays
     # (LocalBackend keeps it short).
     short_runtime_dir = None if args.kernel_jail else _shorten_runtime_dir()
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    os.makedirs(jupyter_runtime_dir(), mode=0o700, exist_ok=True)  # made here: ours alone (see _only_ours)
     # Inherited by kernels: silences debugpy's frozen-modules warning on stderr.
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 
@@ -749,13 +756,9 @@ def main(argv: list[str] | None = None) -> None:
         config.KernelGatewayApp.auth_token = token
     jail = _jail_prefix(json.loads(args.kernel_jail)) if args.kernel_jail else None
     config.KernelGatewayApp.kernel_spec_manager_class = _tuned_kernel_spec_manager_class(jail)
-    config.KernelGatewayApp.kernel_manager_class = _light_activity_kernel_manager_class()
-    if not args.sign_messages and _runtime_dir_is_private():
-        # Kernels talk to the gateway over IPC sockets in a directory only this
-        # user can enter, next to the connection files that hold the key: a
-        # process that could forge a message could read the key as well.
-        # Signing then protects nothing, and costs an HMAC of every byte.
-        config.Session.key = b""
+    config.KernelGatewayApp.kernel_manager_class = _light_activity_kernel_manager_class(
+        sign_messages=args.sign_messages
+    )
     app = KernelGatewayApp.instance(config=config)
     app.initialize(_gateway_argv(args))
     _tune_zmq(app.kernel_manager.context, args.max_sockets)

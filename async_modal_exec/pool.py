@@ -193,10 +193,7 @@ class SandboxPool:
 
     @property
     def size(self) -> int:
-        """Sandboxes alive now (idle, lent, or getting a fresh kernel), plus those starting.
-
-        A sandbox being terminated no longer counts: its replacement may start meanwhile.
-        """
+        """Sandboxes alive now (idle, lent or recycling), plus those starting."""
         return len(self._sandboxes) + self._starting
 
     @property
@@ -338,26 +335,19 @@ class SandboxPool:
 
     async def _recycle(self, sandbox: _Sandbox, executor: AsyncExecutor) -> None:
         """Retire the session's sandbox, or (reusing) give it a fresh kernel."""
+        await executor.aclose()
         sandbox.uses += 1
         if not self.reuse_sandboxes or sandbox.uses >= self.max_uses:
-            # Off the critical path: the sandbox stops counting at once, so its
-            # replacement starts while it is closed (a pool at max_size waited
-            # for the kernel's deletion and the sandbox's end first).
-            if self._forget(sandbox):
-                self._replenish()
-                await run_shielded(self._close(sandbox, executor))
-            else:  # retired meanwhile (the pool closed): the executor is still ours to close
-                await run_shielded(executor.aclose())
-            return
-        await executor.aclose()
-        try:
-            fresh = await self._new_executor(sandbox)
-        except Exception as exc:  # a background task: report, never leave it unretrieved
-            logger.warning("retiring a sandbox that could not start a kernel: %s", exc)
             await self._retire(sandbox)
         else:
-            await self._put_idle(_Warm(sandbox, fresh))
-            return
+            try:
+                fresh = await self._new_executor(sandbox)
+            except Exception as exc:  # a background task: report, never leave it unretrieved
+                logger.warning("retiring a sandbox that could not start a kernel: %s", exc)
+                await self._retire(sandbox)
+            else:
+                await self._put_idle(_Warm(sandbox, fresh))
+                return
         self._replenish()
 
     def _idle_since(self) -> Iterator[tuple[_Warm, float]]:
@@ -374,22 +364,10 @@ class SandboxPool:
         self._replenish()
 
     async def _retire(self, sandbox: _Sandbox) -> None:
-        if self._forget(sandbox):
-            await self._terminate(sandbox)
-
-    def _forget(self, sandbox: _Sandbox) -> bool:
-        """Stop counting ``sandbox`` (True); False if it was retired already."""
         if sandbox not in self._sandboxes:
-            return False
+            return
         self._sandboxes.discard(sandbox)
         self.retired += 1
-        return True
-
-    async def _close(self, sandbox: _Sandbox, executor: AsyncExecutor) -> None:
-        await executor.aclose()
-        await self._terminate(sandbox)
-
-    async def _terminate(self, sandbox: _Sandbox) -> None:
         try:
             await sandbox.backend.aclose()
         except Exception as exc:

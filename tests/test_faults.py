@@ -174,3 +174,23 @@ async def test_a_clean_link_reports_no_loss(make_executor: Callable[..., Awaitab
             result = await executor.run(code, timeout=30)
             assert result.lost_messages == 0, (code, result)
             assert not result.incomplete
+
+
+async def test_a_request_lost_in_a_stalled_link_is_sent_again_after_the_reconnect(proxied: Proxied) -> None:
+    # The link stalls (no FIN, no RST) right before the request, which is
+    # lost; then only the client's side of it is reset. The gateway still
+    # believes the old websocket open when the client reconnects, so it makes
+    # new kernel streams for the new one. Their IOPub subscription is greeted
+    # (iopub_welcome), a numbered message the client never sees (the
+    # gateway's own check takes it): counted as "a message nobody saw", it
+    # kept the request from being sent again, and the run waited for its
+    # deadline.
+    executor, proxy = await proxied()
+    await executor.run("x = 41")
+    proxy.stall_existing()
+    running = asyncio.create_task(executor.run("x + 1", timeout=20))
+    await asyncio.sleep(0.5)  # the request went into the stalled link
+    for link in list(proxy.links):
+        link.client.transport.abort()  # the gateway's side stays open, stalled
+    result = await running
+    assert result.value is not None and result.value.text == "42"

@@ -56,37 +56,6 @@ async def test_reused_sandbox_gets_a_fresh_kernel_and_retires_after_max_uses() -
         assert pool.retired == 1
 
 
-async def test_the_next_sandbox_starts_while_the_last_one_is_closed() -> None:
-    # Recycling off the critical path: at max_size the replacement started
-    # only once the old sandbox's kernel was deleted and its gateway stopped.
-    events: list[tuple[str, int]] = []
-
-    class Recorded(LocalBackend):
-        number = 0
-
-        def __init__(self) -> None:
-            super().__init__()
-            Recorded.number += 1
-            self.number = Recorded.number
-
-        async def start(self):  # type: ignore[no-untyped-def]
-            events.append(("start", self.number))
-            return await super().start()
-
-        async def aclose(self) -> None:
-            await super().aclose()
-            events.append(("closed", self.number))
-
-    async with SandboxPool(Recorded, min_idle=1, max_size=1) as pool:
-        async with pool.session(timeout=60) as executor:
-            await executor.run("x = 1")
-        async with pool.session(timeout=60) as executor:
-            assert (await executor.run("'x' in dir()")).value.text == "False"  # type: ignore[union-attr]
-    assert events.index(("start", 2)) < events.index(("closed", 1)), events
-    started = {number for event, number in events if event == "start"}
-    assert started == {number for event, number in events if event == "closed"}, events  # all closed
-
-
 async def test_unhealthy_sandboxes_are_replaced() -> None:
     # Reusing, so that only unhealthy sandboxes are retired.
     async with SandboxPool(min_idle=1, max_size=2, reuse_sandboxes=True) as pool:

@@ -130,7 +130,8 @@ def _make_private_dir() -> tuple[str, IO[bytes]]:
     """``ame-*/`` with ``gateway.log``, ``rt/`` (Jupyter runtime), ``work/`` and ``packages/``."""
     private_dir = tempfile.mkdtemp(prefix="ame-", dir=_short_temp_root())
     for name in ("rt", "work", "packages"):
-        os.mkdir(os.path.join(private_dir, name))
+        # rt, 0700: the launcher runs kernels unsigned over IPC only in a directory nobody else can enter.
+        os.mkdir(os.path.join(private_dir, name), 0o700 if name == "rt" else 0o777)
     log = open(os.path.join(private_dir, "gateway.log"), "wb")  # noqa: SIM115 - owned by the backend
     return private_dir, log
 

@@ -505,13 +505,17 @@ def _light_activity_kernel_manager_class(*, sign_messages: bool) -> type[Any]:
 
         async def _stop_failed_kernel(self, kernel_id: str) -> None:
             km = self._launches.get(kernel_id)
+            self._pending_kernels.pop(kernel_id, None)  # jupyter_client keeps the failed start's task
             try:
                 if kernel_id in self._kernels:
                     await self.shutdown_kernel(kernel_id, now=True)
                 elif km is not None and km.has_kernel:
                     await km.shutdown_kernel(now=True)
+                else:
+                    return  # no process was started
             except Exception:
                 self.log.exception("could not stop kernel %s after its start failed", kernel_id)
+                return
             self.log.warning("kernel %s failed to start and was stopped", kernel_id)
 
         async def shutdown_all(self, now: bool = False) -> None:
@@ -536,6 +540,8 @@ def _light_activity_kernel_manager_class(*, sign_messages: bool) -> type[Any]:
                 # An IPython kernel's status messages (and its greeting of
                 # this subscription) have topics that start with "kernel.":
                 # the watcher need not receive every output a second time.
+                # (Comm messages then no longer count as activity: it matters
+                # only to idle culling, which our gateways do not enable.)
                 import zmq
 
                 kernel._activity_stream.socket.setsockopt(zmq.SUBSCRIBE, b"kernel.")
@@ -733,6 +739,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"ZeroMQ sockets the gateway may open (default {DEFAULT_MAX_SOCKETS}; about 6 per kernel)",
     )
     args = parser.parse_args(argv)
+    runtime_dir = os.environ.get("JUPYTER_RUNTIME_DIR")  # the one to remove, even if replaced below
     token = _take_token()
     if args.nice:
         os.nice(args.nice)
@@ -781,7 +788,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         import shutil
 
-        runtime_dir = os.environ.get("JUPYTER_RUNTIME_DIR")
         if args.remove_runtime_dir and runtime_dir:
             shutil.rmtree(runtime_dir, ignore_errors=True)
         if args.remove_dir:

@@ -104,6 +104,10 @@ class Ours:
     def __init__(self, executor: AsyncExecutor) -> None:
         self.executor = executor
 
+    async def start(self) -> Ours:
+        await self.executor.start()
+        return self
+
     async def run(self, code: str) -> int:
         result = await self.executor.run(code)
         assert result.error is None, result.error
@@ -141,16 +145,8 @@ def median_ms(values: list[float]) -> float:
 async def section_latency(ours: Ours, ref: Reference, rounds: int) -> dict[str, Any]:
     await ours.run("x = 0")
     await ref.run("x = 0")
-    samples = await interleaved(
-        {"ours": lambda: ours.run("x += 1"), "ref": lambda: ref.run("x += 1")}, 300, 20
-    )
-    rows = []
-    for _ in range(rounds - 1):
-        more = await interleaved(
-            {"ours": lambda: ours.run("x += 1"), "ref": lambda: ref.run("x += 1")}, 300, 20
-        )
-        rows.append(more)
-    rows.insert(0, samples)
+    sides = {"ours": lambda: ours.run("x += 1"), "ref": lambda: ref.run("x += 1")}
+    rows = [await interleaved(sides, 300, 20) for _ in range(rounds)]
     ratios = [statistics.median(r["ours"]) / statistics.median(r["ref"]) for r in rows]
     return {
         "ours_ms": [median_ms(r["ours"]) for r in rows],
@@ -327,26 +323,22 @@ async def section_kernels(count: int) -> dict[str, Any]:
     return figures
 
 
+async def to_first_result(side: Ours | Reference) -> float:
+    """Seconds from nothing to the first result; closing (kernel and gateway stopped) is not counted."""
+    started = time.perf_counter()
+    try:
+        await side.start()
+        await side.run("x = 1")
+        return time.perf_counter() - started
+    finally:
+        await side.aclose()
+
+
 async def section_cold(rounds: int) -> dict[str, Any]:
     ours_s, ref_s, ratios = [], [], []
     for _ in range(max(rounds, 5)):
-        # Timed to the first result; closing (kernel and gateway stopped) is not counted.
-        started = time.perf_counter()
-        executor = AsyncExecutor(LocalBackend(isolation="none"))
-        try:
-            await executor.start()
-            await executor.run("x = 1")
-            ours_time = time.perf_counter() - started
-        finally:
-            await executor.aclose()
-        started = time.perf_counter()
-        ref = Reference()
-        try:
-            await ref.start()
-            await ref.run("x = 1")
-            ref_time = time.perf_counter() - started
-        finally:
-            await ref.aclose()
+        ours_time = await to_first_result(Ours(AsyncExecutor(LocalBackend(isolation="none"))))
+        ref_time = await to_first_result(Reference())
         ours_s.append(ours_time)
         ref_s.append(ref_time)
         ratios.append(ours_time / ref_time)

@@ -5,7 +5,7 @@ One side per run (``--side``), so each has the machine to itself; the figures ar
 ``--bytes`` characters of output in 1 MB writes (0: ``x += 1``). Both kernels come
 from the launcher's tuned spec, unjailed, ``store_history=False`` (see scale.py).
 
-Usage: python benchmarks/cpu.py [--side ours|ref] [--bytes N] [--executions N]
+Usage: python benchmarks/cpu.py [--side ours|ref|ref-unsigned] [--bytes N] [--executions N]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ async def measure(side: str, total: int, executions: int) -> None:
         gateway = runner.executor.backend.pid  # type: ignore[attr-defined]
         pids = {"gateway": gateway, "kernel": _children(gateway)[0]}
     else:
-        runner = await Reference().start()
+        runner = await Reference(signed=side == "ref").start()
         pids = {"kernel": runner.manager.provisioner.pid}  # type: ignore[union-attr]
     pids["client"] = os.getpid()
     try:
@@ -49,7 +49,7 @@ async def measure(side: str, total: int, executions: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--side", choices=("ours", "ref"), default="ours")
+    parser.add_argument("--side", choices=("ours", "ref", "ref-unsigned"), default="ours")
     parser.add_argument("--bytes", type=int, default=0, help="output per execution (default 0: x += 1)")
     parser.add_argument("--executions", type=int, default=1000)
     args = parser.parse_args()

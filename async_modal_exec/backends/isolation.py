@@ -53,8 +53,11 @@ class Limits:
     Attributes:
         memory_bytes: address space of each process (``RLIMIT_AS``): an
             allocation past it raises ``MemoryError`` in the kernel.
-        max_processes: processes and threads the kernel may add (a pids
-            cgroup when running as root, ``RLIMIT_NPROC`` otherwise).
+        max_processes: processes and threads a kernel may add. As root this
+            is a pids cgroup per backend, so the kernels of one backend
+            share it (about 35-50 IPython kernels fit in 256); otherwise
+            ``RLIMIT_NPROC`` set when each kernel starts, above what the
+            user then runs.
         file_size_bytes: largest file a kernel may write (``RLIMIT_FSIZE``).
         cpu_seconds: CPU time of each process over its life (``RLIMIT_CPU``);
             the kernel is killed past it.

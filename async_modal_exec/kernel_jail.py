@@ -16,6 +16,7 @@ its keys are documented there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -44,6 +45,23 @@ def _own_processes() -> int:
     return count
 
 
+def _own_cgroup(backend_cgroup: str, processes: int) -> str:
+    """A pids cgroup for this kernel under the backend's, limited to ``processes``.
+
+    The cgroups of kernels that have ended (empty: removing a busy one
+    fails) are removed first, so a long-lived backend does not pile them up.
+    """
+    for entry in os.listdir(backend_cgroup):
+        if entry.startswith("kernel-"):
+            with contextlib.suppress(OSError):  # a kernel still runs in it
+                os.rmdir(os.path.join(backend_cgroup, entry))
+    own = os.path.join(backend_cgroup, f"kernel-{os.getpid()}")
+    os.mkdir(own)
+    with open(os.path.join(own, "pids.max"), "w") as limit:
+        limit.write(str(processes))
+    return own
+
+
 def apply_limits(config: dict) -> None:  # type: ignore[type-arg]
     for key, which in _LIMITS.items():
         value = config.get(key)
@@ -54,7 +72,11 @@ def apply_limits(config: dict) -> None:  # type: ignore[type-arg]
         return
     cgroup = config.get("pids_cgroup")
     if cgroup:
-        # Root: the cgroup limit is the one that holds (set by the backend).
+        # Root: the cgroup limit is the one that holds. The kernel's own when
+        # the backend's cgroup can have children (it then has no limit: a
+        # failure here stops the start), else the backend's, shared.
+        if config.get("pids_per_kernel"):
+            cgroup = _own_cgroup(cgroup, int(processes))
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
             procs.write(str(os.getpid()))
     else:

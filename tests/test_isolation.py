@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from async_modal_exec import AsyncExecutor, BackendStartError, LocalBackend
+from async_modal_exec import AsyncExecutor, BackendStartError, GatewayBackend, LocalBackend
 from async_modal_exec.backends import isolation
 from async_modal_exec.backends.isolation import Limits
 
@@ -205,6 +205,52 @@ async def test_a_fork_bomb_is_contained_and_reported(jailed: AsyncExecutor) -> N
     assert stopped_by == "'BlockingIOError'", outcome
     assert int(forked) < 64
     assert await value(jailed, "1 + 1") == "2"
+
+
+HOLD_EVERY_PROCESS = (
+    "import os, time\n"
+    "held = []\n"
+    "try:\n"
+    "    while len(held) < 10_000:\n"
+    "        pid = os.fork()\n"
+    "        if pid == 0:\n"
+    "            time.sleep(120)\n"
+    "            os._exit(0)\n"
+    "        held.append(pid)\n"
+    "except OSError:\n"
+    "    pass\n"
+    "len(held)"
+)
+RELEASE = (
+    "import os, signal\nfor pid in held:\n    os.kill(pid, signal.SIGKILL)\n    os.waitpid(pid, 0)\nlen(held)"
+)
+
+
+async def test_each_kernel_of_a_backend_has_its_own_process_limit() -> None:
+    # As root the limit is a pids cgroup: it was one per backend, so one
+    # kernel that used up Limits.max_processes left none to the backend's
+    # other kernels (at 256, about 40 idle IPython kernels filled it).
+    if os.geteuid() != 0:
+        pytest.skip("pids cgroups are made as root (RLIMIT_NPROC otherwise)")
+    backend = LocalBackend(isolation="bwrap", limits=Limits(max_processes=48))
+    async with AsyncExecutor(backend, timeout=60) as first:
+        cgroup = backend._pids_cgroup
+        if cgroup is None:
+            pytest.skip("no writable pids cgroup on this machine")
+        assert backend._endpoint is not None
+        endpoint = backend._endpoint
+        async with AsyncExecutor(GatewayBackend(endpoint.base_url, endpoint.token), timeout=60) as second:
+            taken = int(await value(first, HOLD_EVERY_PROCESS))
+            assert 10 < taken < 48
+            try:
+                # The other kernel of the same gateway and jail still has its own.
+                assert int(await value(second, HOLD_EVERY_PROCESS)) == taken
+                assert await value(second, RELEASE) == str(taken)
+            finally:
+                await value(first, RELEASE)
+            kernels = [entry for entry in os.listdir(cgroup) if entry.startswith("kernel-")]
+            assert len(kernels) == 2
+    assert not os.path.exists(cgroup)
 
 
 async def test_a_memory_bomb_is_a_memory_error_and_the_kernel_lives(jailed: AsyncExecutor) -> None:

@@ -17,7 +17,7 @@ the limits and execs ``bwrap`` with:
 * the limits of :class:`Limits`.
 
 The config (JSON) keys: ``bwrap``, ``hide``, ``ro_binds``, ``binds``,
-``work_dir``, ``env``, the :class:`Limits` fields, ``pids_cgroup``.
+``work_dir``, ``env``, the :class:`Limits` fields, ``pids_cgroup``, ``pids_per_kernel``.
 """
 
 from __future__ import annotations
@@ -53,11 +53,10 @@ class Limits:
     Attributes:
         memory_bytes: address space of each process (``RLIMIT_AS``): an
             allocation past it raises ``MemoryError`` in the kernel.
-        max_processes: processes and threads a kernel may add. As root this
-            is a pids cgroup per backend, so the kernels of one backend
-            share it (about 35-50 IPython kernels fit in 256); otherwise
-            ``RLIMIT_NPROC`` set when each kernel starts, above what the
-            user then runs.
+        max_processes: processes and threads a kernel may add: as root a
+            pids cgroup of its own (where a cgroup cannot have children, one
+            per backend, shared by its kernels), otherwise ``RLIMIT_NPROC``
+            set when the kernel starts, above what the user then runs.
         file_size_bytes: largest file a kernel may write (``RLIMIT_FSIZE``).
         cpu_seconds: CPU time of each process over its life (``RLIMIT_CPU``);
             the kernel is killed past it.
@@ -137,6 +136,7 @@ def jail_config(
     env: dict[str, str],
     limits: Limits,
     pids_cgroup: str | None,
+    pids_per_kernel: bool = False,
 ) -> dict[str, Any]:
     """The launcher's ``--kernel-jail`` config (it adds its interpreter's paths to ``ro_binds``)."""
     home = os.path.expanduser("~")
@@ -158,6 +158,7 @@ def jail_config(
         },
         **asdict(limits),
         "pids_cgroup": pids_cgroup,
+        "pids_per_kernel": pids_per_kernel,
     }
 
 
@@ -188,7 +189,43 @@ def make_pids_cgroup(name: str, max_processes: int | None) -> str | None:
     return None
 
 
+def share_out_pids_cgroup(path: str, max_processes: int) -> bool:
+    """Whether each kernel can have a cgroup of its own under ``path`` (then made so).
+
+    When it can (a child cgroup of ``path`` takes a ``pids.max``; in cgroup
+    v2 once ``path`` passes the controller to its children), ``path`` itself
+    gets no limit: each kernel's own cgroup (``kernel-<pid>``, made by
+    ``kernel_jail.py``) holds ``max_processes``. Otherwise ``path`` keeps the
+    limit and its kernels share it.
+    """
+    probe = os.path.join(path, "kernel-probe")
+    try:
+        control = os.path.join(path, "cgroup.subtree_control")
+        if os.path.exists(control):  # cgroup v2: the controller is passed on to children
+            with open(control, "w") as subtree:
+                subtree.write("+pids")
+        os.mkdir(probe)
+        try:
+            with open(os.path.join(probe, "pids.max"), "w") as limit:
+                limit.write(str(max_processes))
+        finally:
+            os.rmdir(probe)
+        with open(os.path.join(path, "pids.max"), "w") as limit:
+            limit.write("max")
+    except OSError:
+        if os.path.exists(control):  # processes may join it again
+            with contextlib.suppress(OSError), open(control, "w") as subtree:
+                subtree.write("-pids")
+        return False
+    return True
+
+
 def remove_cgroup(path: str) -> None:
-    """Remove a cgroup made by :func:`make_pids_cgroup` (its processes are gone by then)."""
+    """Remove a cgroup made by :func:`make_pids_cgroup`, and its kernels' (their processes are gone)."""
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(path):
+            if entry.startswith("kernel-"):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(path, entry))
     with contextlib.suppress(OSError):
         os.rmdir(path)

@@ -44,6 +44,7 @@ from .isolation import (
     jail_config,
     make_pids_cgroup,
     remove_cgroup,
+    share_out_pids_cgroup,
 )
 
 # Runs the launcher file given as the first argument as __main__; unlike
@@ -267,6 +268,10 @@ class LocalBackend(Backend):
             ]
             if bwrap is not None:
                 self._pids_cgroup = make_pids_cgroup(os.path.basename(private_dir), self.limits.max_processes)
+                per_kernel = self._pids_cgroup is not None and share_out_pids_cgroup(
+                    self._pids_cgroup,
+                    self.limits.max_processes or 0,
+                )
                 config = jail_config(
                     bwrap,
                     work_dir=work_dir,
@@ -275,6 +280,7 @@ class LocalBackend(Backend):
                     env=self.env,
                     limits=self.limits,
                     pids_cgroup=self._pids_cgroup,
+                    pids_per_kernel=per_kernel,
                 )
                 options.append(f"--kernel-jail={json.dumps(config)}")
             log = self._log

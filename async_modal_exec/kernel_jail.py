@@ -6,9 +6,10 @@ prefix the gateway launcher puts before an isolated kernel's command::
     python -I -S kernel_jail.py '<config json>' <kernel argv...>
 
 It sets the resource limits (inherited by the sandbox and everything in it),
-moves itself into the backend's ``pids`` cgroup when there is one (Linux
-ignores ``RLIMIT_NPROC`` for root, so a fork bomb is only contained that
-way there), then replaces itself with ``bwrap``, with only the kernel's
+moves itself into a ``pids`` cgroup of its own under the backend's (or
+into the backend's, shared, where that cannot have children) when there
+is one (Linux ignores ``RLIMIT_NPROC`` for root, so a fork bomb is only
+contained that way there), then replaces itself with ``bwrap``, with only the kernel's
 environment. The config is built by
 :mod:`async_modal_exec.backends.isolation` and completed by the launcher;
 its keys are documented there.
@@ -48,14 +49,19 @@ def _own_processes() -> int:
 def _own_cgroup(backend_cgroup: str, processes: int) -> str:
     """A pids cgroup for this kernel under the backend's, limited to ``processes``.
 
-    The cgroups of kernels that have ended (empty: removing a busy one
-    fails) are removed first, so a long-lived backend does not pile them up.
+    The cgroups of kernels that have ended are removed first, so a
+    long-lived backend does not pile them up: only those whose process is
+    gone (another kernel's, made but not joined yet, is empty too), and
+    removing one still in use fails.
     """
-    for entry in os.listdir(backend_cgroup):
-        if entry.startswith("kernel-"):
-            with contextlib.suppress(OSError):  # a kernel still runs in it
-                os.rmdir(os.path.join(backend_cgroup, entry))
     own = os.path.join(backend_cgroup, f"kernel-{os.getpid()}")
+    for entry in os.listdir(backend_cgroup):
+        pid = entry.removeprefix("kernel-")
+        ended = pid.isdigit() and not os.path.exists(f"/proc/{pid}")
+        # Also an ended kernel's that had this kernel's pid.
+        if entry.startswith("kernel-") and (ended or pid == str(os.getpid())):
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(backend_cgroup, entry))
     os.mkdir(own)
     with open(os.path.join(own, "pids.max"), "w") as limit:
         limit.write(str(processes))

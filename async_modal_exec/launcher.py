@@ -796,8 +796,13 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(short_runtime_dir, ignore_errors=True)
         cgroup = json.loads(args.kernel_jail).get("pids_cgroup") if args.kernel_jail else None
         if cgroup:
-            # Empty once the kernels are stopped; whoever started us removes it otherwise.
+            # Empty once the kernels are stopped (their own cgroups first);
+            # whoever started us removes what is left.
             with contextlib.suppress(OSError):
+                for entry in os.listdir(cgroup):
+                    if entry.startswith("kernel-"):
+                        with contextlib.suppress(OSError):
+                            os.rmdir(os.path.join(cgroup, entry))
                 os.rmdir(cgroup)
 
 

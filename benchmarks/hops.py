@@ -3,7 +3,8 @@
 Each execution is split with the kernel's own timestamps (the ``date`` of its
 ``busy`` and ``idle`` status messages; client and kernel share the clock):
 
-in      request sent -> kernel publishes ``busy``
+in      request sent -> kernel publishes ``busy`` (the next request is sent
+        once the previous reply is in, on both sides)
 kernel  ``busy`` -> ``idle`` (the kernel's work, including its thread hand-offs)
 out     ``idle`` published -> received by the client
 total   request sent -> ``idle`` received (median of each column separately)
@@ -80,19 +81,24 @@ Row = tuple[float, float, float, float]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
-async def one_execution(sent: float, msg_id: str, receive: Receive) -> Row:
-    busy = idle = None
-    while idle is None:
+async def one_execution(sent: float, msg_id: str, receive: Receive, *, with_reply: bool) -> Row:
+    """Timed at ``idle``; with ``with_reply`` (one socket for all channels) also waits for the reply."""
+    busy = idle = received = None
+    replied = not with_reply
+    while idle is None or not replied:
         message = await receive()
-        received = time.time()
-        if message["parent_header"].get("msg_id") != msg_id or message["header"]["msg_type"] != "status":
+        now = time.time()
+        if message["parent_header"].get("msg_id") != msg_id:
+            continue
+        replied = replied or message["header"]["msg_type"] == "execute_reply"
+        if message["header"]["msg_type"] != "status":
             continue
         state = message["content"]["execution_state"]
         if state == "busy":
             busy = timestamp(message["header"]["date"])
         elif state == "idle":
-            idle = timestamp(message["header"]["date"])
-    assert busy is not None
+            idle, received = timestamp(message["header"]["date"]), now
+    assert busy is not None and received is not None
     return (busy - sent, idle - busy, received - idle, received - sent)
 
 
@@ -119,7 +125,7 @@ async def ours(executions: int, pin: bool) -> list[Row]:
                     request = execute_request("x = 0" if index == 0 else "x += 1", session)
                     sent = time.time()
                     await socket.send(encode_v1(request))
-                    row = await one_execution(sent, request["header"]["msg_id"], receive)
+                    row = await one_execution(sent, request["header"]["msg_id"], receive, with_reply=True)
                     if index >= 50:  # warm-up
                         rows.append(row)
                 return rows
@@ -137,7 +143,7 @@ async def ref(executions: int, pin: bool) -> list[Row]:
         for index in range(executions + 50):
             sent = time.time()
             msg_id = client.execute("x = 0" if index == 0 else "x += 1", store_history=False)
-            row = await one_execution(sent, msg_id, client.get_iopub_msg)
+            row = await one_execution(sent, msg_id, client.get_iopub_msg, with_reply=False)
             await client.get_shell_msg()
             if index >= 50:
                 rows.append(row)

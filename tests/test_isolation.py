@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -240,17 +241,40 @@ async def test_each_kernel_of_a_backend_has_its_own_process_limit() -> None:
         assert backend._endpoint is not None
         endpoint = backend._endpoint
         async with AsyncExecutor(GatewayBackend(endpoint.base_url, endpoint.token), timeout=60) as second:
-            taken = int(await value(first, HOLD_EVERY_PROCESS))
-            assert 10 < taken < 48
+            kernels = [entry for entry in os.listdir(cgroup) if entry.startswith("kernel-")]
+            if not kernels:
+                pytest.skip("this machine's pids cgroups cannot have children: one per backend")
+            assert len(kernels) == 2
             try:
-                # The other kernel of the same gateway and jail still has its own.
-                assert int(await value(second, HOLD_EVERY_PROCESS)) == taken
-                assert await value(second, RELEASE) == str(taken)
+                taken = int(await value(first, HOLD_EVERY_PROCESS))
+                assert 10 < taken < 48
+                # The other kernel of the same gateway and jail still has its
+                # own (give or take a thread a kernel starts late).
+                other = int(await value(second, HOLD_EVERY_PROCESS))
+                assert abs(other - taken) <= 3, (other, taken)
+                assert await value(second, RELEASE) == str(other)
             finally:
                 await value(first, RELEASE)
-            kernels = [entry for entry in os.listdir(cgroup) if entry.startswith("kernel-")]
-            assert len(kernels) == 2
     assert not os.path.exists(cgroup)
+
+
+def test_a_starting_kernel_removes_only_the_cgroups_of_ended_kernels(tmp_path: Path) -> None:
+    # A plain directory stands in for the backend's cgroup (cgroupfs itself
+    # is the outer boundary here); the choice of what to remove is the point:
+    # a kernel's cgroup is empty between its mkdir and its join, and removing
+    # it then would fail that kernel's start.
+    from async_modal_exec import kernel_jail
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    # pid 1 stands for a kernel that still runs; this process's pid for an
+    # ended kernel's cgroup left with the pid this kernel now has.
+    for pid in (ended.pid, 1, os.getpid()):
+        (tmp_path / f"kernel-{pid}").mkdir()
+    own = kernel_jail._own_cgroup(str(tmp_path), 48)
+    assert own == str(tmp_path / f"kernel-{os.getpid()}")
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == sorted(["kernel-1", f"kernel-{os.getpid()}"])
+    assert (Path(own) / "pids.max").read_text() == "48"
 
 
 async def test_a_memory_bomb_is_a_memory_error_and_the_kernel_lives(jailed: AsyncExecutor) -> None:

@@ -53,10 +53,12 @@ class Limits:
     Attributes:
         memory_bytes: address space of each process (``RLIMIT_AS``): an
             allocation past it raises ``MemoryError`` in the kernel.
-        max_processes: processes and threads a kernel may add: as root a
-            pids cgroup of its own (where a cgroup cannot have children, one
-            per backend, shared by its kernels), otherwise ``RLIMIT_NPROC``
-            set when the kernel starts, above what the user then runs.
+        max_processes: as root, processes and threads of a kernel in all
+            (its own and the jail's included), a pids cgroup of its own;
+            where a cgroup cannot have children, one per backend shared by
+            its kernels. Otherwise processes a kernel may add
+            (``RLIMIT_NPROC`` set when it starts, above what the user then
+            runs). A backend's kernels together are not capped.
         file_size_bytes: largest file a kernel may write (``RLIMIT_FSIZE``).
         cpu_seconds: CPU time of each process over its life (``RLIMIT_CPU``);
             the kernel is killed past it.
@@ -169,7 +171,7 @@ def make_pids_cgroup(name: str, max_processes: int | None) -> str | None:
     fork bomb there. Tried in the cgroup v1 ``pids`` hierarchy and in cgroup v2
     where the ``pids`` controller is enabled; None where neither is writable.
     """
-    if max_processes is None or os.geteuid() != 0:
+    if not max_processes or os.geteuid() != 0:  # 0, like None, is no limit (as for the others)
         return None
     for root in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
         path = os.path.join(root, name)
@@ -220,8 +222,11 @@ def share_out_pids_cgroup(path: str, max_processes: int) -> bool:
     return True
 
 
-def remove_cgroup(path: str) -> None:
-    """Remove a cgroup made by :func:`make_pids_cgroup`, and its kernels' (their processes are gone)."""
+def remove_cgroup(path: str) -> bool:
+    """Remove a cgroup made by :func:`make_pids_cgroup` and its kernels'; whether it is gone.
+
+    A cgroup with processes in it (one just killed but not reaped yet) stays.
+    """
     with contextlib.suppress(OSError):
         for entry in os.listdir(path):
             if entry.startswith("kernel-"):
@@ -229,3 +234,18 @@ def remove_cgroup(path: str) -> None:
                     os.rmdir(os.path.join(path, entry))
     with contextlib.suppress(OSError):
         os.rmdir(path)
+    return not os.path.exists(path)
+
+
+async def remove_cgroup_when_empty(path: str, timeout: float = 5.0) -> None:
+    """:func:`remove_cgroup`, retried while killed processes are still leaving it.
+
+    Cancelling the call stops the retries (the cgroup may then stay).
+    """
+    removed = False
+    with anyio.move_on_after(timeout):
+        # Polled: nothing signals the last process leaving (v1 has no cgroup.events).
+        while not (removed := remove_cgroup(path)):  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+    if not removed:
+        logger.warning("pids cgroup %s still has processes: not removed", path)

@@ -43,7 +43,7 @@ from .isolation import (
     choose,
     jail_config,
     make_pids_cgroup,
-    remove_cgroup,
+    remove_cgroup_when_empty,
     share_out_pids_cgroup,
 )
 
@@ -268,9 +268,10 @@ class LocalBackend(Backend):
             ]
             if bwrap is not None:
                 self._pids_cgroup = make_pids_cgroup(os.path.basename(private_dir), self.limits.max_processes)
-                per_kernel = self._pids_cgroup is not None and share_out_pids_cgroup(
-                    self._pids_cgroup,
-                    self.limits.max_processes or 0,
+                per_kernel = (
+                    self._pids_cgroup is not None
+                    and self.limits.max_processes is not None
+                    and share_out_pids_cgroup(self._pids_cgroup, self.limits.max_processes)
                 )
                 config = jail_config(
                     bwrap,
@@ -411,7 +412,7 @@ class LocalBackend(Backend):
         if private_dir is not None:
             await anyio.to_thread.run_sync(lambda: shutil.rmtree(private_dir, ignore_errors=True))
         if cgroup is not None:
-            remove_cgroup(cgroup)
+            await remove_cgroup_when_empty(cgroup)
 
     def __repr__(self) -> str:
         return f"LocalBackend(pid={self.pid})"

@@ -9,8 +9,8 @@ It sets the resource limits (inherited by the sandbox and everything in it),
 moves itself into a ``pids`` cgroup of its own under the backend's (or
 into the backend's, shared, where that cannot have children) when there
 is one (Linux ignores ``RLIMIT_NPROC`` for root, so a fork bomb is only
-contained that way there), then replaces itself with ``bwrap``, with only the kernel's
-environment. The config is built by
+contained that way there), then replaces itself with ``bwrap``, with only
+the kernel's environment. The config is built by
 :mod:`async_modal_exec.backends.isolation` and completed by the launcher;
 its keys are documented there.
 """
@@ -54,14 +54,16 @@ def _own_cgroup(backend_cgroup: str, processes: int) -> str:
     gone (another kernel's, made but not joined yet, is empty too), and
     removing one still in use fails.
     """
-    own = os.path.join(backend_cgroup, f"kernel-{os.getpid()}")
+    name = f"kernel-{os.getpid()}"
     for entry in os.listdir(backend_cgroup):
         pid = entry.removeprefix("kernel-")
-        ended = pid.isdigit() and not os.path.exists(f"/proc/{pid}")
+        if not (entry.startswith("kernel-") and pid.isdigit()):
+            continue
         # Also an ended kernel's that had this kernel's pid.
-        if entry.startswith("kernel-") and (ended or pid == str(os.getpid())):
+        if entry == name or not os.path.exists(f"/proc/{pid}"):
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(backend_cgroup, entry))
+    own = os.path.join(backend_cgroup, name)
     os.mkdir(own)
     with open(os.path.join(own, "pids.max"), "w") as limit:
         limit.write(str(processes))

@@ -201,8 +201,8 @@ def share_out_pids_cgroup(path: str, max_processes: int) -> bool:
     limit and its kernels share it.
     """
     probe = os.path.join(path, "kernel-probe")
+    control = os.path.join(path, "cgroup.subtree_control")
     try:
-        control = os.path.join(path, "cgroup.subtree_control")
         if os.path.exists(control):  # cgroup v2: the controller is passed on to children
             with open(control, "w") as subtree:
                 subtree.write("+pids")

@@ -1,18 +1,43 @@
-"""Start one kernel inside a bubblewrap sandbox, with resource limits.
+"""Start one kernel inside a bubblewrap sandbox of its own, with resource limits.
 
 Self-contained (standard library only) and run with ``python -I -S``, as the
 prefix the gateway launcher puts before an isolated kernel's command::
 
-    python -I -S kernel_jail.py '<config json>' <kernel argv...>
+    python -I -S kernel_jail.py <config file> <kernel argv...>
 
-It sets the resource limits (inherited by the sandbox and everything in it),
-moves itself into a ``pids`` cgroup of its own under the backend's (or
-into the backend's, shared, where that cannot have children) when there
-is one (Linux ignores ``RLIMIT_NPROC`` for root, so a fork bomb is only
-contained that way there), then replaces itself with ``bwrap``, with only
-the kernel's environment. The config is built by
-:mod:`async_modal_exec.backends.isolation` and completed by the launcher;
-its keys are documented there.
+The config (JSON, keys documented in
+:mod:`async_modal_exec.backends.isolation`) is a file in the backend's
+private ``0700`` directory, never a command-line argument: it holds the
+kernel's environment, and a command line is readable by every user.
+
+Steps, in order:
+
+1. Find the kernel's own runtime directory: the directory of its connection
+   file (``-f <dir>/kernel.json``; the launcher gives every kernel one, named
+   by its kernel id). Only that directory (its connection file and IPC
+   sockets) is bound into the jail, never the one holding the other
+   kernels'.
+2. Make the kernel's own work directory (``<work root>/<kernel id>``, bound
+   at the backend's work path) unless the backend shares one given by its
+   user.
+3. Choose who the kernel runs as: the calling user, or, when that is root,
+   ``kernel_uid``/``kernel_gid`` (65534, nobody): a root kernel would read
+   every root-only file it can name. As root the kernel's directories are
+   handed to that user first.
+4. Set the resource limits and join a ``pids`` cgroup (see
+   :func:`apply_limits`).
+5. Replace itself with ``bwrap`` (:func:`bwrap_argv`): a new root holding
+   only the system directories, this interpreter and its installed
+   distributions, a few files of ``/etc`` (``passwd``, ``group`` and
+   ``hosts`` made up), the kernel's two directories, fresh ``/dev``,
+   ``/proc``, ``/tmp`` and home; no network, its own PID space, the
+   kernel's environment only.
+
+As root, bubblewrap runs privileged (no user namespace: one would map the
+kernel's user to root outside) and runs this file again inside the jail
+(:func:`become`), which drops to the kernel's user before it starts the
+kernel; bubblewrap sets ``no_new_privs``, so no setuid binary gives root
+back.
 """
 
 from __future__ import annotations
@@ -22,6 +47,7 @@ import json
 import os
 import resource
 import sys
+import sysconfig
 
 _LIMITS = {
     "memory_bytes": resource.RLIMIT_AS,
@@ -29,10 +55,25 @@ _LIMITS = {
     "cpu_seconds": resource.RLIMIT_CPU,
 }
 
+# Top-level directories of the system bound read-only (or recreated as the
+# symlinks they are, e.g. /lib -> usr/lib on merged-/usr systems).
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# What the C library and Python read from /etc; nothing else of it is bound.
+ETC_FILES = (
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/alternatives",
+)
+JAILED_UID = 1000  # the kernel's uid and gid inside a user namespace
+HOME = "/home/kernel"
+_ROOT_JAIL_FILE = "/run/jail/kernel_jail.py"  # this file, as the jail sees it (root only)
 
-def _own_processes() -> int:
-    """Processes (threads count too, for RLIMIT_NPROC) of this user now."""
-    uid, count = os.getuid(), 0
+
+def _own_processes(uid: int) -> int:
+    """Processes (threads count too, for RLIMIT_NPROC) of ``uid`` now."""
+    count = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -70,7 +111,14 @@ def _own_cgroup(backend_cgroup: str, processes: int) -> str:
     return own
 
 
-def apply_limits(config: dict) -> None:  # type: ignore[type-arg]
+def apply_limits(config: dict, uid: int) -> None:  # type: ignore[type-arg]
+    """Resource limits for this process and all it starts; ``uid`` is who the kernel runs as.
+
+    As root the process limit is a pids cgroup (the kernel's own when the
+    backend's can have children: a failure here stops the start; else the
+    backend's, shared). Otherwise ``RLIMIT_NPROC``, which counts every
+    process of ``uid``: the limit is what runs now plus the allowance.
+    """
     for key, which in _LIMITS.items():
         value = config.get(key)
         if value:
@@ -80,42 +128,204 @@ def apply_limits(config: dict) -> None:  # type: ignore[type-arg]
         return
     cgroup = config.get("pids_cgroup")
     if cgroup:
-        # Root: the cgroup limit is the one that holds. The kernel's own when
-        # the backend's cgroup can have children (it then has no limit: a
-        # failure here stops the start), else the backend's, shared.
         if config.get("pids_per_kernel"):
             cgroup = _own_cgroup(cgroup, int(processes))
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
             procs.write(str(os.getpid()))
     else:
-        # RLIMIT_NPROC counts every process of the user, so the limit is what
-        # runs now plus the allowance.
-        limit = _own_processes() + int(processes)
+        limit = _own_processes(uid) + int(processes)
         resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
 
 
-def bwrap_argv(config: dict, kernel: list[str]) -> list[str]:  # type: ignore[type-arg]
-    argv = [config["bwrap"], "--unshare-all", "--die-with-parent", "--new-session"]
-    argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    for hidden in config.get("hide", []):
-        if os.path.isdir(hidden):
-            argv += ["--tmpfs", hidden]
-    # Writable binds first, read-only ones over them: an interpreter (a venv)
-    # inside the work directory stays read-only.
-    for path in config.get("binds", []):
-        argv += ["--bind", path, path]
-    for path in config.get("ro_binds", []):
-        if os.path.exists(path):
+def connection_dir(kernel: list[str]) -> str:
+    """The kernel's own runtime directory: where its ``-f`` connection file is."""
+    for index, arg in enumerate(kernel[:-1]):
+        if arg == "-f":
+            return os.path.dirname(os.path.abspath(kernel[index + 1]))
+    raise SystemExit(f"kernel_jail: no '-f <connection file>' in the kernel command {kernel!r}")
+
+
+def _venv_prefix() -> str | None:
+    """The virtual environment this interpreter belongs to, if any.
+
+    Run with ``-S``, ``sys.prefix`` is the base installation's: ``site``
+    is what would find the venv (its ``pyvenv.cfg``).
+    """
+    executable_dir = os.path.dirname(os.path.abspath(sys.executable))
+    for candidate in (executable_dir, os.path.dirname(executable_dir)):
+        if os.path.isfile(os.path.join(candidate, "pyvenv.cfg")):
+            return candidate
+    return None
+
+
+def interpreter_paths() -> list[str]:
+    """This interpreter's prefixes and the directories of its installed distributions.
+
+    Never arbitrary ``sys.path`` entries: an editable install puts a whole
+    repository there.
+    """
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    venv = _venv_prefix()
+    if venv is not None:
+        prefixes.add(venv)
+    paths = set(prefixes)
+    for prefix in prefixes:
+        for scheme in ("purelib", "platlib"):
+            paths.add(sysconfig.get_path(scheme, vars={"base": prefix, "platbase": prefix}))
+    return sorted(path for path in paths if os.path.exists(path))
+
+
+def _identity_files(uid: int, gid: int) -> dict[str, bytes]:
+    """The made-up ``/etc`` files: who the kernel is, and a loopback ``localhost``."""
+    return {
+        "/etc/passwd": f"root:x:0:0::/root:/bin/false\nkernel:x:{uid}:{gid}::{HOME}:/bin/sh\n".encode(),
+        "/etc/group": f"root:x:0:\nkernel:x:{gid}:\n".encode(),
+        "/etc/hosts": b"127.0.0.1 localhost\n::1 localhost\n",
+    }
+
+
+def _data_fd(data: bytes) -> int:
+    """A pipe's read end holding ``data`` (a few hundred bytes: never fills the pipe)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, data)
+    os.close(write_end)
+    os.set_inheritable(read_end, True)
+    return read_end
+
+
+def _under(path: str, roots: set[str]) -> bool:
+    """Whether ``path`` is one of ``roots`` or inside one."""
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def _dirs_for(paths: list[str], bound: set[str], made_already: set[str]) -> list[str]:
+    """``--dir`` options (mode 0755) for the parents of ``paths`` that nothing else makes.
+
+    Privileged bubblewrap makes missing parents ``0700``: the kernel's user
+    could not reach what is bound below them. Nothing is needed inside a
+    ``bound`` directory (it has the host's) or for one in ``made_already``.
+    """
+    made: list[str] = []
+    for path in paths:
+        chain: list[str] = []
+        parent = os.path.dirname(path)
+        while parent not in ("/", "", *made_already) and not _under(parent, bound):
+            chain.append(parent)
+            parent = os.path.dirname(parent)
+        made += [directory for directory in reversed(chain) if directory not in made]
+    argv: list[str] = []
+    for directory in made:
+        argv += ["--perms", "0755", "--dir", directory]
+    return argv
+
+
+def _outermost(paths: list[str], bound: set[str]) -> list[str]:
+    """``paths`` that exist and are not inside another of them or of ``bound``."""
+    kept: list[str] = []
+    for path in sorted(set(paths)):
+        if os.path.exists(path) and not _under(path, {*bound, *kept}):
+            kept.append(path)
+    return kept
+
+
+def bwrap_argv(
+    config: dict,  # type: ignore[type-arg]
+    kernel: list[str],
+    *,
+    kernel_dir: str,
+    work: str,
+    uid: int,
+    gid: int,
+    as_root: bool,
+) -> list[str]:
+    """The ``bwrap`` command that runs ``kernel`` in its jail.
+
+    ``kernel_dir`` (its connection file and sockets) and ``work`` (its work
+    directory, bound at ``config["work_dir"]``) are the only writable host
+    directories. Writable binds come before read-only ones: an interpreter
+    inside the work directory (a project's ``.venv``) stays read-only.
+    """
+    argv = [config["bwrap"], "--die-with-parent", "--new-session", "--hostname", "kernel"]
+    if as_root:
+        # No user namespace: it would map the kernel's uid to root outside.
+        # become() (this file again, inside) drops to the kernel's user.
+        argv += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+        argv += ["--cap-drop", "ALL"]
+        for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN"):
+            argv += ["--cap-add", cap]
+    else:
+        argv += ["--unshare-all", "--unshare-user", "--uid", str(uid), "--gid", str(gid), "--disable-userns"]
+    system = [path for path in SYSTEM_DIRS if os.path.lexists(path)]
+    real_system = {path for path in system if not os.path.islink(path)}
+    ro_binds = _outermost([*interpreter_paths(), *config.get("ro_binds", [])], real_system)
+    work_dir = config["work_dir"]
+    for path in system:
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        else:
             argv += ["--ro-bind", path, path]
-    argv += ["--chdir", config["work_dir"]]
-    return [*argv, "--", *kernel]
+    argv += ["--perms", "0755", "--dir", "/etc", "--perms", "0755", "--dir", "/var"]
+    argv += ["--dev", "/dev", "--proc", "/proc"]
+    for scratch in ("/tmp", "/var/tmp"):
+        argv += ["--perms", "1777", "--tmpfs", scratch]
+    argv += ["--perms", "0755", "--dir", "/home", "--perms", "0700", "--tmpfs", HOME]
+    made = {"/etc", "/var", "/tmp", "/var/tmp", "/home", HOME}
+    argv += _dirs_for([kernel_dir, work_dir, *ro_binds], {*system, *ro_binds}, made)
+    argv += ["--bind", kernel_dir, kernel_dir, "--bind", work, work_dir]
+    for path in ro_binds:
+        argv += ["--ro-bind", path, path]
+    for path in ETC_FILES:
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.exists(path):
+            argv += ["--ro-bind", path, path]
+    for path, data in _identity_files(uid, gid).items():
+        argv += ["--perms", "0644", "--ro-bind-data", str(_data_fd(data)), path]
+    if as_root:
+        argv += ["--perms", "0755", "--dir", "/run", "--perms", "0755", "--dir", "/run/jail"]
+        argv += ["--ro-bind", os.path.abspath(__file__), _ROOT_JAIL_FILE]
+        # The work directory is the kernel user's alone (0700): root without
+        # capabilities cannot enter it, become() does once it is that user.
+        become = [_ROOT_JAIL_FILE, "--become", str(uid), str(gid), work_dir]
+        return [*argv, "--chdir", "/", "--", sys.executable, "-I", "-S", *become, *kernel]
+    return [*argv, "--chdir", work_dir, "--", *kernel]
+
+
+def become(uid: int, gid: int, work_dir: str, kernel: list[str]) -> None:
+    """Inside a root jail: give the home to the kernel's user, become it, start the kernel."""
+    os.chown(HOME, uid, gid)
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)  # clears every capability: the kernel runs with none
+    os.chdir(work_dir)
+    os.execv(kernel[0], kernel)
 
 
 def main() -> None:
-    config = json.loads(sys.argv[1])
+    if sys.argv[1] == "--become":
+        become(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:])
+        return
+    with open(sys.argv[1]) as file:
+        config = json.load(file)
     kernel = sys.argv[2:]
-    apply_limits(config)
-    argv = bwrap_argv(config, kernel)
+    kernel_dir = connection_dir(kernel)
+    kernel_id = os.path.basename(kernel_dir)
+    work = config["work_dir"]
+    if config.get("work_root"):  # a work directory of its own, removed with the kernel by the launcher
+        work = os.path.join(config["work_root"], kernel_id)
+        os.makedirs(work, mode=0o700, exist_ok=True)
+    as_root = os.geteuid() == 0
+    if as_root:
+        uid, gid = int(config.get("kernel_uid", 65534)), int(config.get("kernel_gid", 65534))
+        os.chown(kernel_dir, uid, gid)
+        for entry in os.listdir(kernel_dir):  # the connection file (0600, written by the gateway)
+            os.chown(os.path.join(kernel_dir, entry), uid, gid)
+        if config.get("work_root"):
+            os.chown(work, uid, gid)
+    else:
+        uid = gid = JAILED_UID
+    apply_limits(config, uid if as_root else os.getuid())
+    argv = bwrap_argv(config, kernel, kernel_dir=kernel_dir, work=work, uid=uid, gid=gid, as_root=as_root)
     # bwrap itself gets the kernel's environment, not the host's: its process
     # inside the namespaces (PID 1 there) would show the host's in /proc/1/environ.
     os.execve(argv[0], argv, dict(config.get("env", {})))

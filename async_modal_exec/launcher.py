@@ -72,10 +72,14 @@ What it changes compared with ``jupyter kernelgateway``:
 * ``--exit-on-stdin-eof``: the gateway stops (and stops its kernels) when its
   standard input closes, i.e. when the process that started it goes away.
 
-* ``--kernel-jail CONFIG`` runs every kernel through ``kernel_jail.py`` (a
+* Every kernel gets a runtime directory of its own (``<runtime dir>/<kernel
+  id>/``: its connection file and IPC sockets), removed with the kernel.
+* ``--kernel-jail CONFIG_FILE`` runs every kernel through ``kernel_jail.py`` (a
   bubblewrap sandbox with resource limits, see
   :mod:`async_modal_exec.backends.isolation`), with message-based interrupts
-  (a signal cannot reach a process in another PID namespace).
+  (a signal cannot reach a process in another PID namespace). The jail binds
+  only the kernel's own runtime directory and work directory; the config
+  stays in its file (it holds the kernels' environment, and argv is public).
 
 The auth token is read from ``KG_AUTH_TOKEN`` in the environment, never argv,
 and then scrubbed: the launcher replaces itself (same pid, ``exec``) with an
@@ -425,15 +429,14 @@ def _bootstrapped(argv: list[str]) -> list[str]:
     return list(argv)
 
 
-def _jail_prefix(config: dict[str, Any]) -> list[str]:
-    """The command put before a kernel's to run it in ``kernel_jail.py``."""
-    config = dict(config)
-    # This interpreter runs the kernels: bind its files back where they are
-    # hidden (a home directory, /tmp), read-only.
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *(p for p in sys.path if p)}
-    config["ro_binds"] = [*config.get("ro_binds", []), *sorted(p for p in paths if os.path.exists(p))]
+def _jail_prefix(config_path: str) -> list[str]:
+    """The command put before a kernel's to run it in ``kernel_jail.py``.
+
+    The config stays in its file (it holds the kernels' environment): only
+    its path is on the command line.
+    """
     jail = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_jail.py")
-    return [sys.executable, "-I", "-S", jail, json.dumps(config)]
+    return [sys.executable, "-I", "-S", jail, config_path]
 
 
 def _tuned_kernel_spec_manager_class(jail: list[str] | None) -> type[Any]:
@@ -460,7 +463,10 @@ def _tuned_kernel_spec_manager_class(jail: list[str] | None) -> type[Any]:
     return TunedKernelSpecManager
 
 
-def _light_activity_kernel_manager_class(*, sign_messages: bool) -> type[Any]:
+KERNEL_CONNECTION_FILE = "kernel.json"
+
+
+def _light_activity_kernel_manager_class(*, sign_messages: bool, work_root: str | None) -> type[Any]:
     import asyncio
 
     from jupyter_core.utils import ensure_async
@@ -477,6 +483,14 @@ def _light_activity_kernel_manager_class(*, sign_messages: bool) -> type[Any]:
         def pre_start_kernel(self, kernel_name: str | None, kwargs: dict[str, Any]) -> Any:
             km, kernel_name, kernel_id = super().pre_start_kernel(kernel_name, kwargs)
             self._launches[kernel_id] = km
+            # A runtime directory per kernel (its connection file and IPC
+            # sockets): a jail binds only its kernel's, never the directory
+            # that holds the others' keys and sockets.
+            own_dir = os.path.join(os.path.dirname(km.connection_file), kernel_id)
+            os.makedirs(own_dir, mode=0o700, exist_ok=True)
+            km.connection_file = os.path.join(own_dir, KERNEL_CONNECTION_FILE)
+            if km.transport == "ipc":
+                km.ip = os.path.join(own_dir, "kernel-ipc")
             private = km.transport == "ipc" and _only_ours(os.path.dirname(km.connection_file))
             if private and not sign_messages:
                 # Set before the connection file is written. The kernel talks
@@ -517,6 +531,19 @@ def _light_activity_kernel_manager_class(*, sign_messages: bool) -> type[Any]:
                 self.log.exception("could not stop kernel %s after its start failed", kernel_id)
                 return
             self.log.warning("kernel %s failed to start and was stopped", kernel_id)
+
+        def remove_kernel(self, kernel_id: str) -> Any:
+            # The kernel's own directories go with it (its connection file and
+            # sockets are already cleaned up by now; what the kernel wrote stays
+            # until here, restarts included).
+            km = super().remove_kernel(kernel_id)
+            if km is not None:
+                import shutil
+
+                shutil.rmtree(os.path.dirname(km.connection_file), ignore_errors=True)
+                if work_root is not None:
+                    shutil.rmtree(os.path.join(work_root, kernel_id), ignore_errors=True)
+            return km
 
         async def shutdown_all(self, now: bool = False) -> None:
             # The stock shutdowns stop at the first kernel that cannot be shut
@@ -628,9 +655,9 @@ def _tune_zmq(context: Any, max_sockets: int) -> None:
     context.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)  # a kernel that is gone: back off to once a second
 
 
-# A kernel's longest IPC socket path is <runtime dir>/kernel-<uuid>-ipc-<n>;
+# A kernel's longest IPC socket path is <runtime dir>/<kernel id>/kernel-ipc-<n>;
 # Linux allows 107 bytes for the path of a Unix socket.
-_IPC_NAME_LENGTH = len("/kernel-00000000-0000-0000-0000-000000000000-ipc-5")
+_IPC_NAME_LENGTH = len("/00000000-0000-0000-0000-000000000000/kernel-ipc-5")
 _UNIX_PATH_MAX = 107
 
 
@@ -726,7 +753,9 @@ def main(argv: list[str] | None = None) -> None:
         "--nice", type=int, default=0, help="lower the CPU priority of the gateway and kernels"
     )
     parser.add_argument("--remove-dir", help="delete this directory when the gateway stops")
-    parser.add_argument("--kernel-jail", help="JSON config: run kernels in kernel_jail.py")
+    parser.add_argument(
+        "--kernel-jail", help="path of a JSON config file: run kernels in kernel_jail.py (see its docstring)"
+    )
     parser.add_argument(
         "--sign-messages",
         action="store_true",
@@ -761,10 +790,14 @@ def main(argv: list[str] | None = None) -> None:
     config.KernelGatewayApp.kernel_websocket_connection_class = _no_delay_connection_class()
     if token is not None:
         config.KernelGatewayApp.auth_token = token
-    jail = _jail_prefix(json.loads(args.kernel_jail)) if args.kernel_jail else None
+    jail_config: dict[str, Any] = {}
+    if args.kernel_jail:
+        with open(args.kernel_jail) as file:
+            jail_config = json.load(file)
+    jail = _jail_prefix(args.kernel_jail) if args.kernel_jail else None
     config.KernelGatewayApp.kernel_spec_manager_class = _tuned_kernel_spec_manager_class(jail)
     config.KernelGatewayApp.kernel_manager_class = _light_activity_kernel_manager_class(
-        sign_messages=args.sign_messages
+        sign_messages=args.sign_messages, work_root=jail_config.get("work_root")
     )
     app = KernelGatewayApp.instance(config=config)
     app.initialize(_gateway_argv(args))
@@ -794,7 +827,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(args.remove_dir, ignore_errors=True)
         if short_runtime_dir:
             shutil.rmtree(short_runtime_dir, ignore_errors=True)
-        cgroup = json.loads(args.kernel_jail).get("pids_cgroup") if args.kernel_jail else None
+        cgroup = jail_config.get("pids_cgroup")
         if cgroup:
             # Empty once the kernels are stopped (their own cgroups first);
             # whoever started us removes what is left.

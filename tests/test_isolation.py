@@ -94,7 +94,10 @@ async def test_writes_land_only_in_the_work_directory(jailed: AsyncExecutor, tmp
         assert not target.exists(), f"{target} was written from the jail ({outcome})"
     # The home and /tmp are private (writable, gone afterwards); the host stays as it was.
     work_dir = outcome.rsplit(",", 1)[1].strip(" ')")
-    assert (Path(work_dir) / "inside.txt").read_text() == "in"
+    assert work_dir == backend.work_dir
+    assert jailed.kernel_id is not None
+    own = Path(backend.kernel_work_dir(jailed.kernel_id))
+    assert own.parent == Path(work_dir) and (own / "inside.txt").read_text() == "in"
     assert "OSError" in outcome or "Read-only" in outcome or "FileNotFoundError" in outcome
 
 
@@ -348,23 +351,20 @@ async def test_host_tools_still_cross_the_jail(tmp_path: Path) -> None:
 def test_read_only_paths_inside_the_work_directory_stay_read_only(tmp_path: Path) -> None:
     # E.g. a project's .venv under the cwd given to LocalBackend: the writable
     # work directory must not make the interpreter writable.
-    import json
-    import subprocess
-
     from async_modal_exec import kernel_jail
 
     work = tmp_path / "project"
     venv = work / ".venv"
     venv.mkdir(parents=True)
+    kernel_dir = tmp_path / "rt" / "kernel-id"
+    kernel_dir.mkdir(parents=True)
+    as_root = os.geteuid() == 0
+    if as_root:  # the jailed kernel then runs as nobody: its directories are given to it
+        for path in (work, kernel_dir):
+            os.chown(path, 65534, 65534)
     bwrap = isolation.find_bwrap()
     assert bwrap is not None
-    config = {
-        "bwrap": bwrap,
-        "hide": [],
-        "binds": [str(work)],
-        "ro_binds": [str(venv)],
-        "work_dir": str(work),
-    }
+    config = {"bwrap": bwrap, "work_dir": str(work), "ro_binds": [str(venv)]}
     probe = (
         "import pathlib\n"
         "pathlib.Path('inside.txt').write_text('ok')\n"
@@ -373,10 +373,23 @@ def test_read_only_paths_inside_the_work_directory_stay_read_only(tmp_path: Path
         "except OSError as exc:\n"
         "    print(type(exc).__name__)\n"
     )
-    argv = kernel_jail.bwrap_argv(config, [sys.executable, "-c", probe])
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    argv = kernel_jail.bwrap_argv(
+        config,
+        [sys.executable, "-c", probe],
+        kernel_dir=str(kernel_dir),
+        work=str(work),
+        uid=65534 if as_root else kernel_jail.JAILED_UID,
+        gid=65534 if as_root else kernel_jail.JAILED_UID,
+        as_root=as_root,
+    )
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, pass_fds=_data_fds(argv)
+    )
     assert done.returncode == 0, done.stderr
     assert (work / "inside.txt").read_text() == "ok"
-    assert not (venv / "escape.txt").exists() and "OSError" in done.stdout, json.dumps(
-        [done.stdout, done.stderr]
-    )
+    assert not (venv / "escape.txt").exists() and "OSError" in done.stdout, (done.stdout, done.stderr)
+
+
+def _data_fds(argv: list[str]) -> tuple[int, ...]:
+    """The pipes bwrap_argv made for --ro-bind-data (subprocess closes other descriptors)."""
+    return tuple(int(argv[index + 1]) for index, arg in enumerate(argv) if arg == "--ro-bind-data")

@@ -1,29 +1,45 @@
 """How LocalBackend jails its kernels: bubblewrap namespaces plus resource limits.
 
 The gateway stays outside the jail (on loopback, as without isolation); each
-kernel it starts runs as ``kernel_jail.py <config> <kernel argv>``, which sets
-the limits and execs ``bwrap`` with:
+kernel it starts runs as ``kernel_jail.py <config file> <kernel argv>``, which
+sets the limits and execs ``bwrap`` with (details in
+:mod:`async_modal_exec.kernel_jail` and ``docs/security.md``):
 
-* every namespace unshared (``--unshare-all``): no network but its own
-  loopback, its own PID space (it sees only its own processes, and every
-  process it starts dies with it), its own IPC and host name;
-* the host's file system read-only, with ``/tmp``, ``/var/tmp`` and the home
-  directory replaced by empty private ones (the interpreter is bound back
-  read-only where it lives under them);
-* read-write only: the backend's work directory (the kernel's cwd) and the
-  runtime directory holding the kernels' connection files and IPC sockets;
+* every namespace unshared: no network but its own loopback, its own PID
+  space (it sees only its own processes, and every process it starts dies
+  with it), its own IPC and host name;
+* a new root holding only the system directories (``/usr`` and its
+  symlinks), the interpreter's prefixes and the directories of its installed
+  distributions, the backend's package directory, a few files of ``/etc``
+  (``passwd``, ``group``, ``hosts`` made up), all read-only; fresh ``/dev``,
+  ``/proc``, ``/tmp`` and home (``/home/kernel``); nothing of the host's home,
+  a checkout or the rest of ``/etc``;
+* read-write only: the kernel's own runtime directory (its connection file
+  and IPC sockets, never the other kernels') and its own work directory
+  (bound at :attr:`LocalBackend.work_dir`, removed with the kernel), or the
+  ``cwd=`` its backend's user shares with every kernel;
+* a non-root user: the caller's uid mapped to 1000 inside, or, when the
+  caller is root, uid and gid 65534 on the host (root-only files stay
+  unreadable);
 * no host environment variables: only ``PATH``, ``HOME``, ``LANG``,
-  ``PYTHONPATH`` (the backend's package directory) and what ``env=`` passes;
+  ``TMPDIR``, ``PYTHONPATH`` (the backend's package directory) and what
+  ``env=`` passes;
 * the limits of :class:`Limits`.
 
-The config (JSON) keys: ``bwrap``, ``hide``, ``ro_binds``, ``binds``,
-``work_dir``, ``env``, the :class:`Limits` fields, ``pids_cgroup``, ``pids_per_kernel``.
+The config (JSON, written to a ``0600`` file in the backend's ``0700``
+directory: it holds ``env=``, which must not appear in any command line) has
+the keys ``bwrap``, ``ro_binds``, ``work_dir`` (the kernels' work directory,
+as they see it), ``work_root`` (where their own work directories are made on
+the host; None when they share ``work_dir``), ``env``, ``kernel_uid``,
+``kernel_gid``, the :class:`Limits` fields, ``pids_cgroup``,
+``pids_per_kernel``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
@@ -129,39 +145,62 @@ def _warn_once(why: str) -> None:
     )
 
 
+# Who a jailed kernel runs as on the host when the backend's user is root (nobody).
+ROOT_KERNEL_UID = ROOT_KERNEL_GID = 65534
+KERNEL_HOME = "/home/kernel"
+
+
 def jail_config(
     bwrap: str,
     *,
     work_dir: str,
-    runtime_dir: str,
+    work_root: str | None,
     packages_dir: str,
     env: dict[str, str],
     limits: Limits,
     pids_cgroup: str | None,
     pids_per_kernel: bool = False,
 ) -> dict[str, Any]:
-    """The launcher's ``--kernel-jail`` config (it adds its interpreter's paths to ``ro_binds``)."""
-    home = os.path.expanduser("~")
-    hide = [path for path in ("/tmp", "/var/tmp", home) if path not in ("/", "")]
+    """The config ``kernel_jail.py`` reads (see the module docstring for the keys)."""
     return {
         "bwrap": bwrap,
-        "hide": hide,
         "ro_binds": [packages_dir],
-        "binds": [runtime_dir, work_dir],
         "work_dir": work_dir,
+        "work_root": work_root,
         "env": {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": home,
+            "HOME": KERNEL_HOME,
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "TMPDIR": "/tmp",
             "PYTHONPATH": packages_dir,
             "PYDEVD_DISABLE_FILE_VALIDATION": "1",
             **env,
         },
+        "kernel_uid": ROOT_KERNEL_UID,
+        "kernel_gid": ROOT_KERNEL_GID,
         **asdict(limits),
         "pids_cgroup": pids_cgroup,
         "pids_per_kernel": pids_per_kernel,
     }
+
+
+def write_jail_config(path: str, config: dict[str, Any]) -> None:
+    """Write ``config`` to ``path``, readable by this user only (it holds ``env=``)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(config, file)
+
+
+def writable_by_kernels(path: str) -> bool:
+    """Whether root's jailed kernels (uid/gid 65534) can write in the directory ``path``."""
+    info = os.stat(path)
+    if info.st_uid == ROOT_KERNEL_UID:
+        wanted = 0o300
+    elif info.st_gid == ROOT_KERNEL_GID:
+        wanted = 0o030
+    else:
+        wanted = 0o003
+    return info.st_mode & wanted == wanted
 
 
 def make_pids_cgroup(name: str, max_processes: int | None) -> str | None:

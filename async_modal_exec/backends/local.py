@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import json
 import logging
 import math
 import os
@@ -38,6 +37,8 @@ from ..errors import BackendStartError, ExecutorStateError
 from .base import Backend, GatewayEndpoint
 from .isolation import (
     ISOLATION_MODES,
+    ROOT_KERNEL_GID,
+    ROOT_KERNEL_UID,
     Isolation,
     Limits,
     choose,
@@ -45,6 +46,8 @@ from .isolation import (
     make_pids_cgroup,
     remove_cgroup_when_empty,
     share_out_pids_cgroup,
+    writable_by_kernels,
+    write_jail_config,
 )
 
 # Runs the launcher file given as the first argument as __main__; unlike
@@ -153,10 +156,13 @@ class LocalBackend(Backend):
     work); ``"none"`` runs kernels as you, with your files, network and
     environment. :attr:`isolated` says which one you got after :meth:`start`.
     A jailed kernel has no network, sees only its own processes (all of them
-    die with it), sees the host read-only with an empty home and ``/tmp``,
-    writes only in its work directory, gets no host environment variable but
-    ``PATH``/``LANG`` and ``env=``, and runs within ``limits``. Packages
-    installed for it (:meth:`install`) go into the backend's own directory.
+    die with it), sees only the system directories, its interpreter and a
+    made-up ``/etc`` (read-only) with an empty home and ``/tmp``, writes only
+    in its own work directory, cannot reach the backend's other kernels,
+    runs as a non-root user (uid 65534 when you are root), gets no host
+    environment variable but ``PATH``/``LANG`` and ``env=``, and runs within
+    ``limits``. Packages installed for it (:meth:`install`) go into the
+    backend's own directory.
 
     Closing stops the gateway and every process it started (kernels run in
     their own sessions, so the whole tree is tracked). If this Python process
@@ -165,9 +171,12 @@ class LocalBackend(Backend):
 
     Args:
         python: interpreter with jupyter_kernel_gateway and ipykernel (default: this one).
-        cwd: working directory of the kernels (jailed: the one writable
-            directory; default: a fresh one removed on close). Created with
-            its parents if missing, and left in place on close.
+        cwd: working directory shared by the backend's kernels (jailed: the
+            one writable host directory; as root it must be writable by uid
+            65534, which jailed kernels run as). Created with its parents if
+            missing, and left in place on close. Default: jailed kernels
+            each get a fresh one of their own, removed with the kernel;
+            unjailed kernels share a fresh one removed on close.
         env: environment variables for the kernels (jailed: the only ones
             besides ``PATH``, ``HOME``, ``LANG``, ``TMPDIR`` and ``PYTHONPATH``).
         isolation: ``"auto"``, ``"bwrap"`` or ``"none"`` (see above).
@@ -210,7 +219,27 @@ class LocalBackend(Backend):
 
     @property
     def work_dir(self) -> str | None:
-        """The kernels' working directory, the only one file operations reach (None before start)."""
+        """The kernels' working directory as they see it, the only one file operations reach.
+
+        None before start. Jailed kernels of a backend without ``cwd=`` each
+        see their own directory there (:meth:`kernel_work_dir` on the host).
+        """
+        return self._work_dir
+
+    def kernel_work_dir(self, kernel_id: str) -> str:
+        """Where a kernel's work directory is on the host (removed with the kernel when its own).
+
+        Jailed kernels without ``cwd=`` get one each, ``<work_dir>/<kernel id>``
+        on the host, bound at :attr:`work_dir` in their jail; otherwise the
+        kernels share :attr:`work_dir`.
+
+        Raises:
+            ExecutorStateError: the backend is not started.
+        """
+        if self._work_dir is None:
+            raise ExecutorStateError("the LocalBackend is not started")
+        if self.isolated and self.cwd is None:
+            return os.path.join(self._work_dir, kernel_id)
         return self._work_dir
 
     @property
@@ -245,9 +274,25 @@ class LocalBackend(Backend):
             work_dir = os.fspath(self.cwd) if self.cwd is not None else os.path.join(private_dir, "work")
             self._work_dir = work_dir
             try:
+                made = not os.path.isdir(work_dir)
                 os.makedirs(work_dir, exist_ok=True)
+                if made and bwrap is not None and self.cwd is not None and os.geteuid() == 0:
+                    # Made for the kernels: theirs (as root they run as nobody).
+                    os.chown(work_dir, ROOT_KERNEL_UID, ROOT_KERNEL_GID)
             except OSError as exc:
                 raise BackendStartError(f"cwd {work_dir!r} cannot be the kernels' directory: {exc}") from exc
+            if (
+                bwrap is not None
+                and self.cwd is not None
+                and os.geteuid() == 0
+                and not writable_by_kernels(work_dir)
+            ):
+                raise BackendStartError(
+                    f"cwd {work_dir!r} is not writable by the jailed kernels: as root they run as uid "
+                    f"and gid {ROOT_KERNEL_UID} (nobody). Give it to them (chown {ROOT_KERNEL_UID}:"
+                    f"{ROOT_KERNEL_GID} DIR), leave cwd out (each kernel then gets a directory of "
+                    "its own), or run as another user"
+                )
             env = {
                 **os.environ,
                 **self.env,
@@ -276,14 +321,18 @@ class LocalBackend(Backend):
                 config = jail_config(
                     bwrap,
                     work_dir=work_dir,
-                    runtime_dir=runtime_dir,
+                    # No cwd given: each kernel gets a work directory of its own.
+                    work_root=work_dir if self.cwd is None else None,
                     packages_dir=self.packages_dir,
                     env=self.env,
                     limits=self.limits,
                     pids_cgroup=self._pids_cgroup,
                     pids_per_kernel=per_kernel,
                 )
-                options.append(f"--kernel-jail={json.dumps(config)}")
+                # A file, never argv: the config holds env= (argv is public in /proc).
+                config_path = os.path.join(private_dir, "jail.json")
+                write_jail_config(config_path, config)
+                options.append(f"--kernel-jail={config_path}")
             log = self._log
 
             def spawn() -> subprocess.Popen[bytes]:

@@ -43,9 +43,11 @@ back.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import resource
+import struct
 import sys
 import sysconfig
 
@@ -69,6 +71,45 @@ ETC_FILES = (
 JAILED_UID = 1000  # the kernel's uid and gid inside a user namespace
 HOME = "/home/kernel"
 _ROOT_JAIL_FILE = "/run/jail/kernel_jail.py"  # this file, as the jail sees it (root only)
+
+
+# seccomp (classic BPF) for what a network namespace does not confine: a
+# socket of these families reaches the host whatever namespace it is made in
+# (AF_VSOCK: the hypervisor's services, from a VM). Per architecture: its
+# AUDIT_ARCH value and the number of socket(2).
+_SECCOMP_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
+BLOCKED_SOCKET_FAMILIES = (40,)  # AF_VSOCK
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+_SECCOMP_ALLOW = 0x7FFF0000
+_SECCOMP_ERRNO = 0x00050000
+
+
+def seccomp_filter(machine: str) -> bytes | None:
+    """The BPF program bubblewrap loads (``--seccomp``); None on an architecture not covered.
+
+    ``socket()`` of a blocked family fails with ``EAFNOSUPPORT``; every system
+    call of another ABI (32-bit ``int 0x80``, x32) fails with ``ENOSYS``, so
+    none goes around the check. Everything else is allowed.
+    """
+    if machine not in _SECCOMP_ARCH:
+        return None
+    arch, socket_call = _SECCOMP_ARCH[machine]
+    other_abi = _SECCOMP_ERRNO | errno.ENOSYS
+    families = len(BLOCKED_SOCKET_FAMILIES)
+    program = [
+        (_BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        (_BPF_JEQ_K, 1, 0, arch),
+        (_BPF_RET_K, 0, 0, other_abi),
+        (_BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+        (_BPF_JGE_K, 0, 1, 0x40000000),  # x32 system calls
+        (_BPF_RET_K, 0, 0, other_abi),
+        (_BPF_JEQ_K, 0, families + 1, socket_call),  # not socket(): allowed
+        (_BPF_LD_W_ABS, 0, 0, 16),  # seccomp_data.args[0], low 32 bits (little-endian)
+        *((_BPF_JEQ_K, families - index, 0, family) for index, family in enumerate(BLOCKED_SOCKET_FAMILIES)),
+        (_BPF_RET_K, 0, 0, _SECCOMP_ALLOW),
+        (_BPF_RET_K, 0, 0, _SECCOMP_ERRNO | errno.EAFNOSUPPORT),
+    ]
+    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
 
 
 def _own_processes(uid: int) -> int:
@@ -281,6 +322,9 @@ def bwrap_argv(
             argv += ["--ro-bind", path, path]
     for path, data in _identity_files(uid, gid).items():
         argv += ["--perms", "0644", "--ro-bind-data", str(_data_fd(data)), path]
+    program = seccomp_filter(os.uname().machine)
+    if program is not None:
+        argv += ["--seccomp", str(_data_fd(program))]
     if as_root:
         argv += ["--perms", "0755", "--dir", "/run", "--perms", "0755", "--dir", "/run/jail"]
         argv += ["--ro-bind", os.path.abspath(__file__), _ROOT_JAIL_FILE]

@@ -284,7 +284,7 @@ async def test_example_app_exits_within_seconds_with_sessions_running_code_and_p
     async with example_server() as (process, client):
         ids = await asyncio.gather(*(new_session(client) for _ in range(4)))
         # The example's kernels are jailed: the marker goes into the kernel's
-        # work directory, which the host sees under the backend's private dir.
+        # own work directory, which the host sees under the backend's private dir.
         name = f"running-{secrets.token_hex(4)}"
         code = f"import pathlib, time\npathlib.Path({name!r}).touch()\ntime.sleep(60)"
         running = asyncio.create_task(
@@ -292,7 +292,7 @@ async def test_example_app_exits_within_seconds_with_sessions_running_code_and_p
         )
         pending = [asyncio.create_task(client.post("/sessions", headers=AUTH)) for _ in range(3)]
         deadline = time.monotonic() + 30
-        while not glob.glob(f"/tmp/ame-*/work/{name}"):
+        while not glob.glob(f"/tmp/ame-*/work/*/{name}"):
             assert time.monotonic() < deadline, "the code never started"
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.5)

@@ -41,7 +41,7 @@ async def jailed(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[AsyncExecutor
         yield executor
 
 
-async def value(executor: AsyncExecutor, code: str) -> str:
+async def value_of(executor: AsyncExecutor, code: str) -> str:
     result = await executor.run(code)
     result.raise_for_error()
     assert result.value is not None, result
@@ -60,7 +60,7 @@ async def test_no_tcp_to_the_gateway_or_a_host_listener(jailed: AsyncExecutor) -
         # Reachable from the host: the attempts below would succeed unjailed.
         for port in ports:
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        outcome = await value(
+        outcome = await value_of(
             jailed,
             "import socket\n"
             "def attempt(port):\n"
@@ -78,7 +78,7 @@ async def test_writes_land_only_in_the_work_directory(jailed: AsyncExecutor, tmp
     backend = jailed.backend
     assert isinstance(backend, LocalBackend)
     targets = [tmp_path / "escape.txt", Path(sys.prefix) / "escape.txt", Path.home() / "escape.txt"]
-    outcome = await value(
+    outcome = await value_of(
         jailed,
         "import os\n"
         "def attempt(path):\n"
@@ -105,7 +105,7 @@ async def test_files_under_the_host_home_are_hidden(jailed: AsyncExecutor) -> No
     planted = Path.home() / f"ame-planted-{secrets.token_hex(4)}.txt"
     planted.write_text("host secret")
     try:
-        outcome = await value(
+        outcome = await value_of(
             jailed,
             f"import os\ntry:\n    r = open({str(planted)!r}).read()\nexcept OSError as exc:\n"
             f"    r = type(exc).__name__\nr",
@@ -120,7 +120,7 @@ async def test_no_host_environment_and_no_gateway_token(jailed: AsyncExecutor) -
     assert isinstance(backend, LocalBackend) and backend._endpoint is not None
     token = backend._endpoint.token
     assert token
-    outcome = await value(
+    outcome = await value_of(
         jailed,
         "import os\n"
         "found = []\n"
@@ -140,9 +140,23 @@ async def test_no_host_environment_and_no_gateway_token(jailed: AsyncExecutor) -
     assert token.encode() not in Path(f"/proc/{backend.pid}/environ").read_bytes()
 
 
+async def test_a_backend_env_value_is_in_no_process_command_line() -> None:
+    # It travelled as JSON in the launcher's --kernel-jail= argument: readable
+    # by every user (ps -eo args) for the gateway's whole life.
+    value = "env-secret-" + secrets.token_hex(8)
+    backend = LocalBackend(isolation="bwrap", env={"AME_GIVEN_SECRET": value})
+    async with AsyncExecutor(backend) as executor:
+        assert await value_of(executor, "import os\nos.environ['AME_GIVEN_SECRET']") == repr(value)
+        command_lines = [_cmdline(int(pid)) for pid in os.listdir("/proc") if pid.isdigit()]
+        assert command_lines and not [line for line in command_lines if value.encode() in line]
+        # Nor is it in the gateway's environment: the jail config (a 0600 file) carries it.
+        assert backend.pid is not None
+        assert value.encode() not in Path(f"/proc/{backend.pid}/environ").read_bytes()
+
+
 async def test_host_processes_are_invisible_and_out_of_reach(jailed: AsyncExecutor) -> None:
     host_pids = [os.getpid(), os.getppid()]
-    outcome = await value(
+    outcome = await value_of(
         jailed,
         "import os, signal\n"
         "seen = [open(f'/proc/{p}/cmdline','rb').read() for p in os.listdir('/proc') if p.isdigit()]\n"
@@ -162,7 +176,7 @@ async def test_host_processes_are_invisible_and_out_of_reach(jailed: AsyncExecut
 
 async def test_no_process_outlives_its_kernel(jailed: AsyncExecutor) -> None:
     marker = f"ame-detached-{secrets.token_hex(4)}"
-    await value(
+    await value_of(
         jailed,
         "import subprocess, sys\n"
         f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', {marker!r}],"
@@ -175,7 +189,7 @@ async def test_no_process_outlives_its_kernel(jailed: AsyncExecutor) -> None:
     await jailed.restart()
     assert jailed.kernel_id != old_kernel
     assert await wait_gone(detached) == [], "a detached process survived its kernel"
-    assert await value(jailed, "'still usable'") == "'still usable'"
+    assert await value_of(jailed, "'still usable'") == "'still usable'"
 
 
 def _cmdline(pid: int) -> bytes:
@@ -186,7 +200,7 @@ def _cmdline(pid: int) -> bytes:
 
 
 async def test_a_fork_bomb_is_contained_and_reported(jailed: AsyncExecutor) -> None:
-    outcome = await value(
+    outcome = await value_of(
         jailed,
         "import os, signal, time\n"
         "children = []\n"
@@ -208,7 +222,7 @@ async def test_a_fork_bomb_is_contained_and_reported(jailed: AsyncExecutor) -> N
     forked, stopped_by = outcome.strip("()").split(", ")
     assert stopped_by == "'BlockingIOError'", outcome
     assert int(forked) < 64
-    assert await value(jailed, "1 + 1") == "2"
+    assert await value_of(jailed, "1 + 1") == "2"
 
 
 HOLD_EVERY_PROCESS = (
@@ -249,15 +263,15 @@ async def test_each_kernel_of_a_backend_has_its_own_process_limit() -> None:
                 pytest.skip("this machine's pids cgroups cannot have children: one per backend")
             assert len(kernels) == 2
             try:
-                taken = int(await value(first, HOLD_EVERY_PROCESS))
+                taken = int(await value_of(first, HOLD_EVERY_PROCESS))
                 assert 10 < taken < 48
                 # The other kernel of the same gateway and jail still has its
                 # own (give or take a thread a kernel starts late).
-                other = int(await value(second, HOLD_EVERY_PROCESS))
+                other = int(await value_of(second, HOLD_EVERY_PROCESS))
                 assert abs(other - taken) <= 3, (other, taken)
-                assert await value(second, RELEASE) == str(other)
+                assert await value_of(second, RELEASE) == str(other)
             finally:
-                await value(first, RELEASE)
+                await value_of(first, RELEASE)
     assert not os.path.exists(cgroup)
 
 
@@ -283,10 +297,10 @@ def test_a_starting_kernel_removes_only_the_cgroups_of_ended_kernels(tmp_path: P
 async def test_a_memory_bomb_is_a_memory_error_and_the_kernel_lives(jailed: AsyncExecutor) -> None:
     result = await jailed.run("hoard = []\nwhile True:\n    hoard.append(bytearray(50 * 2**20))")
     assert result.error is not None and result.error.ename == "MemoryError", result
-    assert await value(jailed, "n = len(hoard)\ndel hoard\nn > 0") == "True"
+    assert await value_of(jailed, "n = len(hoard)\ndel hoard\nn > 0") == "True"
     result = await jailed.run("bytearray(8 * 2**30)")
     assert result.error is not None and result.error.ename == "MemoryError", result
-    assert await value(jailed, "1 + 1") == "2"
+    assert await value_of(jailed, "1 + 1") == "2"
 
 
 async def test_bwrap_that_cannot_work_fails_clearly_and_auto_warns(
@@ -302,7 +316,7 @@ async def test_bwrap_that_cannot_work_fails_clearly_and_auto_warns(
     backend = LocalBackend()
     with caplog.at_level(logging.WARNING, logger="async_modal_exec.backends.local"):
         async with AsyncExecutor(backend) as executor:
-            assert await value(executor, "6 * 7") == "42"
+            assert await value_of(executor, "6 * 7") == "42"
     assert backend.isolated is False
     warnings = [r for r in caplog.records if "WITHOUT isolation" in r.getMessage()]
     assert len(warnings) == 1
@@ -314,7 +328,7 @@ async def test_unjailed_kernels_cannot_read_the_token_either() -> None:
         assert backend._endpoint is not None and backend.pid is not None
         token = backend._endpoint.token
         assert token
-        outcome = await value(
+        outcome = await value_of(
             executor,
             f"import os\nopen('/proc/{backend.pid}/environ', 'rb').read().decode() + repr(dict(os.environ))",
         )
@@ -327,7 +341,7 @@ async def test_default_local_backend_is_jailed_here() -> None:
     backend = LocalBackend()
     async with AsyncExecutor(backend) as executor:
         assert backend.isolated is True
-        assert await value(executor, "import os\nos.getpid()") == "2"
+        assert await value_of(executor, "import os\nos.getpid()") == "2"
     assert await wait_gone([p for p in descendants() if b"kernel_jail" in _cmdline(p)]) == []
 
 
@@ -343,7 +357,7 @@ async def test_host_tools_still_cross_the_jail(tmp_path: Path) -> None:
     backend = LocalBackend(isolation="bwrap")
     async with AsyncExecutor(backend, host_tools=[read_host_file]) as executor:
         assert backend.isolated
-        assert await value(executor, "read_host_file('host-only.txt')") == "'seen by the host tool'"
+        assert await value_of(executor, "read_host_file('host-only.txt')") == "'seen by the host tool'"
         direct = await executor.run(f"open({str(planted)!r}).read()")
         assert direct.error is not None and direct.error.ename == "FileNotFoundError"
 

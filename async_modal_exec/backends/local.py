@@ -295,7 +295,8 @@ class LocalBackend(Backend):
                 )
             env = {
                 **os.environ,
-                **self.env,
+                # Jailed kernels get env= from the jail config, not the gateway's environment.
+                **(self.env if bwrap is None else {}),
                 _launcher().TOKEN_ENV: token,
                 "JUPYTER_RUNTIME_DIR": runtime_dir,
             }

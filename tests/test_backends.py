@@ -99,7 +99,9 @@ async def test_gateway_stops_when_its_parent_dies() -> None:
 
 
 async def test_local_backend_start_failure_is_clear() -> None:
-    backend = LocalBackend(python=sys.executable, env={"PYTHONPATH": "/nonexistent"}, cwd="/", isolation="none")
+    backend = LocalBackend(
+        python=sys.executable, env={"PYTHONPATH": "/nonexistent"}, cwd="/", isolation="none"
+    )
     backend.python = "/bin/false"
     with pytest.raises(BackendStartError, match="exited with status 1"):
         await backend.start()

@@ -93,7 +93,7 @@ async def test_writes_land_only_in_the_work_directory(jailed: AsyncExecutor, tmp
     for target in targets:
         assert not target.exists(), f"{target} was written from the jail ({outcome})"
     # The home and /tmp are private (writable, gone afterwards); the host stays as it was.
-    work_dir = outcome.rsplit(",", 1)[1].strip(" ')")
+    work_dir = outcome.rsplit(",", 1)[1].strip().strip("')")
     assert work_dir == backend.work_dir
     assert jailed.kernel_id is not None
     own = Path(backend.kernel_work_dir(jailed.kernel_id))
@@ -397,7 +397,12 @@ def test_read_only_paths_inside_the_work_directory_stay_read_only(tmp_path: Path
         as_root=as_root,
     )
     done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}, pass_fds=_data_fds(argv)
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
+        pass_fds=_data_fds(argv),
     )
     assert done.returncode == 0, done.stderr
     assert (work / "inside.txt").read_text() == "ok"
@@ -405,5 +410,7 @@ def test_read_only_paths_inside_the_work_directory_stay_read_only(tmp_path: Path
 
 
 def _data_fds(argv: list[str]) -> tuple[int, ...]:
-    """The pipes bwrap_argv made for --ro-bind-data (subprocess closes other descriptors)."""
-    return tuple(int(argv[index + 1]) for index, arg in enumerate(argv) if arg == "--ro-bind-data")
+    """The pipes bwrap_argv made for --ro-bind-data and --seccomp (subprocess closes the others)."""
+    return tuple(
+        int(argv[index + 1]) for index, arg in enumerate(argv) if arg in ("--ro-bind-data", "--seccomp")
+    )

@@ -42,6 +42,8 @@ def _editable_checkout() -> str:
     if direct_url.get("dir_info", {}).get("editable") and direct_url["url"].startswith("file://"):
         return str(direct_url["url"][len("file://") :])
     return str(CHECKOUT)
+
+
 B_FILE = "b-secret.txt"
 
 
@@ -135,7 +137,9 @@ def _program(case: Case, info: dict[str, object]) -> str:
 
 
 async def _b_prints_its_secret(victim: AsyncExecutor, secret: str) -> None:
-    result = await victim.run(f"import time\nfor _ in range(30):\n    print({secret!r}, flush=True)\n    time.sleep(0.1)")
+    result = await victim.run(
+        f"import time\nfor _ in range(30):\n    print({secret!r}, flush=True)\n    time.sleep(0.1)"
+    )
     result.raise_for_error()
 
 
@@ -152,7 +156,6 @@ async def test_an_escape_attempt_is_refused(pair: Pair, case: Case) -> None:
     result.raise_for_error()
     assert result.value is not None
     verdict = ast.literal_eval(result.value.text)
-    print("VERDICT", case.name, verdict[:300])
     assert re.fullmatch(case.expect, verdict, re.DOTALL), f"{case.name}: {verdict}"
     assert pair.secret not in result.stdout + result.stderr + verdict
     # The victim is untouched: its variable and file are as it left them.

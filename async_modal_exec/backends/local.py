@@ -140,6 +140,32 @@ def _make_private_dir() -> tuple[str, IO[bytes]]:
     return private_dir, log
 
 
+def _prepare_work_dir(work_dir: str, *, for_root_jail: bool) -> None:
+    """Make the kernels' directory if missing; as root with a jail, check its kernels can write it.
+
+    ``for_root_jail``: a ``cwd=`` for jailed kernels. When this process is
+    root they run as uid/gid 65534: a directory made here is given to them,
+    one that exists must let them write.
+
+    Raises:
+        BackendStartError: it cannot be made, is not a directory, or the jailed kernels could not write it.
+    """
+    as_root = for_root_jail and os.geteuid() == 0
+    try:
+        made = not os.path.isdir(work_dir)
+        os.makedirs(work_dir, exist_ok=True)
+        if made and as_root:
+            os.chown(work_dir, ROOT_KERNEL_UID, ROOT_KERNEL_GID)
+    except OSError as exc:
+        raise BackendStartError(f"cwd {work_dir!r} cannot be the kernels' directory: {exc}") from exc
+    if as_root and not writable_by_kernels(work_dir):
+        raise BackendStartError(
+            f"cwd {work_dir!r} is not writable by the jailed kernels: as root they run as uid and gid "
+            f"{ROOT_KERNEL_UID} (nobody). Give it to them (chown {ROOT_KERNEL_UID}:{ROOT_KERNEL_GID} "
+            "DIR), leave cwd out (each kernel then gets a directory of its own), or run as another user"
+        )
+
+
 class LocalBackend(Backend):
     """Starts a Jupyter Kernel Gateway subprocess on 127.0.0.1; jails its kernels.
 
@@ -273,26 +299,7 @@ class LocalBackend(Backend):
             runtime_dir = os.path.join(private_dir, "rt")
             work_dir = os.fspath(self.cwd) if self.cwd is not None else os.path.join(private_dir, "work")
             self._work_dir = work_dir
-            try:
-                made = not os.path.isdir(work_dir)
-                os.makedirs(work_dir, exist_ok=True)
-                if made and bwrap is not None and self.cwd is not None and os.geteuid() == 0:
-                    # Made for the kernels: theirs (as root they run as nobody).
-                    os.chown(work_dir, ROOT_KERNEL_UID, ROOT_KERNEL_GID)
-            except OSError as exc:
-                raise BackendStartError(f"cwd {work_dir!r} cannot be the kernels' directory: {exc}") from exc
-            if (
-                bwrap is not None
-                and self.cwd is not None
-                and os.geteuid() == 0
-                and not writable_by_kernels(work_dir)
-            ):
-                raise BackendStartError(
-                    f"cwd {work_dir!r} is not writable by the jailed kernels: as root they run as uid "
-                    f"and gid {ROOT_KERNEL_UID} (nobody). Give it to them (chown {ROOT_KERNEL_UID}:"
-                    f"{ROOT_KERNEL_GID} DIR), leave cwd out (each kernel then gets a directory of "
-                    "its own), or run as another user"
-                )
+            _prepare_work_dir(work_dir, for_root_jail=bwrap is not None and self.cwd is not None)
             env = {
                 **os.environ,
                 # Jailed kernels get env= from the jail config, not the gateway's environment.

@@ -8,7 +8,7 @@
 from typing import TYPE_CHECKING, Any
 
 from ._usage import BlockingCallWarning
-from .backends import Backend, GatewayBackend, GatewayEndpoint, LocalBackend
+from .backends import Backend, GatewayBackend, GatewayEndpoint, LocalBackend, Sandbox
 from .errors import (
     AsyncModalExecError,
     BackendAuthError,
@@ -118,6 +118,7 @@ __all__ = [
     "GatewayAuthError",
     "GatewayBackend",
     "GatewayEndpoint",
+    "Sandbox",
     "GatewayError",
     "GatewayNotFound",
     "GatewayUnreachable",

@@ -33,7 +33,7 @@ import anyio._backends._asyncio  # isort: skip
 from . import environment, files, packages
 from ._shield import Completion, run_shielded
 from ._timing import record_phase
-from .backends.base import Backend
+from .backends.base import Backend, GatewayEndpoint, Sandbox
 from .channel import ChannelLost, KernelChannel
 from .errors import (
     AsyncModalExecError,
@@ -101,8 +101,12 @@ class AsyncExecutor:
 
     Args:
         backend: provides the gateway; default: a new
-            :class:`~async_modal_exec.LocalBackend`.
-        owns_backend: close the backend in :meth:`aclose` (default True).
+            :class:`~async_modal_exec.LocalBackend`. A
+            :class:`~async_modal_exec.Sandbox` (a started backend) is
+            shared: the executor makes its kernel there and neither starts
+            nor closes the backend.
+        owns_backend: close the backend in :meth:`aclose` (default True;
+            always False on a ``Sandbox``).
         timeout: default timeout of :meth:`run` / :meth:`stream`, seconds (None: no limit).
         interrupt_grace: how long the interrupt of a timed-out or cancelled
             execution may take, until the kernel is idle again, before the
@@ -135,7 +139,7 @@ class AsyncExecutor:
 
     def __init__(
         self,
-        backend: Backend | None = None,
+        backend: Backend | Sandbox | None = None,
         *,
         owns_backend: bool = True,
         timeout: float | None = None,
@@ -164,6 +168,11 @@ class AsyncExecutor:
         self.env = environment.checked_env(env)
         self.file_chunk_bytes = file_chunk_bytes
         self.packages = packages.PackageRecord()
+        self._sandbox_endpoint: GatewayEndpoint | None = None
+        if isinstance(backend, Sandbox):
+            self._sandbox_endpoint = backend.endpoint
+            backend = backend.backend
+            owns_backend = False
         self.backend = backend
         self._owns_backend = owns_backend
         self.default_timeout = timeout
@@ -183,6 +192,7 @@ class AsyncExecutor:
         self._session: KernelSession | None = None
         # Messages read ahead while probing after a reconnect, for the running execution.
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._running: ExecutionFold | None = None  # the execution on the kernel now (for interrupt())
         self.startup_timings: dict[str, float] = {}
         self.host_tools = host_tools if isinstance(host_tools, HostTools) else HostTools(host_tools or ())
 
@@ -192,6 +202,11 @@ class AsyncExecutor:
     def kernel_id(self) -> str | None:
         """The id of the current kernel (None before start)."""
         return self._session.kernel_id if self._session is not None else None
+
+    @property
+    def endpoint(self) -> GatewayEndpoint | None:
+        """The gateway this executor's kernel runs on (None before start)."""
+        return self._gateway.endpoint if self._gateway is not None else None
 
     @property
     def state(self) -> ExecutorState:
@@ -220,7 +235,7 @@ class AsyncExecutor:
         self._state = ExecutorState.STARTING
         try:
             with self._phase("backend"):
-                endpoint = await self.backend.start()
+                endpoint = self._sandbox_endpoint or await self.backend.start()
             self._check_not_closed()
             with self._phase("gateway_ready"):
                 self._gateway = GatewayClient(endpoint)
@@ -520,6 +535,7 @@ class AsyncExecutor:
             msg_id=fold.msg_id,
             metadata=metadata,
         )
+        self._running = fold
         try:
             await self._send(channel, request)
             quiet_from: float | None = None  # once replied: when the last message came
@@ -736,7 +752,8 @@ class AsyncExecutor:
         try:
             try:
                 with anyio.fail_after(self.interrupt_grace):
-                    await session.interrupt()
+                    if await session.interrupt():
+                        fold.interrupted_by_message()
             except (GatewayUnreachable, TimeoutError) as exc:
                 logger.warning("cannot reach the gateway to interrupt kernel %s: %r", session.kernel_id, exc)
                 session.discard_connection("the gateway is unreachable")
@@ -794,7 +811,8 @@ class AsyncExecutor:
         Cancelling the call abandons the REST request; the interrupt may or
         may not have reached the kernel.
         """
-        await self._open_session().interrupt()
+        if await self._open_session().interrupt() and self._running is not None:
+            self._running.interrupted_by_message()
 
     async def restart(self) -> None:
         """Start over on a brand-new kernel: all state is lost, ``kernel_id`` changes.

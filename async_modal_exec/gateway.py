@@ -179,6 +179,21 @@ class GatewayClient:
         """Send the kernel an interrupt (SIGINT for ipykernel)."""
         await self._json("POST", f"/api/kernels/{kernel_id}/interrupt")
 
+    async def interrupt_mode(self, kernel_name: str | None) -> str:
+        """How the gateway interrupts kernels of a spec: ``"signal"`` or ``"message"``.
+
+        A message-mode interrupt is an ``interrupt_request`` from the gateway:
+        the kernel's reply goes to the gateway (jailed local kernels, which a
+        signal cannot reach in their PID namespace).
+        """
+        reply = await self._json("GET", "/api/kernelspecs")
+        if not isinstance(reply, dict):
+            return "signal"
+        name = kernel_name or reply.get("default")
+        entry = (reply.get("kernelspecs") or {}).get(name) or {}
+        mode = (entry.get("spec") or {}).get("interrupt_mode")
+        return mode if mode in ("signal", "message") else "signal"
+
     def websocket_url(self, kernel_id: str, session_id: str) -> str:
         """The channels websocket URL of a kernel (no token in it)."""
         scheme_base = self._base.replace("https://", "wss://", 1).replace("http://", "ws://", 1)

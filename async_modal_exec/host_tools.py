@@ -30,6 +30,7 @@ from typing import Any
 import anyio
 
 from . import _kernel_bridge
+from ._extras import require
 from ._kernel_bridge import MARKER
 
 logger = logging.getLogger("async_modal_exec.host_tools")
@@ -140,6 +141,9 @@ class HostTools:
         call_timeout: seconds one call may take; the sandbox then gets a
             ``HostToolError`` saying it timed out.
         max_bytes: limit on the serialised arguments and on the serialised result.
+
+    Raises:
+        MissingExtra: tools were given and smolagents is not installed.
     """
 
     def __init__(
@@ -158,8 +162,16 @@ class HostTools:
         self.add(tools)
 
     def add(self, tools: Mapping[str, Any] | Iterable[Any]) -> None:
-        """Register more tools (a same-named tool replaces the old one)."""
-        items = tools.items() if isinstance(tools, Mapping) else ((tool_name(tool), tool) for tool in tools)
+        """Register more tools (a same-named tool replaces the old one).
+
+        Raises:
+            MissingExtra: smolagents is not installed (its safe serializer carries
+                the arguments and results both ways).
+        """
+        named = tools.items() if isinstance(tools, Mapping) else ((tool_name(tool), tool) for tool in tools)
+        items = list(named)
+        if items:
+            require("smolagents", "host tools")
         for name, tool in items:
             self._tools[name] = _HostTool(name, tool)
 

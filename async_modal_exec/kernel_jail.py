@@ -46,7 +46,10 @@ import contextlib
 import errno
 import json
 import os
+import re
 import resource
+import shutil
+import stat
 import struct
 import sys
 import sysconfig
@@ -73,43 +76,71 @@ HOME = "/home/kernel"
 _ROOT_JAIL_FILE = "/run/jail/kernel_jail.py"  # this file, as the jail sees it (root only)
 
 
-# seccomp (classic BPF) for what a network namespace does not confine: a
-# socket of these families reaches the host whatever namespace it is made in
-# (AF_VSOCK: the hypervisor's services, from a VM). Per architecture: its
-# AUDIT_ARCH value and the number of socket(2).
-_SECCOMP_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
-BLOCKED_SOCKET_FAMILIES = (40,)  # AF_VSOCK
-_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
-_SECCOMP_ALLOW = 0x7FFF0000
-_SECCOMP_ERRNO = 0x00050000
+# seccomp (classic BPF), for what the namespaces do not confine. Per
+# architecture: its AUDIT_ARCH value and the numbers of socket(2), clone(2)
+# and unshare(2); io_uring_setup/enter/register (425-427) and clone3 (435)
+# have the same numbers on both.
+_SECCOMP_ARCH = {"x86_64": (0xC000003E, 41, 56, 272), "aarch64": (0xC00000B7, 198, 220, 97)}
+# Socket families a kernel may open. Others reach past a network namespace
+# (AF_VSOCK: the hypervisor's services, from a VM) or are kernel attack surface.
+ALLOWED_SOCKET_FAMILIES = (1, 2, 10, 16)  # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK
+# Refused with ENOSYS, so callers fall back: io_uring makes sockets without
+# socket(2); clone3 passes its flags in memory, where the filter cannot look.
+_NO_SUCH_CALLS = (425, 426, 427, 435)
+_CLONE_NEWUSER = 0x10000000
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_ALLOW, _ERRNO = 0x7FFF0000, 0x00050000
+_ARCH, _NR, _ARG0 = 4, 0, 16  # offsets in struct seccomp_data (args[0]: its low 32 bits, little-endian)
+
+
+def _assemble(program: list[tuple[str, int, int, str | None, str | None]]) -> bytes:
+    """BPF from ``(label, code, k, jump if true, jump if false)``: jumps name later labels (None: next)."""
+    where = {label: index for index, (label, *_) in enumerate(program) if label}
+    encoded = []
+    for index, (_, code, k, if_true, if_false) in enumerate(program):
+        offsets = [0 if target is None else where[target] - index - 1 for target in (if_true, if_false)]
+        encoded.append(struct.pack("=HBBI", code, offsets[0], offsets[1], k))
+    return b"".join(encoded)
 
 
 def seccomp_filter(machine: str) -> bytes | None:
     """The BPF program bubblewrap loads (``--seccomp``); None on an architecture not covered.
 
-    ``socket()`` of a blocked family fails with ``EAFNOSUPPORT``; every system
-    call of another ABI (32-bit ``int 0x80``, x32) fails with ``ENOSYS``, so
-    none goes around the check. Everything else is allowed.
+    Refused: ``socket()`` of a family not in :data:`ALLOWED_SOCKET_FAMILIES`
+    (``EAFNOSUPPORT``); ``clone``/``unshare`` of a new user namespace
+    (``EPERM``: as root the jail has none of its own to disable them in);
+    io_uring and ``clone3`` (``ENOSYS``); every system call of another ABI
+    (32-bit ``int 0x80``, x32: ``ENOSYS``), so none goes around the checks.
+    Everything else is allowed.
     """
     if machine not in _SECCOMP_ARCH:
         return None
-    arch, socket_call = _SECCOMP_ARCH[machine]
-    other_abi = _SECCOMP_ERRNO | errno.ENOSYS
-    families = len(BLOCKED_SOCKET_FAMILIES)
-    program = [
-        (_BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
-        (_BPF_JEQ_K, 1, 0, arch),
-        (_BPF_RET_K, 0, 0, other_abi),
-        (_BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
-        (_BPF_JGE_K, 0, 1, 0x40000000),  # x32 system calls
-        (_BPF_RET_K, 0, 0, other_abi),
-        (_BPF_JEQ_K, 0, families + 1, socket_call),  # not socket(): allowed
-        (_BPF_LD_W_ABS, 0, 0, 16),  # seccomp_data.args[0], low 32 bits (little-endian)
-        *((_BPF_JEQ_K, families - index, 0, family) for index, family in enumerate(BLOCKED_SOCKET_FAMILIES)),
-        (_BPF_RET_K, 0, 0, _SECCOMP_ALLOW),
-        (_BPF_RET_K, 0, 0, _SECCOMP_ERRNO | errno.EAFNOSUPPORT),
+    arch, socket_call, clone_call, unshare_call = _SECCOMP_ARCH[machine]
+    no_such = _ERRNO | errno.ENOSYS
+
+    def ret(label: str, value: int) -> tuple[str, int, int, None, None]:
+        return (label, _RET_K, value, None, None)
+
+    program: list[tuple[str, int, int, str | None, str | None]] = [
+        ("", _LD_W_ABS, _ARCH, None, None),
+        ("", _JEQ_K, arch, "native", None),
+        ret("", no_such),
+        ("native", _LD_W_ABS, _NR, None, None),
+        ("", _JGE_K, 0x40000000, "nosys", None),  # x32 system calls
+        *(("", _JEQ_K, call, "nosys", None) for call in _NO_SUCH_CALLS),
+        ("", _JEQ_K, socket_call, "socket", None),
+        ("", _JEQ_K, clone_call, "flags", None),
+        ("", _JEQ_K, unshare_call, "flags", "allow"),
+        ("flags", _LD_W_ABS, _ARG0, None, None),
+        ("", _JSET_K, _CLONE_NEWUSER, "eperm", "allow"),
+        ("socket", _LD_W_ABS, _ARG0, None, None),
+        *(("", _JEQ_K, family, "allow", None) for family in ALLOWED_SOCKET_FAMILIES),
+        ret("", _ERRNO | errno.EAFNOSUPPORT),
+        ret("eperm", _ERRNO | errno.EPERM),
+        ret("nosys", no_such),
+        ret("allow", _ALLOW),  # last: classic BPF jumps only forward
     ]
-    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+    return _assemble(program)
 
 
 def _own_processes(uid: int) -> int:
@@ -178,12 +209,51 @@ def apply_limits(config: dict, uid: int) -> None:  # type: ignore[type-arg]
         resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
 
 
-def connection_dir(kernel: list[str]) -> str:
-    """The kernel's own runtime directory: where its ``-f`` connection file is."""
+KERNEL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def connection_path(kernel: list[str]) -> str:
+    """The kernel's connection file (its ``-f`` argument)."""
     for index, arg in enumerate(kernel[:-1]):
         if arg == "-f":
-            return os.path.dirname(os.path.abspath(kernel[index + 1]))
+            return os.path.abspath(kernel[index + 1])
     raise SystemExit(f"kernel_jail: no '-f <connection file>' in the kernel command {kernel!r}")
+
+
+def checked_kernel_dir(connection_file: str, runtime_dir: str) -> str:
+    """The kernel's own runtime directory: ``<runtime dir>/<kernel id>``, or refuse to start.
+
+    The kernel id comes from the gateway's client: anything else (``..``, a
+    path) would bind, and as root hand over, a directory that is not the
+    kernel's.
+    """
+    kernel_dir = os.path.dirname(connection_file)
+    if os.path.dirname(kernel_dir) != os.path.abspath(runtime_dir) or not KERNEL_ID.fullmatch(
+        os.path.basename(kernel_dir)
+    ):
+        raise SystemExit(f"kernel_jail: {connection_file!r} is not in a kernel directory of {runtime_dir!r}")
+    return kernel_dir
+
+
+def clear_kernel_dir(kernel_dir: str, connection_file: str) -> None:
+    """Leave only the connection file in the kernel's directory, and make sure it is one.
+
+    A restarted kernel's directory holds what the kernel left there (it can
+    write in it): symlinks that root would follow, or that would point the
+    gateway at other sockets. They go (removing a link never follows it);
+    the connection file must be a plain file with one link.
+    """
+    for entry in os.listdir(kernel_dir):
+        path = os.path.join(kernel_dir, entry)
+        if path == connection_file:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    info = os.lstat(connection_file)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        raise SystemExit(f"kernel_jail: {connection_file!r} is not a plain file: refusing to start")
 
 
 def _venv_prefix() -> str | None:
@@ -307,9 +377,11 @@ def bwrap_argv(
             argv += ["--ro-bind", path, path]
     argv += ["--perms", "0755", "--dir", "/etc", "--perms", "0755", "--dir", "/var"]
     argv += ["--dev", "/dev", "--proc", "/proc"]
+    # In memory, outside RLIMIT_AS: each holds at most file_size_bytes.
+    size = ["--size", str(config["file_size_bytes"])] if config.get("file_size_bytes") else []
     for scratch in ("/tmp", "/var/tmp"):
-        argv += ["--perms", "1777", "--tmpfs", scratch]
-    argv += ["--perms", "0755", "--dir", "/home", "--perms", "0700", "--tmpfs", HOME]
+        argv += ["--perms", "1777", *size, "--tmpfs", scratch]
+    argv += ["--perms", "0755", "--dir", "/home", "--perms", "0700", *size, "--tmpfs", HOME]
     made = {"/etc", "/var", "/tmp", "/var/tmp", "/home", HOME}
     argv += _dirs_for([kernel_dir, work_dir, *ro_binds], {*system, *ro_binds}, made)
     argv += ["--bind", kernel_dir, kernel_dir, "--bind", work, work_dir]
@@ -325,6 +397,8 @@ def bwrap_argv(
     program = seccomp_filter(os.uname().machine)
     if program is not None:
         argv += ["--seccomp", str(_data_fd(program))]
+    else:
+        print(f"kernel_jail: no seccomp filter for {os.uname().machine}", file=sys.stderr)
     if as_root:
         argv += ["--perms", "0755", "--dir", "/run", "--perms", "0755", "--dir", "/run/jail"]
         argv += ["--ro-bind", os.path.abspath(__file__), _ROOT_JAIL_FILE]
@@ -352,22 +426,21 @@ def main() -> None:
     with open(sys.argv[1]) as file:
         config = json.load(file)
     kernel = sys.argv[2:]
-    kernel_dir = connection_dir(kernel)
+    connection_file = connection_path(kernel)
+    kernel_dir = checked_kernel_dir(connection_file, config["runtime_dir"])
     kernel_id = os.path.basename(kernel_dir)
     work = config["work_dir"]
+    as_root = os.geteuid() == 0
+    uid, gid = (int(config["kernel_uid"]), int(config["kernel_gid"])) if as_root else (JAILED_UID, JAILED_UID)
+    clear_kernel_dir(kernel_dir, connection_file)
+    if as_root:
+        os.chown(kernel_dir, uid, gid, follow_symlinks=False)
+        os.chown(connection_file, uid, gid, follow_symlinks=False)
     if config.get("work_root"):  # a work directory of its own, removed with the kernel by the launcher
         work = os.path.join(config["work_root"], kernel_id)
         os.makedirs(work, mode=0o700, exist_ok=True)
-    as_root = os.geteuid() == 0
-    if as_root:
-        uid, gid = int(config.get("kernel_uid", 65534)), int(config.get("kernel_gid", 65534))
-        os.chown(kernel_dir, uid, gid)
-        for entry in os.listdir(kernel_dir):  # the connection file (0600, written by the gateway)
-            os.chown(os.path.join(kernel_dir, entry), uid, gid)
-        if config.get("work_root"):
-            os.chown(work, uid, gid)
-    else:
-        uid = gid = JAILED_UID
+        if as_root:
+            os.chown(work, uid, gid, follow_symlinks=False)
     apply_limits(config, uid if as_root else os.getuid())
     argv = bwrap_argv(config, kernel, kernel_dir=kernel_dir, work=work, uid=uid, gid=gid, as_root=as_root)
     # bwrap itself gets the kernel's environment, not the host's: its process

@@ -94,6 +94,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -464,6 +465,35 @@ def _tuned_kernel_spec_manager_class(jail: list[str] | None) -> type[Any]:
 
 
 KERNEL_CONNECTION_FILE = "kernel.json"
+_KERNEL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _remove_trees(paths: list[str]) -> None:
+    """Remove directory trees, also those whose owner (a kernel) took away write or search permission.
+
+    Permissions are given back only inside the tree being removed, never
+    above it.
+    """
+    import shutil
+    import stat
+
+    for top in paths:
+        if not os.path.lexists(top):
+            continue
+
+        def allow_and_retry(function: Any, path: str, _exc: Any, top: str = top) -> None:
+            for directory in (os.path.dirname(path), path):
+                inside = directory == top or directory.startswith(top.rstrip("/") + "/")
+                if inside and os.path.isdir(directory) and not os.path.islink(directory):
+                    with contextlib.suppress(OSError):
+                        os.chmod(directory, stat.S_IRWXU)
+            with contextlib.suppress(OSError):
+                function(path)
+
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(top, onexc=allow_and_retry)
+        else:  # onerror is deprecated from 3.12 on; the handler takes either
+            shutil.rmtree(top, onerror=allow_and_retry)
 
 
 def _light_activity_kernel_manager_class(*, sign_messages: bool, work_root: str | None) -> type[Any]:
@@ -481,12 +511,18 @@ def _light_activity_kernel_manager_class(*, sign_messages: bool, work_root: str 
             self._launches: dict[str, Any] = {}  # kernel id -> its manager, while it starts
 
         def pre_start_kernel(self, kernel_name: str | None, kwargs: dict[str, Any]) -> Any:
+            chosen = kwargs.get("kernel_id")
+            if chosen is not None and not _KERNEL_ID.fullmatch(str(chosen)):
+                # The id names directories (its client may choose it): nothing but a UUID.
+                from tornado.web import HTTPError
+
+                raise HTTPError(400, "a kernel id is a UUID")
             km, kernel_name, kernel_id = super().pre_start_kernel(kernel_name, kwargs)
             self._launches[kernel_id] = km
             # A runtime directory per kernel (its connection file and IPC
             # sockets): a jail binds only its kernel's, never the directory
             # that holds the others' keys and sockets.
-            own_dir = os.path.join(os.path.dirname(km.connection_file), kernel_id)
+            own_dir = self._kernel_dirs(kernel_id)[0]
             os.makedirs(own_dir, mode=0o700, exist_ok=True)
             km.connection_file = os.path.join(own_dir, KERNEL_CONNECTION_FILE)
             if km.transport == "ipc":
@@ -526,24 +562,41 @@ def _light_activity_kernel_manager_class(*, sign_messages: bool, work_root: str 
                 elif km is not None and km.has_kernel:
                     await km.shutdown_kernel(now=True)
                 else:
+                    self._remove_kernel_dirs(kernel_id)
                     return  # no process was started
             except Exception:
                 self.log.exception("could not stop kernel %s after its start failed", kernel_id)
                 return
+            if kernel_id not in self._kernels:
+                self._remove_kernel_dirs(kernel_id)
             self.log.warning("kernel %s failed to start and was stopped", kernel_id)
 
         def remove_kernel(self, kernel_id: str) -> Any:
-            # The kernel's own directories go with it (its connection file and
-            # sockets are already cleaned up by now; what the kernel wrote stays
-            # until here, restarts included).
             km = super().remove_kernel(kernel_id)
             if km is not None:
-                import shutil
-
-                shutil.rmtree(os.path.dirname(km.connection_file), ignore_errors=True)
-                if work_root is not None:
-                    shutil.rmtree(os.path.join(work_root, kernel_id), ignore_errors=True)
+                self._remove_kernel_dirs(kernel_id)
             return km
+
+        def _kernel_dirs(self, kernel_id: str) -> list[str]:
+            """The kernel's own runtime directory, and its work directory if it has one."""
+            if not _KERNEL_ID.fullmatch(kernel_id):  # never a path made of anything else
+                raise ValueError(f"not a kernel id: {kernel_id!r}")
+            dirs = [os.path.join(self.connection_dir, kernel_id)]
+            if work_root is not None:
+                dirs.append(os.path.join(work_root, kernel_id))
+            return dirs
+
+        def _remove_kernel_dirs(self, kernel_id: str) -> None:
+            # The kernel's own directories go with it (what it wrote stays until
+            # here, restarts included), removed by a worker thread: a big work
+            # directory would stall every kernel's traffic on this loop.
+            if not _KERNEL_ID.fullmatch(kernel_id):
+                return
+            dirs = self._kernel_dirs(kernel_id)
+            try:
+                asyncio.get_running_loop().run_in_executor(None, _remove_trees, dirs)
+            except RuntimeError:  # no loop running (the gateway is stopping): here and now
+                _remove_trees(dirs)
 
         async def shutdown_all(self, now: bool = False) -> None:
             # The stock shutdowns stop at the first kernel that cannot be shut
@@ -819,14 +872,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app.start()
     finally:
-        import shutil
-
-        if args.remove_runtime_dir and runtime_dir:
-            shutil.rmtree(runtime_dir, ignore_errors=True)
-        if args.remove_dir:
-            shutil.rmtree(args.remove_dir, ignore_errors=True)
-        if short_runtime_dir:
-            shutil.rmtree(short_runtime_dir, ignore_errors=True)
+        _remove_trees(
+            [
+                *([runtime_dir] if args.remove_runtime_dir and runtime_dir else []),
+                *([args.remove_dir] if args.remove_dir else []),
+                *([short_runtime_dir] if short_runtime_dir else []),
+            ]
+        )
         cgroup = jail_config.get("pids_cgroup")
         if cgroup:
             # Empty once the kernels are stopped (their own cgroups first);

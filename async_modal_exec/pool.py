@@ -6,8 +6,11 @@ about one; an agent server cannot pay that per request. The pool keeps
 fresh sandbox, so ``async with pool.session() as executor`` costs one health
 check. After a session its sandbox is terminated and a new one warmed in the
 background: no session can reach what another left running (a detached
-process, a file, the sandbox's gateway). A sandbox is also retired after
-``max_idle_time`` unused, or when it fails a health check.
+process, a file, the sandbox's gateway). On a backend that isolates each
+kernel (``isolates == "kernel"``: a jailed ``LocalBackend``) the session's
+kernel is deleted instead, with everything it started and wrote, and the
+sandbox gets a fresh kernel (up to ``max_uses`` sessions). A sandbox is also
+retired after ``max_idle_time`` unused, or when it fails a health check.
 
 ``reuse_sandboxes=True`` (trusted code only, e.g. one tenant) keeps a sandbox
 for up to ``max_uses`` sessions, each on a fresh kernel: cheaper, but a process
@@ -31,11 +34,9 @@ from typing import Any
 
 import anyio
 
-from . import packages
 from ._idle import retire_idle
 from ._shield import run_shielded
-from .backends.base import Backend, GatewayEndpoint
-from .backends.remote import GatewayBackend
+from .backends.base import Backend, Sandbox
 from .errors import AsyncModalExecError, ExecutorStateError, PoolExhausted
 from .executor import AsyncExecutor
 
@@ -56,9 +57,12 @@ class _PoolState(enum.Enum):
 
 @dataclass(eq=False)
 class _Sandbox:
-    backend: Backend
-    endpoint: GatewayEndpoint
+    started: Sandbox
     uses: int = 0
+
+    @property
+    def backend(self) -> Backend:
+        return self.started.backend
 
 
 @dataclass(eq=False)
@@ -286,7 +290,7 @@ class SandboxPool:
         sandbox: _Sandbox | None = None
         try:
             endpoint = await backend.start()
-            sandbox = _Sandbox(backend, endpoint)
+            sandbox = _Sandbox(Sandbox(backend, endpoint))
             self._sandboxes.add(sandbox)
             executor = await self._new_executor(sandbox)
         except BaseException as exc:
@@ -306,23 +310,10 @@ class SandboxPool:
         await self._put_idle(_Warm(sandbox, executor))
 
     async def _new_executor(self, sandbox: _Sandbox) -> AsyncExecutor:
-        endpoint = sandbox.endpoint
-        backend = GatewayBackend(
-            endpoint.base_url,
-            endpoint.token,
-            ssl_context=endpoint.ssl,
-            idle_disconnect=sandbox.backend.idle_disconnect,
-            env=sandbox.backend.kernel_env,
-            work_dir=sandbox.backend.work_dir,
-        )
-        executor = await AsyncExecutor(backend, **self.executor_options).start()
-        try:
-            # The sandbox's first kernel installs what it lacks (or it started from a snapshot).
-            await packages.provision(executor, sandbox.backend)
-        except BaseException:
-            await run_shielded(executor.aclose())
-            raise
-        return executor
+        # On the started backend itself: its installer, env, work dir and idle
+        # policy come along; the sandbox's first kernel installs its
+        # requirements (unless it started from a snapshot).
+        return await AsyncExecutor(sandbox.started, **self.executor_options).start()
 
     async def _put_idle(self, warm: _Warm) -> None:
         if self._state is not _PoolState.OPEN:  # closed meanwhile: nothing may outlive the drain
@@ -334,10 +325,12 @@ class SandboxPool:
         self._replenish()
 
     async def _recycle(self, sandbox: _Sandbox, executor: AsyncExecutor) -> None:
-        """Retire the session's sandbox, or (reusing) give it a fresh kernel."""
+        """Retire the session's sandbox, or give it a fresh kernel: when reusing, or when
+        its kernels are isolated from each other (nothing of the session outlives its kernel)."""
         await executor.aclose()
         sandbox.uses += 1
-        if not self.reuse_sandboxes or sandbox.uses >= self.max_uses:
+        reuse = self.reuse_sandboxes or sandbox.started.isolates == "kernel"
+        if not reuse or sandbox.uses >= self.max_uses:
             await self._retire(sandbox)
         else:
             try:

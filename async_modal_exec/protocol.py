@@ -381,7 +381,17 @@ class LossTracker:
         self._first: int | None = None
         self._last: int | None = None
         self._seen: set[int] = set()
+        self._sent_elsewhere = 0
         self.closed = False
+
+    def sent_elsewhere(self, count: int = 1) -> None:
+        """``count`` messages of the window went to another client, by design.
+
+        A message-mode interrupt: the gateway sends the kernel an
+        ``interrupt_request`` and gets its ``interrupt_reply``, which takes a
+        counter this client never sees. Not a loss.
+        """
+        self._sent_elsewhere += count
 
     def see(self, message: Mapping[str, Any], *, ours: bool) -> bool:
         """Record ``message``; False if it is a duplicate to drop."""
@@ -415,7 +425,7 @@ class LossTracker:
             return 0
         window = self._last - self._first + 1
         seen = sum(1 for counter in self._seen if self._first <= counter <= self._last)
-        return max(window - seen - (0 if replied else 1), 0)
+        return max(window - seen - (0 if replied else 1) - self._sent_elsewhere, 0)
 
 
 def loss_marker(lost: int) -> str:
@@ -494,6 +504,11 @@ class ExecutionFold:
     def lost_messages(self) -> int:
         """Messages of the kernel that never arrived during this request (see :class:`LossTracker`)."""
         return self._loss.lost(replied=self.replied)
+
+    def interrupted_by_message(self) -> None:
+        """The kernel was interrupted by a message whose reply goes to the gateway, not here."""
+        if not self.done:
+            self._loss.sent_elsewhere()
 
     def _on_stream(self, content: Mapping[str, Any]) -> list[Event]:
         text = content.get("text")

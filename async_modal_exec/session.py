@@ -97,6 +97,7 @@ class KernelSession:
     ) -> None:
         self.gateway = gateway
         self.kernel_name = kernel_name
+        self._interrupt_mode: str | None = None  # from the kernel spec, on the first interrupt
         self._max_message_bytes = max_message_bytes
         self._state = KernelState.NEW
         self.why = ""  # what caused the last transition (e.g. why the kernel is LOST)
@@ -392,8 +393,11 @@ class KernelSession:
                     await self._channel.aclose()
                     self._move(KernelState.DISCONNECTED, f"idle for {quiet:.0f} s")
 
-    async def interrupt(self) -> None:
+    async def interrupt(self) -> bool:
         """Interrupt what the kernel runs (REST; does not wait for the session).
+
+        Returns whether the interrupt was a message (the kernel's reply then
+        goes to the gateway: see :meth:`ExecutionFold.interrupted_by_message`).
 
         Raises:
             ExecutorStateError: not started, or closed.
@@ -401,7 +405,10 @@ class KernelSession:
         """
         self._check_usable()
         assert self._kernel_id is not None
+        if self._interrupt_mode is None:
+            self._interrupt_mode = await self.gateway.interrupt_mode(self.kernel_name)
         await self.gateway.interrupt_kernel(self._kernel_id)
+        return self._interrupt_mode == "message"
 
     async def check_alive(self) -> str | None:
         """Ask the gateway about the kernel; if it is gone or dead, mark it lost and say why.

@@ -42,6 +42,10 @@ CLIENT = textwrap.dedent(
             import async_modal_exec.agent
         except MissingExtra as exc:
             print("AGENT", exc)
+        try:
+            AsyncExecutor(host_tools=[len])
+        except MissingExtra as exc:
+            print("HOST", exc)
 
     asyncio.run(main())
     """
@@ -83,6 +87,8 @@ async def test_a_modal_only_install_runs_modal_executors_without_jupyter(
     assert lines["VALUE"] == "42"
     assert "pip install 'async_modal_exec[local]'" in lines["LOCAL"]
     assert "pip install 'async_modal_exec[smolagents]'" in lines["AGENT"]
+    # The core's host tools used to fail with a bare ModuleNotFoundError here.
+    assert lines["HOST"].startswith("host tools needs smolagents") and "[smolagents]" in lines["HOST"]
 
 
 def test_missing_extra_names_the_pip_line() -> None:

@@ -6,6 +6,7 @@ real bubblewrap binary, and checks from the host that the attempt failed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -15,9 +16,17 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 
-from async_modal_exec import AsyncExecutor, BackendStartError, GatewayBackend, LocalBackend
+from async_modal_exec import (
+    AsyncExecutor,
+    BackendStartError,
+    ExecutionTimeout,
+    GatewayBackend,
+    KernelDied,
+    LocalBackend,
+)
 from async_modal_exec.backends import isolation
 from async_modal_exec.backends.isolation import Limits
 
@@ -414,3 +423,145 @@ def _data_fds(argv: list[str]) -> tuple[int, ...]:
     return tuple(
         int(argv[index + 1]) for index, arg in enumerate(argv) if arg in ("--ro-bind-data", "--seccomp")
     )
+
+
+def _run_bpf(program: bytes, data: bytes) -> int:
+    """A classic-BPF interpreter for the few instructions the jail's seccomp filter uses."""
+    import struct
+
+    instructions = [struct.unpack("=HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
+    accumulator, pc = 0, 0
+    while True:
+        code, if_true, if_false, k = instructions[pc]
+        if code == 0x20:  # ld [k]
+            accumulator = struct.unpack_from("<I", data, k)[0]
+        elif code == 0x06:  # ret k
+            return int(k)
+        elif code in (0x15, 0x35, 0x45):  # jeq, jge, jset
+            taken = {0x15: accumulator == k, 0x35: accumulator >= k, 0x45: bool(accumulator & k)}[code]
+            pc += if_true if taken else if_false
+        else:
+            raise AssertionError(f"unexpected instruction {code:#x}")
+        pc += 1
+
+
+def _seccomp_data(arch: int, number: int, arg0: int = 0) -> bytes:
+    import struct
+
+    return struct.pack("<iIQ6Q", number, arch, 0, arg0, 0, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("machine", "arch", "calls"),
+    [("x86_64", 0xC000003E, {"socket": 41, "clone": 56, "unshare": 272, "read": 0}),
+     ("aarch64", 0xC00000B7, {"socket": 198, "clone": 220, "unshare": 97, "read": 63})],
+)  # fmt: skip
+def test_the_seccomp_filter_decides_as_documented(machine: str, arch: int, calls: dict[str, int]) -> None:
+    import errno
+
+    from async_modal_exec import kernel_jail
+
+    program = kernel_jail.seccomp_filter(machine)
+    assert program is not None and kernel_jail.seccomp_filter("riscv64") is None
+    allow, refused = 0x7FFF0000, 0x00050000
+
+    def decide(number: int, arg0: int = 0, on: int = arch) -> int:
+        return _run_bpf(program, _seccomp_data(on, number, arg0))
+
+    for family in (1, 2, 10, 16):  # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK
+        assert decide(calls["socket"], family) == allow
+    for family in (40, 17, 31, 38):  # AF_VSOCK, AF_PACKET, AF_BLUETOOTH, AF_ALG
+        assert decide(calls["socket"], family) == refused | errno.EAFNOSUPPORT
+    for call in ("clone", "unshare"):
+        assert decide(calls[call], 0x00020000 | 0x11) == allow  # CLONE_NEWNS, SIGCHLD: no new user
+        assert decide(calls[call], 0x10000000 | 0x11) == refused | errno.EPERM  # CLONE_NEWUSER
+    for number in (425, 426, 427, 435):  # io_uring_setup/enter/register, clone3
+        assert decide(number) == refused | errno.ENOSYS
+    assert decide(calls["read"]) == allow
+    assert decide(calls["read"] | 0x40000000) == refused | errno.ENOSYS  # x32
+    assert decide(calls["read"], on=0x40000003) == refused | errno.ENOSYS  # i386 (int 0x80)
+
+
+async def test_a_kernel_cannot_make_root_follow_a_link_it_planted_on_restart(tmp_path: Path) -> None:
+    # The kernel can write in its own runtime directory; when the gateway
+    # restarts it, kernel_jail (root) used to chown every entry there,
+    # following symlinks: a planted link gave any host file to nobody.
+    if os.geteuid() != 0:
+        pytest.skip("only root hands the kernel's files over")
+    target = tmp_path / "root-owned.txt"
+    target.write_text("root's")
+    backend = LocalBackend(isolation="bwrap")
+    async with AsyncExecutor(backend, timeout=30) as executor:
+        kernel_id = executor.kernel_id
+        result = await executor.run(
+            "import os\nfrom ipykernel.connect import get_connection_file\n"
+            "own = os.path.dirname(get_connection_file())\n"
+            f"os.symlink({str(target)!r}, os.path.join(own, 'planted'))\n"
+            "os.mkdir(os.path.join(own, 'subdir'))\n"
+            "sorted(os.listdir(own))"
+        )
+        assert result.value is not None and "'planted'" in result.value.text, result
+        with pytest.raises(KernelDied):  # the gateway restarts it, same id and directory
+            await executor.run("import os\nos._exit(1)")
+        deadline = anyio.current_time() + 30
+        while True:  # the executor reconnects to the restarted kernel, or replaces it
+            again = await executor.run(
+                "import os\nfrom ipykernel.connect import get_connection_file\n"
+                "sorted(os.listdir(os.path.dirname(get_connection_file())))"
+            )
+            if again.error is None or anyio.current_time() > deadline:
+                break
+            await anyio.sleep(0.2)
+        assert again.error is None, again
+        assert "planted" not in again.value.text and "subdir" not in again.value.text  # type: ignore[union-attr]
+        assert executor.kernel_id == kernel_id or executor.kernel_id is not None
+    assert target.stat().st_uid == 0 and target.read_text() == "root's"
+
+
+@pytest.mark.parametrize("kernel_id", ["..", ".", "/etc", "not-a-uuid"])
+async def test_a_kernel_id_that_is_not_a_uuid_is_refused(kernel_id: str) -> None:
+    # It names the kernel's directories: ".." made the backend's whole private
+    # directory (the jail config, every kernel's files) the kernel's own.
+    import aiohttp
+
+    backend = LocalBackend(isolation="bwrap")
+    async with backend as endpoint:
+        async with aiohttp.ClientSession(headers=endpoint.headers) as http:
+            async with http.post(
+                f"{endpoint.base_url}/api/kernels", json={"kernel_id": kernel_id}
+            ) as response:
+                assert response.status == 400, await response.text()
+            async with http.get(f"{endpoint.base_url}/api/kernels") as response:
+                assert await response.json() == []
+        assert backend._private_dir is not None
+        assert sorted(os.listdir(backend._private_dir)) == [
+            "gateway.log",
+            "jail.json",
+            "packages",
+            "rt",
+            "work",
+        ]
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "none"])
+async def test_timeouts_and_interrupts_report_no_loss_when_none_happened(isolation: str) -> None:
+    # A jailed kernel is interrupted by a message: its reply goes to the
+    # gateway, and took a message number this client never sees. Every
+    # timeout and interrupt reported lost_messages=1 and "output incomplete".
+    async with AsyncExecutor(LocalBackend(isolation=isolation), timeout=30) as executor:  # type: ignore[arg-type]
+        for _ in range(10):
+            with pytest.raises(ExecutionTimeout) as caught:
+                await executor.run("print('before', flush=True)\nimport time\ntime.sleep(10)", timeout=0.5)
+            result = caught.value.result
+            assert result is not None and result.stdout.startswith("before"), result
+            assert result.lost_messages == 0 and "incomplete" not in result.stdout, result
+        for _ in range(10):
+            running = asyncio.create_task(
+                executor.run("print('before', flush=True)\nimport time\ntime.sleep(10)", timeout=30)
+            )
+            await asyncio.sleep(0.3)
+            await executor.interrupt()
+            result = await running
+            assert result.error is not None and result.error.ename == "KeyboardInterrupt", result
+            assert result.lost_messages == 0 and "incomplete" not in result.stdout, result
+        assert await value_of(executor, "'still usable'") == "'still usable'"

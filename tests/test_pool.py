@@ -19,13 +19,18 @@ from .snooper import snoop_across_sessions
 
 
 def gateway_url(executor: AsyncExecutor) -> str:
-    endpoint = executor.backend.endpoint  # type: ignore[attr-defined]
-    return str(endpoint.base_url)
+    assert executor.endpoint is not None
+    return executor.endpoint.base_url
+
+
+def unjailed() -> LocalBackend:
+    # Kernels that can reach each other: the pool gives every session a sandbox of its own.
+    return LocalBackend(isolation="none")
 
 
 async def test_warm_session_runs_code_on_a_fresh_sandbox_each_time() -> None:
     before = set(descendants())
-    async with SandboxPool(min_idle=1, max_size=1) as pool:
+    async with SandboxPool(unjailed, min_idle=1, max_size=1) as pool:
         await pool.wait_ready(60)
         async with measure_loop_lag() as probe:
             began = time.perf_counter()
@@ -62,7 +67,7 @@ async def test_unhealthy_sandboxes_are_replaced() -> None:
         await pool.wait_ready(60)
         # A kernel deleted behind the pool's back fails the health check on acquire.
         warm = pool._idle[0]
-        client = GatewayClient(warm.sandbox.endpoint)
+        client = GatewayClient(warm.sandbox.started.endpoint)
         try:
             await client.delete_kernel(warm.executor.kernel_id or "")
         finally:
@@ -156,3 +161,52 @@ async def test_a_process_left_by_one_session_cannot_read_the_next(tmp_path: Path
         heard = await snoop_across_sessions(pool, tmp_path / "report.txt")
     assert "started" in heard
     assert "B-SECRET" not in heard, heard[-2000:]
+
+
+async def test_a_jailed_pool_recycles_kernels_and_serves_8_sessions_on_4_sandboxes() -> None:
+    # Jailed kernels cannot reach each other (tests/test_jail_corpus.py), so a
+    # session's end deletes its kernel and the sandbox gets a fresh one; it
+    # used to terminate the whole gateway and start another.
+    async with SandboxPool(min_idle=4, max_size=4) as pool:
+        await pool.wait_ready(120)
+
+        async def session(index: int) -> tuple[str, str | None, str]:
+            async with pool.session(timeout=120) as executor:
+                assert executor.backend.isolates == "kernel"
+                result = await executor.run(
+                    f"import time\nleak = globals().get('leak')\ntime.sleep(0.5)\nleak = {index}\nleak"
+                )
+                result.raise_for_error()
+                seen = await executor.run("import os\nsorted(os.listdir('.'))")
+                await executor.run(f"open('left-by-{index}', 'w').close()")
+                assert seen.value is not None and result.value is not None
+                assert (
+                    result.value.text == str(index) and seen.value.text == "[]"
+                )  # nothing of an earlier session
+                return gateway_url(executor), executor.kernel_id, seen.value.text
+
+        began = time.perf_counter()
+        outcomes = await asyncio.gather(*(session(index) for index in range(8)))
+        took = time.perf_counter() - began
+        assert len({url for url, _, _ in outcomes}) <= 4  # no sandbox started for a session
+        assert len({kernel for _, kernel, _ in outcomes}) == 8  # a kernel each
+        assert pool.retired == 0
+        assert took < 60, f"8 sessions took {took:.1f} s"
+
+
+async def test_a_pooled_executor_on_a_jailed_backend_installs_from_the_host(tmp_path: Path) -> None:
+    # The pool wrapped the started backend in a GatewayBackend and lost its
+    # installer: pip ran in the jail (no network) and failed.
+    from .test_agent import _dummy_wheel
+
+    spec = f"ame_dummy_pkg @ {_dummy_wheel(tmp_path).as_uri()}"
+    async with SandboxPool(min_idle=1, max_size=1) as pool, pool.session(timeout=120) as executor:
+        backend = executor.backend
+        assert isinstance(backend, LocalBackend) and backend.isolated
+        report = await executor.install([spec], timeout=120)
+        assert report.installed == (spec,), report
+        value = (
+            await executor.run("import ame_dummy_pkg\name_dummy_pkg.VALUE, ame_dummy_pkg.__file__")
+        ).value
+        assert value is not None and value.text.startswith("(42, "), value
+        assert backend.packages_dir in value.text

@@ -1,7 +1,7 @@
 """Backends provide a running Kernel Gateway: locally, on Modal, or at a URL."""
 
-from .base import Backend, GatewayEndpoint
+from .base import Backend, GatewayEndpoint, Sandbox
 from .local import LocalBackend
 from .remote import GatewayBackend
 
-__all__ = ["Backend", "GatewayBackend", "GatewayEndpoint", "LocalBackend"]
+__all__ = ["Backend", "GatewayBackend", "GatewayEndpoint", "LocalBackend", "Sandbox"]

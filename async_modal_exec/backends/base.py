@@ -5,8 +5,9 @@ from __future__ import annotations
 import abc
 import ssl
 from dataclasses import dataclass, field
+from typing import Literal
 
-__all__ = ["Backend", "GatewayEndpoint"]
+__all__ = ["Backend", "GatewayEndpoint", "Sandbox"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ class Backend(abc.ABC):
         return {}
 
     @property
+    def isolates(self) -> Literal["kernel", "sandbox"]:
+        """What keeps one session's code from another's: each ``"kernel"`` (a jail of its own)
+        or only the whole ``"sandbox"`` (its kernels can reach each other)."""
+        return "sandbox"
+
+    @property
     def work_dir(self) -> str | None:
         return None
 
@@ -106,3 +113,26 @@ class Backend(abc.ABC):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """A started backend, for executors that share it; the backend stays its owner.
+
+    An :class:`~async_modal_exec.AsyncExecutor` made on a sandbox creates its
+    own kernel at ``endpoint`` and takes everything else from ``backend`` (its
+    installer, kernel environment, work directory, idle policy, requirements);
+    closing the executor closes neither. ``backend.aclose()`` ends the sandbox.
+
+    Attributes:
+        backend: the started backend.
+        endpoint: what its ``start()`` returned.
+    """
+
+    backend: Backend
+    endpoint: GatewayEndpoint
+
+    @property
+    def isolates(self) -> Literal["kernel", "sandbox"]:
+        """See :attr:`Backend.isolates`."""
+        return self.backend.isolates

@@ -30,7 +30,8 @@ The config (JSON, written to a ``0600`` file in the backend's ``0700``
 directory: it holds ``env=``, which must not appear in any command line) has
 the keys ``bwrap``, ``ro_binds``, ``work_dir`` (the kernels' work directory,
 as they see it), ``work_root`` (where their own work directories are made on
-the host; None when they share ``work_dir``), ``env``, ``kernel_uid``,
+the host; None when they share ``work_dir``), ``runtime_dir`` (the only
+parent of the kernels' own runtime directories), ``env``, ``kernel_uid``,
 ``kernel_gid``, the :class:`Limits` fields, ``pids_cgroup``,
 ``pids_per_kernel``.
 """
@@ -75,7 +76,9 @@ class Limits:
             its kernels. Otherwise processes a kernel may add
             (``RLIMIT_NPROC`` set when it starts, above what the user then
             runs). A backend's kernels together are not capped.
-        file_size_bytes: largest file a kernel may write (``RLIMIT_FSIZE``).
+        file_size_bytes: largest file a kernel may write (``RLIMIT_FSIZE``),
+            and the size of each of its in-memory ``/tmp``, ``/var/tmp`` and
+            home (their pages are not in ``RLIMIT_AS``).
         cpu_seconds: CPU time of each process over its life (``RLIMIT_CPU``);
             the kernel is killed past it.
     """
@@ -155,6 +158,7 @@ def jail_config(
     *,
     work_dir: str,
     work_root: str | None,
+    runtime_dir: str,
     packages_dir: str,
     env: dict[str, str],
     limits: Limits,
@@ -167,6 +171,7 @@ def jail_config(
         "ro_binds": [packages_dir],
         "work_dir": work_dir,
         "work_root": work_root,
+        "runtime_dir": runtime_dir,
         "env": {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": KERNEL_HOME,

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import IO
+from typing import IO, Literal
 
 import anyio
 
@@ -130,12 +130,26 @@ async def _wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int | 
     return status
 
 
+def _readable_by_all(top: str) -> None:
+    """Add read (and, on directories, search) permission for everyone under ``top``."""
+    for root, dirs, files in os.walk(top):
+        for name in dirs:
+            path = os.path.join(root, name)
+            os.chmod(path, os.stat(path).st_mode | 0o555)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode | 0o444)
+
+
 def _make_private_dir() -> tuple[str, IO[bytes]]:
     """``ame-*/`` with ``gateway.log``, ``rt/`` (Jupyter runtime), ``work/`` and ``packages/``."""
     private_dir = tempfile.mkdtemp(prefix="ame-", dir=_short_temp_root())
     for name in ("rt", "work", "packages"):
         # rt, 0700: the launcher runs kernels unsigned over IPC only in a directory nobody else can enter.
-        os.mkdir(os.path.join(private_dir, name), 0o700 if name == "rt" else 0o777)
+        # packages: readable by kernels that run as another user (root's run as nobody), whatever the umask.
+        os.mkdir(os.path.join(private_dir, name))
+        os.chmod(os.path.join(private_dir, name), 0o700 if name == "rt" else 0o755)
     log = open(os.path.join(private_dir, "gateway.log"), "wb")  # noqa: SIM115 - owned by the backend
     return private_dir, log
 
@@ -252,6 +266,11 @@ class LocalBackend(Backend):
         """
         return self._work_dir
 
+    @property
+    def isolates(self) -> Literal["kernel", "sandbox"]:
+        """``"kernel"`` once started jailed: each kernel has a jail of its own (see :mod:`.isolation`)."""
+        return "kernel" if self.isolated else "sandbox"
+
     def kernel_work_dir(self, kernel_id: str) -> str:
         """Where a kernel's work directory is on the host (removed with the kernel when its own).
 
@@ -331,6 +350,7 @@ class LocalBackend(Backend):
                     work_dir=work_dir,
                     # No cwd given: each kernel gets a work directory of its own.
                     work_root=work_dir if self.cwd is None else None,
+                    runtime_dir=runtime_dir,
                     packages_dir=self.packages_dir,
                     env=self.env,
                     limits=self.limits,
@@ -435,6 +455,9 @@ class LocalBackend(Backend):
         ]  # fmt: skip
         with anyio.move_on_after(timeout):
             done = await anyio.run_process(command, check=False, stderr=subprocess.STDOUT)
+            if self.isolated and os.geteuid() == 0:
+                # Jailed kernels run as nobody: what pip wrote under root's umask must be readable.
+                await anyio.to_thread.run_sync(_readable_by_all, self.packages_dir)
             return done.returncode, done.stdout.decode(errors="replace")[-4000:]
         return -1, f"the installer did not finish within {timeout} s (stopped)"
 

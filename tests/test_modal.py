@@ -13,7 +13,7 @@ import modal
 import pytest
 from grpclib import GRPCError, Status
 
-from async_modal_exec import AsyncExecutor, GatewayBackend, ModalBackend, SandboxPool, reap
+from async_modal_exec import AsyncExecutor, ModalBackend, SandboxPool, reap
 from async_modal_exec.backends.modal_sandbox import TAG_APP, TAG_CREATED, TAG_EXECUTOR, TAG_PACKAGE
 from async_modal_exec.errors import (
     AsyncModalExecError,
@@ -202,9 +202,8 @@ async def test_idle_websocket_is_closed_and_reopened(modal_double: ModalDouble) 
 
 async def kernel_websockets(executor: AsyncExecutor) -> int:
     """Websockets open on the executor's kernel, as the gateway in the sandbox counts them."""
-    backend = executor.backend
-    assert isinstance(backend, GatewayBackend) and executor.kernel_id is not None
-    client = GatewayClient(backend.endpoint)
+    assert executor.endpoint is not None and executor.kernel_id is not None
+    client = GatewayClient(executor.endpoint)
     try:
         return int((await client.get_kernel(executor.kernel_id))["connections"])
     finally:

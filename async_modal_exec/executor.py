@@ -564,8 +564,10 @@ class AsyncExecutor:
                 if fold.replied:
                     quiet_from = time.monotonic()
         except KernelDied:
+            self._running = None
             raise
         except BaseException as exc:
+            self._running = None
             # Cancelled, the consumer left early, or the connection failed:
             # bring the kernel back to idle before anyone else uses it.
             if session.closing and isinstance(exc, Exception):
@@ -574,6 +576,7 @@ class AsyncExecutor:
             if outcome is not None:
                 logger.info("execution stopped (%r); %s", exc, outcome.describe())
             raise
+        self._running = None
         if not fold.done:
             outcome = await run_shielded(self._recover(channel, fold))
             if outcome is None:
@@ -811,8 +814,9 @@ class AsyncExecutor:
         Cancelling the call abandons the REST request; the interrupt may or
         may not have reached the kernel.
         """
-        if await self._open_session().interrupt() and self._running is not None:
-            self._running.interrupted_by_message()
+        running = self._running  # the execution this interrupt is for, taken before any await
+        if await self._open_session().interrupt() and running is not None:
+            running.interrupted_by_message()
 
     async def restart(self) -> None:
         """Start over on a brand-new kernel: all state is lost, ``kernel_id`` changes.

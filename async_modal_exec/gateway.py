@@ -149,6 +149,13 @@ class GatewayClient:
             raise GatewayError(f"unexpected answer to kernel creation: {reply!r}")
         return str(reply["id"])
 
+    async def list_kernels(self) -> list[dict[str, Any]]:
+        """The gateway's models of the kernels it runs."""
+        reply = await self._json("GET", "/api/kernels")
+        if not isinstance(reply, list):
+            return []
+        return [dict(kernel) for kernel in reply if isinstance(kernel, dict)]
+
     async def get_kernel(self, kernel_id: str) -> dict[str, Any]:
         """The gateway's model of a kernel (``execution_state`` ...)."""
         reply = await self._json("GET", f"/api/kernels/{kernel_id}")
@@ -187,11 +194,10 @@ class GatewayClient:
         signal cannot reach in their PID namespace).
         """
         reply = await self._json("GET", "/api/kernelspecs")
-        if not isinstance(reply, dict):
-            return "signal"
-        name = kernel_name or reply.get("default")
-        entry = (reply.get("kernelspecs") or {}).get(name) or {}
-        mode = (entry.get("spec") or {}).get("interrupt_mode")
+        specs = reply.get("kernelspecs") if isinstance(reply, dict) else None
+        entry = specs.get(kernel_name or reply.get("default")) if isinstance(specs, dict) else None
+        spec = entry.get("spec") if isinstance(entry, dict) else None
+        mode = spec.get("interrupt_mode") if isinstance(spec, dict) else None
         return mode if mode in ("signal", "message") else "signal"
 
     def websocket_url(self, kernel_id: str, session_id: str) -> str:

@@ -34,11 +34,13 @@ from typing import Any
 
 import anyio
 
+from ._extras import require
 from ._idle import retire_idle
 from ._shield import run_shielded
 from .backends.base import Backend, Sandbox
 from .errors import AsyncModalExecError, ExecutorStateError, PoolExhausted
 from .executor import AsyncExecutor
+from .gateway import GatewayClient
 
 logger = logging.getLogger("async_modal_exec.pool")
 
@@ -72,6 +74,19 @@ class _Warm:
     since: float = field(default_factory=time.monotonic)
 
 
+async def _no_kernels(sandbox: _Sandbox) -> bool:
+    """Whether the sandbox's gateway runs no kernel (False when it cannot tell)."""
+    client = GatewayClient(sandbox.started.endpoint)
+    try:
+        with anyio.fail_after(10):
+            return await client.list_kernels() == []
+    except (AsyncModalExecError, TimeoutError) as exc:
+        logger.warning("cannot list the kernels of a sandbox (%s): retiring it", exc)
+        return False
+    finally:
+        await client.aclose()
+
+
 class SandboxPool:
     """Keeps sandboxes warm and lends each session a fresh kernel.
 
@@ -82,7 +97,9 @@ class SandboxPool:
         max_size: most sandboxes alive at once (idle, lent or starting).
         reuse_sandboxes: give a sandbox to more than one session (a fresh
             kernel each time). Off by default: only for code you trust.
-        max_uses: sessions per sandbox before it is retired (with ``reuse_sandboxes``).
+        max_uses: sessions per sandbox before it is retired (reusing, or on a
+            backend that isolates kernels; ``max_uses=1`` gives every session a
+            sandbox of its own there too).
         max_idle_time: seconds a ready executor may wait unused before its
             sandbox is retired and replaced (None: forever).
         acquire_timeout: default seconds :meth:`session` waits for a free executor.
@@ -106,6 +123,8 @@ class SandboxPool:
             raise ValueError("need max_size >= 1 and 0 <= min_idle <= max_size")
         if max_uses < 1:
             raise ValueError("max_uses must be at least 1")
+        if (executor_options or {}).get("host_tools"):
+            require("smolagents", "host tools")  # now, not in every sandbox start
         if backend_factory is None:
             from .backends.local import LocalBackend
 
@@ -213,8 +232,10 @@ class SandboxPool:
 
         Waits up to ``timeout`` (default ``acquire_timeout``) when ``max_size``
         sandboxes are busy, then raises :class:`PoolExhausted`. On exit the
-        sandbox is terminated in the background (with ``reuse_sandboxes``: the
-        kernel is deleted and the sandbox gets a new one). Cancelling the wait
+        sandbox is terminated in the background, or (reusing, or on a backend
+        that isolates kernels, when the session installed nothing and its
+        kernel is gone) the kernel is deleted and the sandbox gets a new one.
+        Cancelling the wait
         leaves nothing behind.
         """
         warm = await self._acquire(self.acquire_timeout if timeout is None else timeout)
@@ -327,9 +348,16 @@ class SandboxPool:
     async def _recycle(self, sandbox: _Sandbox, executor: AsyncExecutor) -> None:
         """Retire the session's sandbox, or give it a fresh kernel: when reusing, or when
         its kernels are isolated from each other (nothing of the session outlives its kernel)."""
+        installed = bool(executor.packages.installed)
         await executor.aclose()
         sandbox.uses += 1
-        reuse = self.reuse_sandboxes or sandbox.started.isolates == "kernel"
+        if self.reuse_sandboxes:
+            reuse = True
+        else:
+            # Kernel-isolated: only if the session left nothing behind, i.e. its
+            # kernel is really gone (a failed delete is only logged) and it
+            # installed no package (they stay in the sandbox's package directory).
+            reuse = sandbox.started.isolates == "kernel" and not installed and await _no_kernels(sandbox)
         if not reuse or sandbox.uses >= self.max_uses:
             await self._retire(sandbox)
         else:

@@ -405,9 +405,13 @@ class KernelSession:
         """
         self._check_usable()
         assert self._kernel_id is not None
-        if self._interrupt_mode is None:
-            self._interrupt_mode = await self.gateway.interrupt_mode(self.kernel_name)
         await self.gateway.interrupt_kernel(self._kernel_id)
+        if self._interrupt_mode is None:
+            # After the interrupt, best effort and briefly: it only decides
+            # how a reply we never see is counted.
+            self._interrupt_mode = "signal"
+            with contextlib.suppress(AsyncModalExecError, TimeoutError), anyio.fail_after(2):
+                self._interrupt_mode = await self.gateway.interrupt_mode(self.kernel_name)
         return self._interrupt_mode == "message"
 
     async def check_alive(self) -> str | None:

@@ -200,13 +200,36 @@ async def test_a_pooled_executor_on_a_jailed_backend_installs_from_the_host(tmp_
     from .test_agent import _dummy_wheel
 
     spec = f"ame_dummy_pkg @ {_dummy_wheel(tmp_path).as_uri()}"
-    async with SandboxPool(min_idle=1, max_size=1) as pool, pool.session(timeout=120) as executor:
-        backend = executor.backend
-        assert isinstance(backend, LocalBackend) and backend.isolated
-        report = await executor.install([spec], timeout=120)
-        assert report.installed == (spec,), report
-        value = (
-            await executor.run("import ame_dummy_pkg\name_dummy_pkg.VALUE, ame_dummy_pkg.__file__")
-        ).value
-        assert value is not None and value.text.startswith("(42, "), value
-        assert backend.packages_dir in value.text
+    async with SandboxPool(min_idle=1, max_size=1) as pool:
+        async with pool.session(timeout=120) as executor:
+            backend = executor.backend
+            assert isinstance(backend, LocalBackend) and backend.isolated
+            report = await executor.install([spec], timeout=120)
+            assert report.installed == (spec,), report
+            value = (
+                await executor.run("import ame_dummy_pkg\name_dummy_pkg.VALUE, ame_dummy_pkg.__file__")
+            ).value
+            assert value is not None and value.text.startswith("(42, "), value
+            assert backend.packages_dir in value.text
+        # What it installed stays in the sandbox's package directory: that
+        # sandbox is retired, not lent again with a fresh kernel.
+        async with pool.session(timeout=120) as following:
+            assert following.backend is not backend
+            assert (
+                await following.run(
+                    "import importlib.util\nimportlib.util.find_spec('ame_dummy_pkg') is None"
+                )
+            ).value.text == "True"  # type: ignore[union-attr]
+        assert pool.retired >= 1
+
+
+async def test_only_a_backend_whose_kernels_each_have_their_own_files_isolates_kernels(
+    tmp_path: Path,
+) -> None:
+    # A cwd= is shared by the backend's kernels: a file one session leaves
+    # there (a json.py first on sys.path) would reach the next.
+    own = LocalBackend(isolation="bwrap")
+    shared = LocalBackend(isolation="bwrap", cwd=tmp_path / "shared")
+    async with own, shared:
+        assert own.isolates == "kernel" and shared.isolates == "sandbox"
+    assert LocalBackend(isolation="none").isolates == "sandbox"

@@ -268,8 +268,9 @@ class LocalBackend(Backend):
 
     @property
     def isolates(self) -> Literal["kernel", "sandbox"]:
-        """``"kernel"`` once started jailed: each kernel has a jail of its own (see :mod:`.isolation`)."""
-        return "kernel" if self.isolated else "sandbox"
+        """``"kernel"`` once started jailed without ``cwd=``: each kernel has a jail and a work
+        directory of its own (a shared ``cwd`` would carry files from one kernel to the next)."""
+        return "kernel" if self.isolated and self.cwd is None else "sandbox"
 
     def kernel_work_dir(self, kernel_id: str) -> str:
         """Where a kernel's work directory is on the host (removed with the kernel when its own).

@@ -27,9 +27,8 @@ class GatewayBackend(Backend):
         idle_disconnect: executors on this gateway close their kernel
             websocket after this many idle seconds and reopen it on the next
             run (None: keep it open). Set it when the way to the gateway bills
-            or times out open connections (a Modal tunnel: a
-            :class:`~async_modal_exec.SandboxPool` of Modal sandboxes passes
-            the ``ModalBackend``'s value).
+            or times out open connections (a Modal tunnel; executors on a
+            ``ModalBackend`` use its own value).
         env: environment variables set in each kernel by its executor (a
             gateway passes only some variables to the kernels it starts).
         work_dir: the directory file operations are confined to (None: the

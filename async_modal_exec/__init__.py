@@ -1,59 +1,37 @@
 """async_modal_exec: run model-written Python in remote Jupyter kernels, asyncio-native.
 
-``ModalBackend``, ``reap`` and the smolagents integration (``Executor``,
-``create_*_executor``, ``run_agent``) are imported on first use: importing
-``modal`` and ``smolagents`` takes seconds that core users need not pay.
+The top level holds what most programs need (30 names). The rest is grouped:
+every exception and warning in :mod:`async_modal_exec.errors`, the streamed
+events in :mod:`async_modal_exec.results`, the FastAPI layer in
+:mod:`async_modal_exec.fastapi`.
+
+``ModalBackend``, ``SnapshotPolicy``, ``reap_modal_sandboxes`` and the
+smolagents integration (``Executor``, ``create_*_executor``, ``run_agent``)
+are imported on first use: importing ``modal`` and ``smolagents`` takes
+seconds that core users need not pay.
 """
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
-from ._usage import BlockingCallWarning
-from .backends import Backend, GatewayBackend, GatewayEndpoint, LocalBackend, Sandbox
-from .errors import (
-    AsyncModalExecError,
-    BackendAuthError,
-    BackendError,
-    BackendInvalidArgument,
-    BackendNotFound,
-    BackendStartError,
-    BackendUnreachable,
-    ChecksumMismatch,
-    CodeError,
-    ExecutionError,
-    ExecutionTimeout,
-    ExecutorStateError,
-    GatewayAuthError,
-    GatewayError,
-    GatewayNotFound,
-    GatewayUnreachable,
-    KernelDied,
-    MissingExtra,
-    PackageInstallError,
-    PoolExhausted,
-    ProtocolError,
-    RecoveryOutcome,
-    RemoteFileError,
-    RemoteFileNotFound,
-    RemotePathRefused,
-    SessionNotFound,
-)
-from .executor import AsyncExecutor, ExecutorState
+from . import errors
+from .backends import Backend, GatewayBackend, LocalBackend, Sandbox
+from .backends.isolation import Limits
+from .errors import AsyncModalExecError, BackendError, GatewayError
+from .executor import AsyncExecutor
 from .files import RemoteFile
 from .host_tools import HostTools
 from .packages import InstallReport
 from .pool import SandboxPool
 from .results import (
-    DisplayEvent,
-    ErrorEvent,
+    CodeError,
     Event,
+    ExecutionError,
     ExecutionResult,
-    RemoteError,
-    ResultEvent,
-    RichOutput,
-    StderrEvent,
-    StdoutEvent,
+    ExecutionTimeout,
+    KernelDied,
+    RecoveryOutcome,
 )
-from .session import KernelState
 
 if TYPE_CHECKING:
     from .agent import (
@@ -63,13 +41,15 @@ if TYPE_CHECKING:
         create_modal_executor,
         run_agent,
     )
-    from .backends.modal_sandbox import ModalBackend, reap
+    from .backends.modal_sandbox import ModalBackend, reap_modal_sandboxes
+    from .backends.modal_snapshots import SnapshotPolicy
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "ModalBackend": ".backends.modal_sandbox",
-    "reap": ".backends.modal_sandbox",
+    "reap_modal_sandboxes": ".backends.modal_sandbox",
+    "SnapshotPolicy": ".backends.modal_snapshots",
     "Executor": ".agent",
     "create_modal_executor": ".agent",
     "create_local_executor": ".agent",
@@ -77,72 +57,97 @@ _LAZY = {
     "run_agent": ".agent",
 }
 
+# Names the top level had before it was trimmed: where they live now.
+_MOVED = {
+    "reap": (".backends.modal_sandbox", "reap_modal_sandboxes"),
+    "ExecutorState": (".executor", "ExecutorState"),
+    "KernelState": (".session", "KernelState"),
+    "GatewayEndpoint": (".backends", "GatewayEndpoint"),
+    "SessionNotFound": (".fastapi", "SessionNotFound"),
+    **{
+        name: (".results", name)
+        for name in (
+            "DisplayEvent",
+            "ErrorEvent",
+            "ResultEvent",
+            "RichOutput",
+            "StderrEvent",
+            "StdoutEvent",
+            "RemoteError",
+        )
+    },
+    **{
+        name: (".errors", name)
+        for name in (
+            "BackendAuthError",
+            "BackendInvalidArgument",
+            "BackendNotFound",
+            "BackendStartError",
+            "BackendUnreachable",
+            "BlockingCallWarning",
+            "ChecksumMismatch",
+            "ExecutorStateError",
+            "GatewayAuthError",
+            "GatewayNotFound",
+            "GatewayUnreachable",
+            "MissingExtra",
+            "PackageInstallError",
+            "PoolExhausted",
+            "ProtocolError",
+            "RemoteFileError",
+            "RemoteFileNotFound",
+            "RemotePathRefused",
+        )
+    },
+}
+
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
+    if name in _MOVED:
+        module, attribute = _MOVED[name]
+        where = f"{__name__}{module}"
+        warnings.warn(
+            f"{__name__}.{name} moved: import {attribute} from {where}", DeprecationWarning, stacklevel=2
+        )
+        return getattr(importlib.import_module(module, __name__), attribute)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "AsyncExecutor",
-    "ExecutorState",
-    "KernelState",
-    "RecoveryOutcome",
-    "HostTools",
-    "PoolExhausted",
-    "SandboxPool",
     "AsyncModalExecError",
     "Backend",
-    "BackendAuthError",
     "BackendError",
-    "BackendInvalidArgument",
-    "BackendNotFound",
-    "BackendStartError",
-    "BackendUnreachable",
-    "BlockingCallWarning",
-    "ChecksumMismatch",
     "CodeError",
-    "DisplayEvent",
-    "ErrorEvent",
     "Event",
     "ExecutionError",
     "ExecutionResult",
-    "Executor",
     "ExecutionTimeout",
-    "ExecutorStateError",
-    "GatewayAuthError",
+    "Executor",
     "GatewayBackend",
-    "GatewayEndpoint",
-    "Sandbox",
     "GatewayError",
-    "GatewayNotFound",
-    "GatewayUnreachable",
+    "HostTools",
     "InstallReport",
     "KernelDied",
-    "MissingExtra",
+    "Limits",
     "LocalBackend",
     "ModalBackend",
-    "PackageInstallError",
-    "ProtocolError",
-    "RemoteError",
+    "RecoveryOutcome",
     "RemoteFile",
-    "RemoteFileError",
-    "RemoteFileNotFound",
-    "RemotePathRefused",
-    "ResultEvent",
-    "RichOutput",
-    "SessionNotFound",
-    "StderrEvent",
-    "StdoutEvent",
+    "Sandbox",
+    "SandboxPool",
+    "SnapshotPolicy",
     "__version__",
     "create_gateway_executor",
     "create_local_executor",
     "create_modal_executor",
+    "errors",
+    "reap_modal_sandboxes",
     "run_agent",
-    "reap",
 ]

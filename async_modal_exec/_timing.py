@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 
 
 def record_phase(
@@ -13,3 +15,20 @@ def record_phase(
     seconds = timings[name] = time.monotonic() - began
     log.info("%s%s: %.2f s", prefix, name.replace("_", " "), seconds)
     return seconds
+
+
+@contextlib.contextmanager
+def startup_phase(
+    name: str,
+    timings: dict[str, float],
+    log: logging.Logger,
+    on_progress: Callable[[str, float | None], None] | None,
+) -> Iterator[None]:
+    """One startup phase: ``on_progress`` hears its start ``(name, None)`` and end ``(name, seconds)``."""
+    began = time.monotonic()
+    if on_progress is not None:
+        on_progress(name, None)
+    yield
+    seconds = record_phase(timings, name, began, log)
+    if on_progress is not None:
+        on_progress(name, seconds)

@@ -15,11 +15,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from ._redact import redacting_logger
 from .errors import GatewayError, GatewayUnreachable, ProtocolError, gateway_error_for_status
+from .gateway_side.v1_codec import V1_SUBPROTOCOL, decode_v1, encode_v1
 from .protocol import (
-    V1_SUBPROTOCOL,
     decode_legacy_binary,
-    decode_v1,
-    encode_v1,
     kernel_counter,
     kernel_died,
     kernel_info_request,

@@ -28,9 +28,17 @@ import anyio
 from .backends import Backend, GatewayBackend, LocalBackend
 from .backends.isolation import ISOLATION_MODES
 from .backends.modal_defaults import DEFAULT_APP_NAME
-from .errors import AsyncModalExecError, ExecutionTimeout, RemoteFileError
+from .errors import AsyncModalExecError, RemoteFileError
 from .executor import AsyncExecutor
-from .results import DisplayEvent, ErrorEvent, ResultEvent, RichOutput, StderrEvent, StdoutEvent
+from .results import (
+    DisplayEvent,
+    ErrorEvent,
+    ExecutionTimeout,
+    ResultEvent,
+    RichOutput,
+    StderrEvent,
+    StdoutEvent,
+)
 
 EXIT_CODE_ERROR = 1
 EXIT_USAGE = 2
@@ -189,9 +197,9 @@ def _show_startup_progress() -> None:
 
 
 async def _reap(app: str, older_than: float | None, dry_run: bool) -> int:
-    from .backends.modal_sandbox import reap
+    from .backends.modal_sandbox import reap_modal_sandboxes
 
-    found = await reap(app, older_than=older_than, dry_run=dry_run)
+    found = await reap_modal_sandboxes(app, older_than=older_than, dry_run=dry_run)
     for sandbox in found:
         age = "unknown age" if sandbox.age_seconds is None else f"{sandbox.age_seconds:.0f} s old"
         action = "terminated" if sandbox.terminated else "would terminate"
@@ -286,7 +294,7 @@ async def _copy(
     source: str, destination: str, backend: Backend, timeout: float | None, ready_timeout: float
 ) -> int:
     """``cp``: exactly one side is the sandbox's (it starts with ``:``)."""
-    async with AsyncExecutor(backend, ready_timeout=ready_timeout) as executor:
+    async with AsyncExecutor(backend, gateway_timeout=ready_timeout) as executor:
         if source.startswith(":"):
             info = await executor.download(source[1:], destination, timeout=timeout)
             sys.stderr.write(f"copied {info.path} ({info.size} bytes) to {destination}\n")
@@ -310,7 +318,7 @@ async def _run(
     err.write(f"starting {type(backend).__name__}...\n")
     err.flush()
     status = 0
-    executor = AsyncExecutor(backend, timeout=timeout, ready_timeout=ready_timeout)
+    executor = AsyncExecutor(backend, timeout=timeout, gateway_timeout=ready_timeout)
     try:
         await _start(executor, err, modal_output=modal_output)
         err.write(f"kernel ready in {time.monotonic() - started:.1f} s\n")

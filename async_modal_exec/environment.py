@@ -6,42 +6,20 @@ code and restored just after it, also when the code fails, times out or is
 cancelled; if the restore cannot be done (the connection is gone), the kernel
 is replaced before the next run, so a run's variables never reach another.
 The values reach the kernel in an execution's metadata, not its source: they
-are in no history or traceback.
+are in no history or traceback. The kernel side is :mod:`.kernel_side.env`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .kernel_side import define_code, module_expr
+
 __all__ = ["METADATA_KEY", "apply_code", "checked_env", "restore_code"]
 
 METADATA_KEY = "async_modal_exec_env"
 
-_APPLY = """
-def _async_modal_exec_env(save):
-    import os, sys, types
-    values = get_ipython().kernel.get_parent()["metadata"][{key!r}]
-    store = sys.modules.setdefault("_async_modal_exec_env", types.ModuleType("_async_modal_exec_env"))
-    if save:
-        store.saved = {{name: os.environ.get(name) for name in values}}
-    os.environ.update(values)
-_async_modal_exec_env({save!r})
-del _async_modal_exec_env
-"""
-
-_RESTORE = """
-def _async_modal_exec_env():
-    import os, sys
-    store = sys.modules["_async_modal_exec_env"]  # missing: an error, and the kernel is replaced
-    for name, value in store.saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    store.saved = {}
-_async_modal_exec_env()
-del _async_modal_exec_env
-"""
+MODULE = "_async_modal_exec_env"  # the kernel side's name in the kernel's sys.modules
 
 
 def checked_env(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -60,11 +38,20 @@ def checked_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return checked
 
 
-def apply_code(*, save: bool) -> str:
-    """Code setting the variables of the request's metadata (``save``: remember the old values)."""
-    return _APPLY.format(key=METADATA_KEY, save=save)
+def apply_code(*, save: bool, define: bool = True) -> str:
+    """Code setting the variables of the request's metadata (``save``: remember the old values).
+
+    ``define=False`` leaves out the kernel side's source (2.8 KB): for a
+    kernel known to have it already.
+    """
+    apply = f"{module_expr(MODULE)}.apply_request(get_ipython().kernel, {METADATA_KEY!r}, save={save!r})"
+    return f"{define_code('env', MODULE)}\n{apply}\n" if define else f"{apply}\n"
 
 
 def restore_code() -> str:
-    """Code putting back the values saved by ``apply_code(save=True)``."""
-    return _RESTORE
+    """Code putting back the values saved by ``apply_code(save=True)``.
+
+    Where the kernel lacks the module (a restarted kernel), it raises
+    ``KeyError``, and the executor replaces the kernel.
+    """
+    return f"{module_expr(MODULE)}.restore()\n"

@@ -27,12 +27,21 @@ Everything this package raises derives from one root::
     │   ├── RemoteFileNotFound (also FileNotFoundError)  no such file in the sandbox
     │   └── ChecksumMismatch                     the bytes that arrived differ from those sent
     ├── PoolExhausted (also TimeoutError)        no pooled executor became free in time
-    ├── SessionNotFound (also LookupError)       no such session in the FastAPI session store
     └── ExecutionError                           one execution did not complete normally;
+        │                                        (this branch is defined in results.py, beside
+        │                                        the ExecutionResult it carries; the root in
+        │                                        _root_error.py, so neither imports the other)
         │                                        ``.result`` holds the output received so far
         ├── CodeError                            the user's code raised (from raise_for_error())
         ├── ExecutionTimeout (also TimeoutError) the timeout expired; the kernel was interrupted
         └── KernelDied                           the kernel process died during the execution
+
+The server layer adds one of its own, ``SessionNotFound`` (also
+``LookupError``): no such session in the FastAPI session store (import it from
+:mod:`async_modal_exec.fastapi`).
+
+One warning, not an error: :class:`BlockingCallWarning` (a ``UserWarning``),
+a synchronous call of the smolagents facade made from inside a running event loop.
 
 Errors of aiohttp, websockets and modal are translated into this tree where they
 cross into the package (``raise ... from exc``: the original is ``__cause__``),
@@ -43,13 +52,17 @@ An HTTP error status of the gateway maps the same way over REST and websocket
 
 from __future__ import annotations
 
-import enum
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .results import ExecutionResult
+from ._root_error import AsyncModalExecError
+from ._usage import BlockingCallWarning
+from .results import CodeError, ExecutionError, ExecutionTimeout, KernelDied, RecoveryOutcome
 
 __all__ = [
+    "BlockingCallWarning",
+    "CodeError",
+    "ExecutionError",
+    "ExecutionTimeout",
+    "KernelDied",
+    "RecoveryOutcome",
     "AsyncModalExecError",
     "BackendAuthError",
     "BackendError",
@@ -58,29 +71,19 @@ __all__ = [
     "BackendStartError",
     "BackendUnreachable",
     "ChecksumMismatch",
-    "CodeError",
-    "ExecutionError",
-    "ExecutionTimeout",
     "ExecutorStateError",
     "MissingExtra",
     "GatewayAuthError",
     "GatewayError",
     "GatewayNotFound",
     "GatewayUnreachable",
-    "KernelDied",
     "PackageInstallError",
     "PoolExhausted",
     "ProtocolError",
-    "RecoveryOutcome",
     "RemoteFileError",
     "RemoteFileNotFound",
     "RemotePathRefused",
-    "SessionNotFound",
 ]
-
-
-class AsyncModalExecError(Exception):
-    """Root of every exception raised by async_modal_exec."""
 
 
 class ExecutorStateError(AsyncModalExecError, RuntimeError):
@@ -189,13 +192,6 @@ class PoolExhausted(AsyncModalExecError, TimeoutError):
     """No executor of a :class:`~async_modal_exec.SandboxPool` became free within the timeout."""
 
 
-class SessionNotFound(AsyncModalExecError, LookupError):
-    """The FastAPI session store has no such session (never created, deleted or expired).
-
-    ``sessions_router`` answers it with HTTP 404 and the same message.
-    """
-
-
 class PackageInstallError(AsyncModalExecError):
     """Installing packages in the sandbox failed.
 
@@ -227,99 +223,3 @@ class ChecksumMismatch(RemoteFileError):
 
     An upload that fails so leaves no file behind (nor the previous one changed).
     """
-
-
-class ExecutionError(AsyncModalExecError):
-    """An execution did not complete normally.
-
-    Attributes:
-        result: what the execution produced before it stopped (stdout, stderr,
-            displays, error): output printed before a failure is never lost.
-    """
-
-    def __init__(self, message: str, result: ExecutionResult) -> None:
-        super().__init__(message)
-        self.result = result
-
-
-class CodeError(ExecutionError):
-    """The user's code raised; ``result.error`` has its name, value and traceback."""
-
-
-class RecoveryOutcome(enum.Enum):
-    """What the executor did to bring the kernel back after a timeout or cancellation.
-
-    * ``INTERRUPTED``: the interrupt stopped the code; the kernel's state is kept.
-    * ``REPLACED``: the kernel ignored the interrupt (or died meanwhile); a
-      fresh kernel is being started in the background and the next run uses
-      it; the state is lost.
-    * ``DEFERRED``: the kernel could not be brought back (the gateway failed
-      in a way that leaves it unknown): the next run starts on a fresh kernel;
-      the state is lost.
-    * ``UNREACHABLE``: the gateway could not be reached to interrupt the
-      kernel. The kernel is left as it is and the next run reconnects; its
-      state is kept if the kernel is fine (code still running finishes first).
-    * ``NOT_STARTED``: the timeout expired before the code was sent (waiting
-      for the executions before it, or for a kernel being replaced): nothing
-      ran, nothing was interrupted.
-    """
-
-    INTERRUPTED = "interrupted"
-    REPLACED = "replaced"
-    DEFERRED = "deferred"
-    UNREACHABLE = "unreachable"
-    NOT_STARTED = "not_started"
-
-    @property
-    def state_kept(self) -> bool:
-        """True if the kernel's variables survived (or, for ``UNREACHABLE``, may have)."""
-        return self in _STATE_KEPT
-
-    def describe(self) -> str:
-        """One clause for messages and logs, e.g. ``"the kernel was interrupted (its state is kept)"``."""
-        return _RECOVERY_TEXT[self]
-
-
-_STATE_KEPT = {RecoveryOutcome.INTERRUPTED, RecoveryOutcome.UNREACHABLE, RecoveryOutcome.NOT_STARTED}
-_RECOVERY_TEXT = {
-    RecoveryOutcome.INTERRUPTED: "the kernel was interrupted (its state is kept)",
-    RecoveryOutcome.REPLACED: (
-        "the kernel ignored the interrupt (or died) and is being replaced by a fresh kernel"
-        " (its state is lost)"
-    ),
-    RecoveryOutcome.DEFERRED: (
-        "the kernel could not be brought back; the next run starts on a fresh kernel (its state is lost)"
-    ),
-    RecoveryOutcome.UNREACHABLE: (
-        "the gateway could not be reached to interrupt the kernel; the next run reconnects"
-        " (the kernel's state is kept if it is fine)"
-    ),
-    RecoveryOutcome.NOT_STARTED: "the code never started (nothing was interrupted; the state is kept)",
-}
-
-
-class ExecutionTimeout(ExecutionError, TimeoutError):
-    """The execution's timeout expired.
-
-    ``recovery`` (a :class:`RecoveryOutcome`) says what happened to the
-    kernel: interrupted (variables defined before the timed-out code survive),
-    being replaced (code that swallows ``KeyboardInterrupt``, a frozen or dead
-    kernel: its state is gone and ``restarted`` is true), unreachable (kept as
-    it is), or the code never started.
-
-    Attributes:
-        recovery: a :class:`RecoveryOutcome`.
-    """
-
-    def __init__(self, message: str, result: ExecutionResult, *, recovery: RecoveryOutcome) -> None:
-        super().__init__(message, result)
-        self.recovery = recovery
-
-    @property
-    def restarted(self) -> bool:
-        """True if the kernel's state is lost (it is replaced, now or by the next run)."""
-        return not self.recovery.state_kept
-
-
-class KernelDied(ExecutionError):
-    """The kernel process died during the execution; the next run gets a fresh kernel."""

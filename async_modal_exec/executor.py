@@ -3,62 +3,41 @@
 The executor keeps the configuration and the public API; the kernel's
 lifecycle (create, connect, reconnect, idle close, replace, close) is the
 explicit state machine of :class:`~async_modal_exec.session.KernelSession`,
-and the Jupyter messages are built and folded by the sans-I/O
-:mod:`~async_modal_exec.protocol`. What is left here is the execution
-driver: send a request, move messages from the websocket into the fold, act on
-what the fold says, and recover the kernel when an execution is cut short.
+and everything else has a module of its own: one deadline per call
+(:mod:`~async_modal_exec.deadline`), the kernel held for one call
+(:mod:`~async_modal_exec.turn`), the execution driver
+(:mod:`~async_modal_exec.driver`) and its recovery
+(:mod:`~async_modal_exec.recovery`), the files API
+(:mod:`~async_modal_exec.file_api`), installs (:mod:`~async_modal_exec.packages`).
 """
 
 from __future__ import annotations
 
-import base64
-import collections
 import contextlib
 import enum
-import functools
 import logging
-import math
-import os
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from contextlib import aclosing
-from typing import Any, overload
-
-import anyio
+from typing import Any
 
 # anyio imports its asyncio backend on first use: a ~40 ms import that would
 # otherwise run inside the event loop when the first executor is created.
-import anyio._backends._asyncio  # isort: skip
-
 from . import environment, files, packages
 from ._shield import Completion, run_shielded
-from ._timing import record_phase
+from ._timing import startup_phase
 from .backends.base import Backend, GatewayEndpoint, Sandbox
-from .channel import ChannelLost, KernelChannel
-from .errors import (
-    AsyncModalExecError,
-    ExecutionError,
-    ExecutionTimeout,
-    ExecutorStateError,
-    GatewayNotFound,
-    GatewayUnreachable,
-    KernelDied,
-    RecoveryOutcome,
-)
+from .deadline import Deadline, timed_out
+from .driver import DriverSettings
+from .errors import ExecutorStateError
+from .file_api import FileOperations
+from .fold import ExecutionFold
 from .gateway import GatewayClient
 from .host_tools import HostTools
-from .protocol import (
-    ExecutionFold,
-    execute_request,
-    input_reply,
-    kernel_info_request,
-    msg_id_of,
-    new_msg_id,
-    parent_msg_id,
-    unaccounted_messages,
-)
-from .results import Event, ExecutionResult
+from .package_api import PackageOperations
+from .protocol import new_msg_id
+from .results import Event, ExecutionResult, ExecutionTimeout, KernelDied, RecoveryOutcome
 from .session import KernelSession, KernelState
+from .turn import HeldTurn
 
 logger = logging.getLogger("async_modal_exec.executor")
 startup_logger = logging.getLogger("async_modal_exec.startup")
@@ -67,12 +46,6 @@ __all__ = ["AsyncExecutor", "ExecutorState"]
 
 DEFAULT_MAX_OUTPUT_CHARS = 10_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
-_RECONNECT_ATTEMPTS = 3
-_SETUP_TIMEOUT = 10.0  # defining the host-tool stubs in a kernel
-_LAST_LOOK = 1.0  # recovery: how long a websocket ping may take (a dead link, or a stuck kernel?)
-_IOPUB_GRACE = 3.0  # after the execute_reply, how long IOPub may stay silent before idle
-# What a started execute_request sends at least (busy, execute_input, execute_reply, idle).
-_STARTED_REQUEST_MESSAGES = 4
 
 
 class ExecutorState(str, enum.Enum):
@@ -84,7 +57,7 @@ class ExecutorState(str, enum.Enum):
     CLOSED = "closed"
 
 
-class AsyncExecutor:
+class AsyncExecutor(FileOperations, PackageOperations):
     """Runs Python code in a Jupyter kernel provided by a backend.
 
     Use it as ``async with AsyncExecutor(backend) as ex: result = await ex.run(code)``,
@@ -121,7 +94,7 @@ class AsyncExecutor:
             ``requirements`` when the backend has requirements to install
             (each end is also an INFO record on ``async_modal_exec.startup``).
             It must not block.
-        ready_timeout: how long the gateway may take to answer after the backend started.
+        gateway_timeout: how long the gateway may take to answer after the backend started.
         kernel_name: kernel spec to start (None: the gateway's default).
         max_message_bytes: largest websocket message accepted (None: unlimited).
         liveness_interval: after this many seconds without a message during an
@@ -147,7 +120,7 @@ class AsyncExecutor:
         max_output_chars: int | None = DEFAULT_MAX_OUTPUT_CHARS,
         store_history: bool = False,
         on_progress: Callable[[str, float | None], None] | None = None,
-        ready_timeout: float = 120.0,
+        gateway_timeout: float = 120.0,
         kernel_name: str | None = None,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
         liveness_interval: float = 2.0,
@@ -159,8 +132,7 @@ class AsyncExecutor:
             from .backends.local import LocalBackend
 
             backend = LocalBackend()
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive or None")
+        Deadline.after(timeout)  # the one check of a timeout: positive or None
         if interrupt_grace <= 0:
             raise ValueError("interrupt_grace must be positive")
         if file_chunk_bytes <= 0:
@@ -181,7 +153,7 @@ class AsyncExecutor:
         self.store_history = store_history
         self.on_progress = on_progress
         self._numbering: tuple[str | None, int] = (None, 0)  # (kernel id, executions sent to it)
-        self.ready_timeout = ready_timeout
+        self.gateway_timeout = gateway_timeout
         self.kernel_name = kernel_name
         self._max_message_bytes = max_message_bytes
         self.liveness_interval = liveness_interval
@@ -190,9 +162,6 @@ class AsyncExecutor:
         self._teardown_steps_once = Completion(self._teardown_steps)
         self._gateway: GatewayClient | None = None
         self._session: KernelSession | None = None
-        # Messages read ahead while probing after a reconnect, for the running execution.
-        self._pending: collections.deque[dict[str, Any]] = collections.deque()
-        self._running: ExecutionFold | None = None  # the execution on the kernel now (for interrupt())
         self.startup_timings: dict[str, float] = {}
         self.host_tools = host_tools if isinstance(host_tools, HostTools) else HostTools(host_tools or ())
 
@@ -239,7 +208,7 @@ class AsyncExecutor:
             self._check_not_closed()
             with self._phase("gateway_ready"):
                 self._gateway = GatewayClient(endpoint)
-                await self._gateway.wait_ready(self.ready_timeout)
+                await self._gateway.wait_ready(self.gateway_timeout)
             self._check_not_closed()
             with self._phase("kernel_created"):
                 self._session = KernelSession(
@@ -266,16 +235,8 @@ class AsyncExecutor:
             self._session.watch_idle(self.backend.idle_disconnect)
         return self
 
-    @contextlib.contextmanager
-    def _phase(self, name: str) -> Iterator[None]:
-        """One startup phase: the progress callback hears its start and end, the log its time."""
-        began = time.monotonic()
-        if self.on_progress is not None:
-            self.on_progress(name, None)
-        yield
-        if self.on_progress is not None:
-            self.on_progress(name, time.monotonic() - began)
-        record_phase(self.startup_timings, name, began, startup_logger)
+    def _phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return startup_phase(name, self.startup_timings, startup_logger, self.on_progress)
 
     def _check_not_closed(self) -> None:
         if self._close_requested:
@@ -325,14 +286,16 @@ class AsyncExecutor:
     # -- execution -----------------------------------------------------------------
 
     async def run(
-        self, code: str, *, timeout: float | None = None, env: Mapping[str, str] | None = None
+        self, code: str, *, timeout: float | Deadline | None = None, env: Mapping[str, str] | None = None
     ) -> ExecutionResult:
         """Run ``code`` and return everything it produced.
 
         Args:
             code: Python source (IPython syntax works too).
             timeout: seconds for the whole call (waiting for the executions
-                queued before it included); default: the executor's ``timeout``.
+                queued before it included); default: the executor's ``timeout``. A
+                :class:`~async_modal_exec.deadline.Deadline` is shared with the calls
+                that hold it (one install's probe and installer).
             env: environment variables for this run only: set before the
                 code, restored after it (also when it fails, times out or is
                 cancelled; if they cannot be restored, the kernel is replaced
@@ -366,7 +329,7 @@ class AsyncExecutor:
         return fold.result()
 
     async def stream(
-        self, code: str, *, timeout: float | None = None, env: Mapping[str, str] | None = None
+        self, code: str, *, timeout: float | Deadline | None = None, env: Mapping[str, str] | None = None
     ) -> AsyncGenerator[Event, None]:
         """Run ``code``, yielding stdout, stderr, display, result and error events as they arrive.
 
@@ -392,402 +355,51 @@ class AsyncExecutor:
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         return ExecutionFold(new_msg_id(), max_output_chars=self.max_output_chars if capped else None)
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        value = self.default_timeout if timeout is None else timeout
-        if value is not None and value <= 0:
-            raise ValueError("timeout must be positive or None")
-        return value
+    def _driver_settings(self) -> DriverSettings:
+        return DriverSettings(
+            liveness_interval=self.liveness_interval,
+            interrupt_grace=self.interrupt_grace,
+            answer_input=self.host_tools.answer if self.host_tools else None,
+            store_history=self.store_history,
+        )
+
+    @property
+    def _work_dir(self) -> str | None:
+        return self.backend.work_dir
 
     async def _execute(
-        self, code: str, fold: ExecutionFold, timeout: float | None, env: Mapping[str, str]
+        self, code: str, fold: ExecutionFold, timeout: float | Deadline | None, env: Mapping[str, str]
     ) -> AsyncGenerator[Event, None]:
-        """The execution driver of :meth:`run` and :meth:`stream`.
+        """The execution of :meth:`run` and :meth:`stream`, under one deadline.
 
         Takes the kernel's turn (a connected websocket to a live kernel),
         prepares a new kernel (environment, host-tool stubs), sets the run's
-        ``env``, drives ``code``, restores the environment. One deadline
+        ``env``, drives ``code``, restores the environment. The deadline
         covers it all, waiting for the turn included.
         """
-        timeout = self._timeout(timeout)
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        deadline = Deadline.of(timeout, self.default_timeout)
         session = self._open_session()
         started = False
         try:
             async with session.turn(deadline=deadline) as channel:
                 started = True
-                await self._prepare_kernel(channel, deadline)
-                await self._ensure_host_tools(channel, deadline)
+                turn = HeldTurn(session, channel, self._driver_settings())
+                await turn.prepare({**self.backend.kernel_env, **self.env}, self.host_tools, deadline)
                 try:
                     if env:
-                        apply = environment.apply_code(save=True)
-                        await self._setup(channel, apply, deadline, "setting env", env)
-                    async with aclosing(self._drive(channel, code, fold, deadline)) as events:
+                        await turn.set_env(env, deadline, save=True)
+                    if not self.store_history:
+                        fold.number = self._next_number(session.kernel_id)
+                    async with aclosing(turn.execute(code, fold, deadline)) as events:
                         async for event in events:
                             yield event
                 finally:
                     if env:
-                        await run_shielded(self._restore_env(channel, session))
+                        await run_shielded(turn.restore_env())
         except TimeoutError as exc:
             if started or isinstance(exc, ExecutionTimeout):
                 raise
-            outcome = RecoveryOutcome.NOT_STARTED
-            raise ExecutionTimeout(
-                f"execution timed out after {timeout} s; {outcome.describe()}",
-                fold.result(),
-                recovery=outcome,
-            ) from None
-
-    async def _internal(
-        self,
-        channel: KernelChannel,
-        code: str,
-        deadline: float,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> ExecutionResult:
-        """Run the package's own ``code`` in the held turn: no output cap, nothing of it is the user's."""
-        fold = self._new_fold(code, capped=False)
-        async with aclosing(self._drive(channel, code, fold, deadline, metadata, internal=True)) as events:
-            async for _ in events:
-                pass
-        return fold.result()
-
-    async def _setup(
-        self,
-        channel: KernelChannel,
-        code: str,
-        deadline: float,
-        what: str,
-        env: Mapping[str, str] | None = None,
-    ) -> None:
-        """A setup step in the held turn (at most ``_SETUP_TIMEOUT``); its error raises ExecutionError."""
-        metadata = {environment.METADATA_KEY: dict(env)} if env is not None else None
-        setup_deadline = min(deadline, time.monotonic() + _SETUP_TIMEOUT)
-        result = await self._internal(channel, code, setup_deadline, metadata)
-        if result.error is not None:
-            raise ExecutionError(
-                f"{what} in the kernel failed: {result.error.ename}: {result.error.evalue}", result
-            )
-
-    async def _prepare_kernel(self, channel: KernelChannel, deadline: float) -> None:
-        """Set the executor's environment in a kernel that does not have it yet."""
-        session = self._open_session()
-        if "env" in session.prepared:  # every run passes here: nothing else to do once set
-            return
-        env = {**self.backend.kernel_env, **self.env}
-        if env:
-            await self._setup(channel, environment.apply_code(save=False), deadline, "setting env", env)
-        session.prepared.add("env")
-
-    async def _restore_env(self, channel: KernelChannel, session: KernelSession) -> None:
-        """Put back the environment a run changed; if that cannot be done, the kernel is replaced."""
-        kernel = session.kernel_id
-        try:
-            if session.state is not KernelState.CONNECTED or not channel.is_open:
-                raise ChannelLost("the kernel is not connected")
-            # Bounded like the interrupt: a run's end waits for its restore.
-            until = time.monotonic() + min(_SETUP_TIMEOUT, self.interrupt_grace)
-            await self._setup(channel, environment.restore_code(), until, "restoring env")
-        except (AsyncModalExecError, ChannelLost, TimeoutError) as exc:
-            if session.kernel_id == kernel and not session.closing:
-                logger.warning("restoring a run's env failed (%s); the kernel will be replaced", exc)
-                session.mark_lost("a run's environment could not be restored")
-
-    async def _ensure_host_tools(self, channel: KernelChannel, deadline: float) -> None:
-        """Define the stubs of host tools the current kernel lacks (all of them in a new kernel)."""
-        session = self._open_session()
-        stubbed = session.stubbed
-        missing = [name for name in self.host_tools.names if stubbed is None or name not in stubbed]
-        if not missing:
-            return
-        # Off the loop: the first call reads and tokenizes source files (tens of ms).
-        setup = functools.partial(self.host_tools.setup_code, missing, install_bridge=stubbed is None)
-        code = await anyio.to_thread.run_sync(setup)
-        await self._setup(channel, code, deadline, "defining the host tools")
-        session.stubbed = (stubbed or set()) | set(missing)
-
-    async def _drive(
-        self,
-        channel: KernelChannel,
-        code: str,
-        fold: ExecutionFold,
-        deadline: float,
-        metadata: Mapping[str, Any] | None = None,
-        *,
-        internal: bool = False,
-    ) -> AsyncGenerator[Event, None]:
-        """Send ``code`` and yield its events until the kernel goes idle (the session is held).
-
-        ``deadline`` is a ``time.monotonic()`` time (``math.inf``: none);
-        ``metadata`` goes in the request's metadata (data the code reads);
-        ``internal`` code (the package's own) is kept out of the history and
-        out of the numbering of the user's runs.
-        """
-        session = self._open_session()
-        began = time.monotonic()
-        self._pending.clear()
-        if not self.store_history and not internal:
-            fold.number = self._next_number(session.kernel_id)
-        request = execute_request(
-            code,
-            session=session.ws_session,
-            store_history=self.store_history and not internal,
-            allow_stdin=bool(self.host_tools),
-            msg_id=fold.msg_id,
-            metadata=metadata,
-        )
-        self._running = fold
-        try:
-            await self._send(channel, request)
-            quiet_from: float | None = None  # once replied: when the last message came
-            while not fold.done:
-                until = deadline if quiet_from is None else min(deadline, quiet_from + _IOPUB_GRACE)
-                message = await self._receive(channel, fold, until, request)
-                if message is None:
-                    if quiet_from is not None and time.monotonic() < deadline:
-                        # Like nbclient's iopub_timeout: the kernel answered on
-                        # shell, but its idle status never came on IOPub.
-                        logger.warning("kernel %s replied but never went idle on IOPub", session.kernel_id)
-                        fold.assume_done()
-                    break
-                events = fold.feed(message)
-                if fold.kernel_dead:
-                    session.mark_lost("the kernel died during an execution")
-                    raise KernelDied(
-                        "the kernel died during the execution; the next run uses a fresh kernel",
-                        fold.result(),
-                    )
-                pending = fold.take_input_request()
-                if pending is not None:
-                    await self._answer_input(channel, pending, deadline)
-                for event in events:
-                    yield event
-                if fold.replied:
-                    quiet_from = time.monotonic()
-        except KernelDied:
-            self._running = None
-            raise
-        except BaseException as exc:
-            self._running = None
-            # Cancelled, the consumer left early, or the connection failed:
-            # bring the kernel back to idle before anyone else uses it.
-            if session.closing and isinstance(exc, Exception):
-                raise ExecutorStateError("the executor was closed while the execution ran") from exc
-            outcome = await run_shielded(self._recover(channel, fold))
-            if outcome is not None:
-                logger.info("execution stopped (%r); %s", exc, outcome.describe())
-            raise
-        self._running = None
-        if not fold.done:
-            outcome = await run_shielded(self._recover(channel, fold))
-            if outcome is None:
-                raise ExecutorStateError("the executor was closed while the execution ran")
-            timeout = round(deadline - began, 3)
-            logger.info("execution timed out after %s s; %s", timeout, outcome.describe())
-            raise ExecutionTimeout(
-                f"execution timed out after {timeout} s; {outcome.describe()}",
-                fold.result(),
-                recovery=outcome,
-            )
-
-    async def _send(self, channel: KernelChannel, message: Mapping[str, Any]) -> None:
-        """Send one message; a websocket found closed is reopened (same session) and the send retried once.
-
-        Raises:
-            ExecutorStateError: closed meanwhile.
-            GatewayError: the websocket cannot be reopened, or fails again.
-        """
-        session = self._open_session()
-        try:
-            await channel.send(message)
-            return
-        except ChannelLost as exc:
-            if session.closing:
-                raise ExecutorStateError("the executor is closed") from exc
-            session.dropped(f"sending failed: {exc}")
-        await session.reconnect()
-        try:
-            await channel.send(message)
-        except ChannelLost as exc:
-            session.dropped(f"sending failed again: {exc}")
-            raise GatewayUnreachable(f"cannot send to the kernel websocket: {exc}") from exc
-
-    async def _answer_input(
-        self, channel: KernelChannel, request: Mapping[str, Any], deadline: float
-    ) -> None:
-        """Answer the kernel's ``input_request``: a host-tool call (or EOF for plain ``input()``).
-
-        The call counts toward the execution's deadline; past it, no answer is
-        sent and the timeout path interrupts the kernel out of ``input()``.
-        """
-        content = request.get("content")
-        prompt = content.get("prompt", "") if isinstance(content, Mapping) else ""
-        with anyio.move_on_after(deadline - time.monotonic()):
-            value = await self.host_tools.answer(str(prompt))
-            session = self._open_session()
-            await self._send(channel, input_reply(value, session=session.ws_session, parent=request))
-
-    async def _receive(
-        self,
-        channel: KernelChannel,
-        fold: ExecutionFold,
-        deadline: float,
-        request: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any] | None:
-        """The next message, or None at the deadline.
-
-        Reconnects a dropped websocket (same session: the gateway replays what
-        was missed), and checks the kernel over REST whenever the websocket has
-        been silent for ``liveness_interval``: a deleted or dead kernel does not
-        always say so on the websocket. Every wait takes what is left of
-        ``deadline``. If the connection dropped before anything of ``request``
-        came back, the request may never have reached the kernel: see
-        :meth:`_resend_if_never_received`.
-        """
-        session = self._open_session()
-        reconnects = 0
-        while True:
-            if self._pending:
-                return self._pending.popleft()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            wait = min(remaining, self.liveness_interval)
-            message: dict[str, Any] | None = None
-            try:
-                with anyio.move_on_after(wait):
-                    message = await channel.receive()
-            except ChannelLost as exc:
-                if session.closing:
-                    raise ExecutorStateError("the executor is closed") from exc
-                session.dropped(f"the websocket closed: {exc}")
-                reconnects += 1
-                last_seen = channel.last_counter
-                with anyio.move_on_after(deadline - time.monotonic()):
-                    await self._reconnect_or_die(session, fold, reconnects)
-                    if request is not None and not fold.acknowledged and channel.is_open:
-                        await self._resend_if_never_received(channel, fold, request, last_seen)
-                continue
-            if message is not None:
-                return message
-            if wait < remaining:
-                with anyio.move_on_after(deadline - time.monotonic()):
-                    await self._check_alive(session, fold)
-
-    async def _resend_if_never_received(
-        self,
-        channel: KernelChannel,
-        fold: ExecutionFold,
-        request: Mapping[str, Any],
-        last_seen: tuple[str, int] | None,
-    ) -> None:
-        """Send ``request`` again if the kernel never received it; never run it twice.
-
-        A request sent just before the connection dropped may be lost with
-        it. The kernel numbers every message it sends, so a probe
-        (``kernel_info_request``) tells: if every number between the last
-        message seen before the drop and the probe's first answer is
-        accounted for, the kernel never started the request (shell requests
-        are handled in order, and a started one sends at least four
-        messages). Gateways "nudge" a reconnected kernel with
-        ``kernel_info_request``s of their own: each such request seen (by its
-        status messages) accounts for three numbers (busy, reply, idle).
-        Fewer than four numbers nobody saw cannot be the request either: had
-        it started, its four messages (busy, execute_input, reply, idle)
-        would all be among them, or one would have arrived. That leaves room
-        for the kernel's greeting of a new IOPub subscription
-        (``iopub_welcome``), which the gateway's own check takes. In doubt,
-        nothing is sent again. Anything that arrives meanwhile is kept for
-        the fold.
-        """
-        probe = kernel_info_request(session=self._open_session().ws_session)
-        try:
-            await channel.send(probe)
-            while parent_msg_id(message := await channel.receive()) != msg_id_of(probe):
-                self._pending.append(message)
-                if fold.belongs(message):
-                    return  # it did arrive
-        except ChannelLost:
-            return  # dropped again: the next receive reconnects and asks again
-        unexplained = unaccounted_messages(last_seen, message, self._pending)
-        if unexplained is not None and 0 <= unexplained < _STARTED_REQUEST_MESSAGES:
-            logger.info("the request was lost with the connection; sending it again")
-            with contextlib.suppress(ChannelLost):
-                await channel.send(request)
-        else:
-            logger.info(
-                "kernel messages unaccounted for after a reconnect (%s): not sending again", unexplained
-            )
-
-    async def _check_alive(self, session: KernelSession, fold: ExecutionFold) -> None:
-        why = await session.check_alive()
-        if why is not None:
-            raise KernelDied(f"{why}; the next run uses a fresh kernel", fold.result())
-
-    async def _reconnect_or_die(self, session: KernelSession, fold: ExecutionFold, attempt: int) -> None:
-        await self._check_alive(session, fold)
-        if attempt > _RECONNECT_ATTEMPTS:
-            session.mark_lost("the websocket could not be reconnected")
-            raise KernelDied("lost the kernel websocket and could not reconnect", fold.result())
-        await anyio.sleep(0.05 * 2**attempt)
-        logger.info("kernel websocket dropped; reconnecting with the same session to replay")
-        try:
-            await session.reconnect()
-        except GatewayNotFound:
-            session.mark_lost("the gateway no longer knows the kernel")
-            raise KernelDied("the kernel is gone (the gateway no longer knows it)", fold.result()) from None
-        except GatewayUnreachable as exc:
-            logger.info("reconnecting failed (attempt %d): %s", attempt, exc)
-
-    async def _recover(self, channel: KernelChannel, fold: ExecutionFold) -> RecoveryOutcome | None:
-        """Interrupt the kernel and drain the request; say what became of the kernel.
-
-        Bounded in time: the interrupt and the drain share one
-        ``interrupt_grace``, and a websocket ping (is it the link or the
-        kernel?) takes at most 1 s more. A kernel that stays busy, or died, is replaced in the
-        background (:meth:`KernelSession.replace_soon`), so no caller waits for
-        a new kernel. Returns None when there is nothing to do (or the
-        executor is closing).
-        """
-        session = self._session
-        if session is None or fold.done or session.closing:
-            return None
-        grace = time.monotonic() + self.interrupt_grace
-        try:
-            try:
-                with anyio.fail_after(self.interrupt_grace):
-                    if await session.interrupt():
-                        fold.interrupted_by_message()
-            except (GatewayUnreachable, TimeoutError) as exc:
-                logger.warning("cannot reach the gateway to interrupt kernel %s: %r", session.kernel_id, exc)
-                session.discard_connection("the gateway is unreachable")
-                return RecoveryOutcome.UNREACHABLE
-            while not fold.done and not fold.kernel_dead:
-                message = await self._receive(channel, fold, grace)
-                if message is None:
-                    break
-                fold.feed(message)
-                fold.take_input_request()  # the interrupt ends input(): nothing to answer
-            if fold.done and not fold.kernel_dead:
-                return RecoveryOutcome.INTERRUPTED
-            if not fold.kernel_dead and not await channel.ping(_LAST_LOOK):
-                # Not the kernel: the link is dead (no pong). Keep the kernel.
-                session.discard_connection("the websocket went dead")
-                return RecoveryOutcome.UNREACHABLE
-            why = "the kernel died" if fold.kernel_dead else "the kernel ignored an interrupt"
-            logger.warning("%s (kernel %s); replacing it with a fresh kernel", why, session.kernel_id)
-            session.replace_soon(why)
-            return RecoveryOutcome.REPLACED
-        except KernelDied as exc:
-            session.replace_soon(str(exc))
-            return RecoveryOutcome.REPLACED
-        except (AsyncModalExecError, ChannelLost, TimeoutError) as exc:
-            logger.warning(
-                "recovering kernel %s failed (%r); the next run starts on a fresh kernel",
-                session.kernel_id,
-                exc,
-            )
-            session.mark_lost(f"recovery failed: {exc!r}")
-            return RecoveryOutcome.DEFERRED
+            raise timed_out(deadline, fold.result(), RecoveryOutcome.NOT_STARTED) from None
 
     async def ping(self) -> None:
         """Check over REST that the gateway answers and knows the kernel alive (one request).
@@ -799,7 +411,9 @@ class AsyncExecutor:
 
         Cancelling the call abandons the request; nothing changes.
         """
-        await self._check_alive(self._open_session(), ExecutionFold("ping"))
+        why = await self._open_session().check_alive()
+        if why is not None:
+            raise KernelDied(f"{why}; the next run uses a fresh kernel", ExecutionResult())
 
     async def interrupt(self) -> None:
         """Interrupt whatever the kernel is running (like Ctrl-C in a notebook).
@@ -814,8 +428,9 @@ class AsyncExecutor:
         Cancelling the call abandons the REST request; the interrupt may or
         may not have reached the kernel.
         """
-        running = self._running  # the execution this interrupt is for, taken before any await
-        if await self._open_session().interrupt() and running is not None:
+        session = self._open_session()
+        running = session.running  # the execution this interrupt is for, taken before any await
+        if await session.interrupt() and running is not None:
             running.interrupted_by_message()
 
     async def restart(self) -> None:
@@ -835,230 +450,3 @@ class AsyncExecutor:
         """
         async with self._open_session().turn(fresh=True):
             pass
-
-    # -- files -----------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _files_turn(self, timeout: float | None) -> AsyncIterator[files.HelperCall]:
-        """Hold the kernel for one file operation; yield the call of its files helper.
-
-        ``timeout`` covers the whole operation (None: no limit). A timeout
-        raises :class:`ExecutionTimeout` like a run's.
-        """
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive or None")
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        session = self._open_session()
-        acquired = False
-        try:
-            async with session.turn(deadline=deadline) as channel:
-                acquired = True
-                if "files" not in session.prepared:
-                    helper = files.helper_code(self.backend.work_dir)
-                    await self._setup(channel, helper, deadline, "defining the files helper")
-                    session.prepared.add("files")
-
-                async def call(operation: str, args: tuple[Any, ...], chunk: bytes | None) -> dict[str, Any]:
-                    metadata = None
-                    if chunk is not None:
-                        metadata = {files.CHUNK_KEY: base64.b64encode(chunk).decode("ascii")}
-                    until = deadline
-                    if operation == "abort":  # cleaning up, also after the deadline: briefly, if at all
-                        if session.state is not KernelState.CONNECTED or not channel.is_open:
-                            return {}
-                        until = time.monotonic() + min(_SETUP_TIMEOUT, self.interrupt_grace)
-                    code = files.call_code(operation, *args)
-                    return files.answer_of(await self._internal(channel, code, until, metadata), operation)
-
-                yield call
-        except TimeoutError as exc:
-            if acquired or isinstance(exc, ExecutionTimeout):
-                raise
-            outcome = RecoveryOutcome.NOT_STARTED
-            raise ExecutionTimeout(
-                f"the file operation timed out after {timeout} s; {outcome.describe()}",
-                ExecutionResult(),
-                recovery=outcome,
-            ) from None
-
-    async def upload(
-        self,
-        source: files.Source,
-        remote_path: str,
-        *,
-        timeout: float | None = None,
-    ) -> files.RemoteFile:
-        """Write ``source`` (bytes, a local file's path, or an async iterable of bytes) to ``remote_path``.
-
-        ``remote_path`` is relative to the sandbox's work directory (or
-        absolute inside it); missing directories are created. The file is
-        sent in chunks of ``file_chunk_bytes`` (memory stays flat whatever its
-        size), written under a temporary name and renamed into place only
-        when its SHA-256 matches: a reader never sees half a file.
-
-        Returns:
-            The file as the sandbox sees it (:class:`RemoteFile`).
-
-        Raises:
-            RemotePathRefused: the path leads outside the work directory.
-            ChecksumMismatch: the bytes that arrived differ (nothing is written).
-            RemoteFileError: the sandbox refused (a directory there, disk full, ...).
-            FileNotFoundError: the local ``source`` does not exist.
-            ExecutionTimeout: ``timeout`` (seconds for the whole transfer) expired.
-
-        Cancelling the call (or any failure) stops the transfer and removes
-        the temporary file; an existing file at ``remote_path`` is untouched.
-        """
-        async with self._files_turn(timeout) as call:
-            return await files.upload(call, source, remote_path, self.file_chunk_bytes)
-
-    @overload
-    async def download(self, remote_path: str, *, timeout: float | None = None) -> bytes: ...
-
-    @overload
-    async def download(
-        self, remote_path: str, local_path: str | os.PathLike[str], *, timeout: float | None = None
-    ) -> files.RemoteFile: ...
-
-    async def download(
-        self,
-        remote_path: str,
-        local_path: str | os.PathLike[str] | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> bytes | files.RemoteFile:
-        """Read ``remote_path`` from the sandbox: its bytes, or into ``local_path``.
-
-        With ``local_path`` the file is streamed to disk in chunks (memory
-        stays flat) under a temporary name, renamed into place once its
-        SHA-256 matches the one the kernel computed; the result is then the
-        :class:`RemoteFile` read. Without it, the bytes are returned (the
-        whole file in memory).
-
-        Raises:
-            RemoteFileNotFound: no such file.
-            RemotePathRefused: the path leads outside the work directory.
-            ChecksumMismatch: the bytes that arrived differ (``local_path`` is untouched).
-            RemoteFileError: the sandbox refused (a directory, no permission, ...).
-            ExecutionTimeout: ``timeout`` (seconds for the whole transfer) expired.
-
-        Cancelling the call stops the transfer; a partial local file is removed.
-        """
-        async with self.reading(remote_path, timeout=timeout) as (info, chunks):
-            if local_path is None:
-                return b"".join([chunk async for chunk in chunks])
-            target = anyio.Path(local_path)
-            temporary = target.with_name(f".{target.name}.{new_msg_id()}.part")
-            try:
-                async with await anyio.open_file(temporary, "wb") as handle:
-                    async for chunk in chunks:
-                        await handle.write(chunk)
-                await temporary.replace(target)
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await temporary.unlink(missing_ok=True)
-                raise
-        return info
-
-    @contextlib.asynccontextmanager
-    async def reading(
-        self, remote_path: str, *, timeout: float | None = None
-    ) -> AsyncIterator[tuple[files.RemoteFile, AsyncIterator[bytes]]]:
-        """Open ``remote_path`` for streaming: ``async with ex.reading(p) as (info, chunks)``.
-
-        ``info`` is known (and errors are raised) before the first chunk is
-        read; ``chunks`` yields the bytes in pieces of ``file_chunk_bytes`` and
-        ends with :class:`ChecksumMismatch` if they differ from what the kernel
-        read. The kernel is held for the block: other runs wait until it ends.
-
-        Raises:
-            RemoteFileNotFound, RemotePathRefused, RemoteFileError: as :meth:`download`.
-
-        Leaving the block early (or cancelling it) closes the file in the kernel.
-        """
-        async with self._files_turn(timeout) as call:
-            info, chunks = await files.begin_download(call, remote_path, self.file_chunk_bytes)
-            async with aclosing(chunks):
-                yield info, chunks
-
-    async def stat(self, remote_path: str, *, timeout: float | None = None) -> files.RemoteFile:
-        """What ``remote_path`` is in the sandbox (symlinks followed, within the work directory).
-
-        Raises:
-            RemoteFileNotFound: no such file or directory.
-            RemotePathRefused: the path leads outside the work directory.
-
-        Cancelling the call abandons it (nothing changes).
-        """
-        async with self._files_turn(timeout) as call:
-            return files.RemoteFile.from_answer(await call("stat_path", (remote_path,), None))
-
-    async def listdir(self, remote_dir: str = ".", *, timeout: float | None = None) -> list[files.RemoteFile]:
-        """The entries of ``remote_dir`` in the sandbox, sorted by name (symlinks listed, not followed).
-
-        Raises:
-            RemoteFileNotFound: no such directory.
-            RemotePathRefused: the path leads outside the work directory.
-            RemoteFileError: not a directory, or the sandbox refused.
-
-        Cancelling the call abandons the listing (nothing changes).
-        """
-        async with self._files_turn(timeout) as call:
-            answer = await call("listdir", (remote_dir,), None)
-        return [files.RemoteFile.from_answer(entry) for entry in answer["entries"]]
-
-    async def remove(
-        self, remote_path: str, *, recursive: bool = False, timeout: float | None = None
-    ) -> None:
-        """Delete a file, a symlink (not what it points to) or a directory in the sandbox.
-
-        A directory must be empty unless ``recursive``. The work directory
-        itself cannot be removed.
-
-        Raises:
-            RemoteFileNotFound: no such file.
-            RemotePathRefused: the path leads outside the work directory (or is it).
-            RemoteFileError: a non-empty directory without ``recursive``, or the sandbox refused.
-
-        Cancelling the call may leave a recursive removal half done.
-        """
-        async with self._files_turn(timeout) as call:
-            await call("remove", (remote_path, recursive), None)
-
-    # -- packages --------------------------------------------------------------------
-
-    async def install(
-        self,
-        requirements: Sequence[str | packages.Requirement],
-        *,
-        timeout: float | None = 600.0,
-        on_output: Callable[[str], None] | None = None,
-    ) -> packages.InstallReport:
-        """Make ``requirements`` (installer specs: ``"pandas>=2"``) importable in the sandbox.
-
-        One probe asks the kernel which are already satisfied (the
-        distribution is installed at a version the spec allows); the missing
-        ones are installed in one command, with ``uv pip`` where the sandbox
-        has ``uv``, else pip, in the kernel's own interpreter (a jailed local
-        kernel has no network: its packages are installed from the host into
-        the backend's package directory). What this executor installed or
-        found is remembered, so asking again costs nothing.
-
-        Args:
-            requirements: the specs.
-            timeout: seconds for the probe and the installer together (None: no limit).
-            on_output: called on the loop with each piece of the installer's
-                output as it is written (it must not block).
-
-        Returns:
-            An :class:`InstallReport`: what was installed, what was already there.
-
-        Raises:
-            PackageInstallError: the installer failed (the message names the packages).
-            ExecutionTimeout: ``timeout`` expired (the installer is interrupted).
-
-        Cancelling the call interrupts the probe or the installer (like a
-        cancelled :meth:`run`); nothing is recorded as installed, so the next
-        call probes again.
-        """
-        return await packages.install(self, requirements, timeout=timeout, on_output=on_output)

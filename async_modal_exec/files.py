@@ -1,9 +1,9 @@
 """Files in and out of the sandbox's work directory, in bounded chunks, checksummed.
 
 The portable path: every backend has a kernel, so files travel over the
-kernel's own channel. A helper module is defined in the kernel once
-(``_async_modal_exec_files`` in ``sys.modules``, nothing in the user's
-namespace); each call is one small execution. An upload chunk rides in the
+kernel's own channel. A helper module (:mod:`.kernel_side.files`) is defined in
+the kernel once (``_async_modal_exec_files`` in ``sys.modules``, nothing in the
+user's namespace); each call is one small execution. An upload chunk rides in the
 ``execute_request``'s metadata, where the kernel reads it as data: put into the
 code as a literal it would be parsed as source, 15x slower (2 MiB: 650 ms
 against 43 ms). A download chunk comes back as a display of its own mime type.
@@ -33,6 +33,7 @@ from typing import Any
 import anyio
 
 from .errors import ChecksumMismatch, RemoteFileError, RemoteFileNotFound, RemotePathRefused
+from .kernel_side import define_code, module_expr
 from .results import ExecutionResult
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "FILES_MIME", "RemoteFile", "Source", "helper_code"]
@@ -41,169 +42,19 @@ FILES_MIME = "application/x.async-modal-exec.files+json"
 DEFAULT_CHUNK_BYTES = 2 * 2**20
 CHUNK_KEY = "async_modal_exec_chunk"
 
-# Runs in the kernel, once: defines the helper module.
-_HELPER = r"""
-def _install(mime, chunk_key, work_dir):
-    import base64, hashlib, os, shutil, stat, sys, types
-    from IPython.display import publish_display_data
-
-    if "_async_modal_exec_files" in sys.modules:
-        return
-    helper = types.ModuleType("_async_modal_exec_files")
-    root = os.path.realpath(work_dir or os.getcwd())
-    if root == os.sep:
-        raise ValueError("the work directory cannot be the filesystem's root")
-    transfers = {}
-
-    class PathRefused(PermissionError):
-        pass
-
-    def answer(**fields):
-        publish_display_data({mime: fields})
-
-    def inside(path):
-        return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-    def real(path, asked):
-        # realpath gives up at a symlink loop and collapses the rest as text,
-        # where ".." can hide a symlink the OS would follow: a path is only
-        # trusted once resolving it again changes nothing.
-        full = os.path.realpath(path)
-        if "\0" in asked or os.path.realpath(full) != full or not inside(full):
-            raise PathRefused(f"{asked!r} is outside the work directory {root!r}")
-        return full
-
-    def resolve(path):
-        return real(os.path.join(root, path), path)
-
-    def resolve_entry(path):
-        # The entry itself (a symlink is not followed), in a real parent.
-        lexical = os.path.normpath(os.path.join(root, path))
-        full = os.path.join(real(os.path.dirname(lexical), path), os.path.basename(lexical))
-        if not inside(full) or full == root:
-            raise PathRefused(f"{path!r} is outside the work directory {root!r}")
-        return full
-
-    def describe(full):
-        info = os.lstat(full)
-        return {
-            "path": full,
-            "name": os.path.basename(full),
-            "size": info.st_size,
-            "is_dir": stat.S_ISDIR(info.st_mode),
-            "is_link": stat.S_ISLNK(info.st_mode),
-            "modified": info.st_mtime,
-        }
-
-    def begin_upload(token, path):
-        if not path or path.endswith(("/", os.sep)):
-            raise IsADirectoryError(f"{path!r} names a directory, not a file")
-        full = resolve(path)
-        if os.path.isdir(full):
-            raise IsADirectoryError(f"{path!r} is a directory")
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        temporary = os.path.join(os.path.dirname(full), f".{os.path.basename(full)}.{token}.part")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        transfers[token] = (os.fdopen(fd, "wb"), hashlib.sha256(), full, temporary)
-        answer(token=token)
-
-    def put(token):
-        handle, digest, _, _ = transfers[token]
-        data = base64.b64decode(get_ipython().kernel.get_parent()["metadata"][chunk_key])
-        handle.write(data)
-        digest.update(data)
-        answer(written=len(data))
-
-    def finish_upload(token, sha256):
-        handle, digest, full, temporary = transfers.pop(token)
-        try:
-            handle.close()
-            if digest.hexdigest() != sha256:
-                raise ValueError(f"checksum mismatch: sent {sha256}, arrived {digest.hexdigest()}")
-            os.replace(temporary, full)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except FileNotFoundError:
-                pass
-            raise
-        answer(**describe(full))
-
-    def abort(token):
-        transfer = transfers.pop(token, None)
-        if transfer is not None:
-            transfer[0].close()
-            if len(transfer) == 4:
-                try:
-                    os.unlink(transfer[3])
-                except FileNotFoundError:
-                    pass
-        answer(aborted=transfer is not None)
-
-    def begin_download(token, path):
-        full = resolve(path)
-        if os.path.isdir(full):
-            raise IsADirectoryError(f"{path!r} is a directory")
-        # Non-blocking, then only a regular file: opening a FIFO would wait forever.
-        fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise ValueError(f"{path!r} is not a regular file")
-        transfers[token] = (os.fdopen(fd, "rb"), hashlib.sha256())
-        answer(token=token, file=describe(full))
-
-    def get(token, size):
-        handle, digest = transfers[token]
-        data = handle.read(size)
-        digest.update(data)
-        if len(data) < size:
-            transfers.pop(token)
-            handle.close()
-            answer(chunk=base64.b64encode(data).decode("ascii"), eof=True, sha256=digest.hexdigest())
-        else:
-            answer(chunk=base64.b64encode(data).decode("ascii"), eof=False)
-
-    def stat_path(path):
-        answer(**describe(resolve(path)))
-
-    def listdir(path):
-        full = resolve(path)
-        if not os.path.exists(full):
-            raise FileNotFoundError(f"no such directory: {path!r}")
-        if not os.path.isdir(full):
-            raise NotADirectoryError(f"{path!r} is not a directory")
-        entries = [describe(os.path.join(full, name)) for name in sorted(os.listdir(full))]
-        answer(entries=entries)
-
-    def remove(path, recursive):
-        full = resolve_entry(path)
-        if os.path.isdir(full) and not os.path.islink(full):
-            if recursive:
-                shutil.rmtree(full)
-            else:
-                os.rmdir(full)
-        else:
-            os.unlink(full)
-        answer(removed=full)
-
-    operations = (begin_upload, put, finish_upload, abort, begin_download, get, stat_path, listdir, remove)
-    for function in operations:
-        setattr(helper, function.__name__, function)
-    helper.root = root
-    helper.transfers = transfers  # open transfers, by token (a test checks none is left)
-    sys.modules[helper.__name__] = helper
-"""
+MODULE = "_async_modal_exec_files"  # the kernel-side helper's name in the kernel's sys.modules
 
 
 def helper_code(work_dir: str | None) -> str:
-    """Code defining the kernel's files helper (a no-op where it exists)."""
-    return f"{_HELPER}\n_install({FILES_MIME!r}, {CHUNK_KEY!r}, {work_dir!r})\ndel _install\n"
+    """Code defining the kernel's files helper (a no-op where it exists); see :mod:`.kernel_side.files`."""
+    install = f"{module_expr(MODULE)}.install(get_ipython(), {FILES_MIME!r}, {CHUNK_KEY!r}, {work_dir!r})"
+    return f"{define_code('files', MODULE)}\n{install}\n"
 
 
 def call_code(operation: str, *args: Any) -> str:
     """Code calling one operation of the helper (binds no name in the user's namespace)."""
     arguments = ", ".join(repr(arg) for arg in args)
-    return f"__import__('sys').modules['_async_modal_exec_files'].{operation}({arguments})"
+    return f"{module_expr(MODULE)}.{operation}({arguments})"
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from typing import Any
 
 import anyio
 
-from . import _kernel_bridge
+from . import kernel_side
 from ._extras import require
-from ._kernel_bridge import MARKER
+from .kernel_side.host_tools import MARKER
 
 logger = logging.getLogger("async_modal_exec.host_tools")
 
@@ -113,22 +113,10 @@ def _bridge_code() -> str:
     """Kernel code installing the bridge module (built once: it reads source files)."""
     from smolagents.serialization import SafeSerializer
 
-    bridge = inspect.getsource(_kernel_bridge)
     decoder = SafeSerializer.get_deserializer_code(allow_pickle=False)
-    return "\n".join(
-        [
-            "def __async_modal_exec_bridge():",
-            "    import sys, types",
-            f"    module = types.ModuleType({_MODULE!r})",
-            f"    exec(compile({bridge!r}, '<async_modal_exec host tools>', 'exec'), module.__dict__)",
-            f"    exec({decoder!r}, module.__dict__)",
-            "    module.install(get_ipython().kernel)",
-            f"    sys.modules[{_MODULE!r}] = module",
-            "__async_modal_exec_bridge()",
-            "del __async_modal_exec_bridge",
-            f"HostToolError = __import__('sys').modules[{_MODULE!r}].HostToolError",
-        ]
-    )
+    define = kernel_side.define_code("host_tools", _MODULE, ((decoder, "<smolagents safe-JSON decoder>"),))
+    module = kernel_side.module_expr(_MODULE)
+    return f"{define}\n{module}.install(get_ipython().kernel)\nHostToolError = {module}.HostToolError"
 
 
 class HostTools:
@@ -190,7 +178,7 @@ class HostTools:
         lines = [_bridge_code()] if install_bridge else []
         for name in names:
             doc = self._tools[name].doc
-            lines.append(f"{name} = __import__('sys').modules[{_MODULE!r}].make_stub({name!r}, {doc!r})")
+            lines.append(f"{name} = {kernel_side.module_expr(_MODULE)}.make_stub({name!r}, {doc!r})")
         return "\n".join(lines)
 
     async def answer(self, prompt: str) -> str:

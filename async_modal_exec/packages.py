@@ -6,27 +6,27 @@ distribution is installed at a version its spec allows (checked with
 ``packaging`` where the kernel has it, else presence only), or, for a bare
 import name, when the module imports. The missing ones go to one installer
 command (``uv pip install`` where the sandbox has ``uv``, else pip, in the
-kernel's own interpreter), whose output is streamed while it runs.
+kernel's own interpreter), whose output is streamed while it runs. Both run
+:mod:`.kernel_side.packages` in the kernel.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from .deadline import Deadline
 from .errors import PackageInstallError, ProtocolError
-from .results import ErrorEvent, StderrEvent, StdoutEvent
+from .kernel_side import run_code
+from .results import ErrorEvent, Event, ExecutionResult, StderrEvent, StdoutEvent
 
 if TYPE_CHECKING:
     from .backends.base import Backend
-    from .executor import AsyncExecutor
 
 logger = logging.getLogger("async_modal_exec.packages")
 
@@ -152,75 +152,49 @@ def _marked_json(stdout: str) -> Any:
 def probe_code(requirements: Sequence[Requirement]) -> str:
     """Code asking the kernel which requirements are satisfied, and whether it has ``uv``."""
     wanted = [[r.spec, r.distribution, r.import_name] for r in requirements]
-    return f"""
-def __ame_probe(wanted):
-    import importlib.metadata, importlib.util, json, shutil
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:
-        try:
-            from pip._vendor.packaging.requirements import Requirement
-        except ImportError:
-            Requirement = None
-    def importable(name):
-        try:
-            return importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            return False
-    def satisfied(spec, distribution, import_name):
-        if distribution:
-            try:
-                version = importlib.metadata.version(distribution)
-            except importlib.metadata.PackageNotFoundError:
-                version = None
-            if version is not None:
-                if Requirement is None:
-                    return True
-                try:
-                    return Requirement(spec).specifier.contains(version, prereleases=True)
-                except Exception:
-                    return True
-        return bool(import_name) and importable(import_name)
-    print({_MARKER!r} + json.dumps({{
-        "satisfied": {{spec: satisfied(spec, d, i) for spec, d, i in wanted}},
-        "uv": shutil.which("uv") is not None,
-    }}))
-__ame_probe({wanted!r})
-del __ame_probe
-"""
+    return run_code("packages", f"answer({_MARKER!r}, probe({wanted!r}))")
 
 
 def install_code(specs: Sequence[str], *, use_uv: bool) -> str:
     """Code running one installer command in the kernel's interpreter, its output streamed on stderr."""
-    return f"""
-def __ame_install():
-    import importlib, json, shutil, subprocess, sys
-    if {use_uv!r}:
-        command = [shutil.which("uv"), "pip", "install", "--python", sys.executable]
-    else:
-        command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-    tail = []
-    with subprocess.Popen(
-        command + {list(specs)!r}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as process:
-        for line in process.stdout:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-            tail.append(line)
-            del tail[:-200]
-    importlib.invalidate_caches()
-    print({_MARKER!r} + json.dumps({{"returncode": process.returncode, "output": "".join(tail)[-4000:]}}))
-__ame_install()
-del __ame_install
-"""
+    return run_code("packages", f"answer({_MARKER!r}, install({list(specs)!r}, {use_uv!r}))")
 
 
-def _remaining(deadline: float) -> float | None:
-    return None if deadline == math.inf else max(deadline - time.monotonic(), 0.001)
+class HostInstaller(Protocol):
+    """What :func:`install` uses of a backend (see :class:`~async_modal_exec.Backend`)."""
+
+    @property
+    def installs_on_host(self) -> bool: ...
+
+    async def install(self, specs: list[str], timeout: float) -> tuple[int, str]: ...
+
+
+class PackageExecutor(Protocol):
+    """What :func:`install` uses of an executor (an :class:`~async_modal_exec.AsyncExecutor`)."""
+
+    @property
+    def packages(self) -> PackageRecord: ...
+
+    @property
+    def backend(self) -> HostInstaller: ...
+
+    async def run(self, code: str, *, timeout: float | Deadline | None = None) -> ExecutionResult: ...
+
+    def stream(
+        self, code: str, *, timeout: float | Deadline | None = None
+    ) -> AsyncGenerator[Event, None]: ...
+
+
+class Provisioner(Protocol):
+    """What :func:`provision` uses of an executor (an :class:`~async_modal_exec.AsyncExecutor`)."""
+
+    async def install(
+        self, requirements: Sequence[str | Requirement], *, timeout: float | None
+    ) -> InstallReport: ...
 
 
 async def install(
-    executor: AsyncExecutor,
+    executor: PackageExecutor,
     requirements: Sequence[str | Requirement],
     *,
     timeout: float | None,
@@ -236,10 +210,8 @@ async def install(
     present = [r.spec for r in wanted if r.spec in known]
     if not todo:
         return InstallReport(already_present=tuple(present))
-    deadline = math.inf if timeout is None else time.monotonic() + timeout
-    probe = _marked_json(
-        (await executor.run(probe_code(todo), timeout=_remaining(deadline))).raise_for_error().stdout
-    )
+    deadline = Deadline.after(timeout)  # one for the probe, the installer and the cache refresh
+    probe = _marked_json((await executor.run(probe_code(todo), timeout=deadline)).raise_for_error().stdout)
     missing = [r for r in todo if not probe["satisfied"].get(r.spec)]
     record.already_present += [r.spec for r in todo if r not in missing]
     present += [r.spec for r in todo if r not in missing]
@@ -250,14 +222,16 @@ async def install(
     logger.info("installing in the sandbox: %s", " ".join(specs))
     backend = executor.backend
     if backend.installs_on_host:
-        returncode, text = await backend.install(specs, _remaining(deadline) or math.inf)
+        returncode, text = await backend.install(specs, deadline.remaining())
         if on_output is not None and text:
             on_output(text)
-        (await executor.run("import importlib\nimportlib.invalidate_caches()")).raise_for_error()
+        (
+            await executor.run("import importlib\nimportlib.invalidate_caches()", timeout=deadline)
+        ).raise_for_error()
     else:
         stdout: list[str] = []
         code = install_code(specs, use_uv=bool(probe["uv"]))
-        async with aclosing(executor.stream(code, timeout=_remaining(deadline))) as events:
+        async with aclosing(executor.stream(code, timeout=deadline)) as events:
             async for event in events:
                 if isinstance(event, StderrEvent):
                     if on_output is not None:
@@ -283,7 +257,7 @@ async def install(
     return InstallReport(installed=tuple(specs), already_present=tuple(present), output=text)
 
 
-async def provision(executor: AsyncExecutor, backend: Backend) -> None:
+async def provision(executor: Provisioner, backend: Backend) -> None:
     """Install ``backend.requirements`` with ``executor`` unless the sandbox has them already.
 
     Once done, the backend may keep the result (Modal: a snapshot), and its

@@ -1,17 +1,23 @@
-"""Results and streamed events of one execution (plain data, no I/O)."""
+"""Results and streamed events of one execution, and the ExecutionError branch that carries them (no I/O)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import CodeError
+from ._root_error import AsyncModalExecError
 
 __all__ = [
+    "CodeError",
+    "ExecutionError",
+    "ExecutionTimeout",
+    "KernelDied",
+    "RecoveryOutcome",
     "DisplayEvent",
     "ErrorEvent",
     "Event",
@@ -284,3 +290,102 @@ class ErrorEvent:
 
 Event = StdoutEvent | StderrEvent | DisplayEvent | ResultEvent | ErrorEvent
 """One streamed event; match on ``event.kind`` or on the class."""
+
+
+# -- the ExecutionError branch of the exception tree (drawn in errors.py) -----------------
+
+
+class ExecutionError(AsyncModalExecError):
+    """An execution did not complete normally.
+
+    Attributes:
+        result: what the execution produced before it stopped (stdout, stderr,
+            displays, error): output printed before a failure is never lost.
+    """
+
+    def __init__(self, message: str, result: ExecutionResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class CodeError(ExecutionError):
+    """The user's code raised; ``result.error`` has its name, value and traceback."""
+
+
+class RecoveryOutcome(enum.Enum):
+    """What the executor did to bring the kernel back after a timeout or cancellation.
+
+    * ``INTERRUPTED``: the interrupt stopped the code; the kernel's state is kept.
+    * ``REPLACED``: the kernel ignored the interrupt (or died meanwhile); a
+      fresh kernel is being started in the background and the next run uses
+      it; the state is lost.
+    * ``DEFERRED``: the kernel could not be brought back (the gateway failed
+      in a way that leaves it unknown): the next run starts on a fresh kernel;
+      the state is lost.
+    * ``UNREACHABLE``: the gateway could not be reached to interrupt the
+      kernel. The kernel is left as it is and the next run reconnects; its
+      state is kept if the kernel is fine (code still running finishes first).
+    * ``NOT_STARTED``: the timeout expired before the code was sent (waiting
+      for the executions before it, or for a kernel being replaced): nothing
+      ran, nothing was interrupted.
+    """
+
+    INTERRUPTED = "interrupted"
+    REPLACED = "replaced"
+    DEFERRED = "deferred"
+    UNREACHABLE = "unreachable"
+    NOT_STARTED = "not_started"
+
+    @property
+    def state_kept(self) -> bool:
+        """True if the kernel's variables survived (or, for ``UNREACHABLE``, may have)."""
+        return self in _STATE_KEPT
+
+    def describe(self) -> str:
+        """One clause for messages and logs, e.g. ``"the kernel was interrupted (its state is kept)"``."""
+        return _RECOVERY_TEXT[self]
+
+
+_STATE_KEPT = {RecoveryOutcome.INTERRUPTED, RecoveryOutcome.UNREACHABLE, RecoveryOutcome.NOT_STARTED}
+_RECOVERY_TEXT = {
+    RecoveryOutcome.INTERRUPTED: "the kernel was interrupted (its state is kept)",
+    RecoveryOutcome.REPLACED: (
+        "the kernel ignored the interrupt (or died) and is being replaced by a fresh kernel"
+        " (its state is lost)"
+    ),
+    RecoveryOutcome.DEFERRED: (
+        "the kernel could not be brought back; the next run starts on a fresh kernel (its state is lost)"
+    ),
+    RecoveryOutcome.UNREACHABLE: (
+        "the gateway could not be reached to interrupt the kernel; the next run reconnects"
+        " (the kernel's state is kept if it is fine)"
+    ),
+    RecoveryOutcome.NOT_STARTED: "the code never started (nothing was interrupted; the state is kept)",
+}
+
+
+class ExecutionTimeout(ExecutionError, TimeoutError):
+    """The execution's timeout expired.
+
+    ``recovery`` (a :class:`RecoveryOutcome`) says what happened to the
+    kernel: interrupted (variables defined before the timed-out code survive),
+    being replaced (code that swallows ``KeyboardInterrupt``, a frozen or dead
+    kernel: its state is gone and ``restarted`` is true), unreachable (kept as
+    it is), or the code never started.
+
+    Attributes:
+        recovery: a :class:`RecoveryOutcome`.
+    """
+
+    def __init__(self, message: str, result: ExecutionResult, *, recovery: RecoveryOutcome) -> None:
+        super().__init__(message, result)
+        self.recovery = recovery
+
+    @property
+    def restarted(self) -> bool:
+        """True if the kernel's state is lost (it is replaced, now or by the next run)."""
+        return not self.recovery.state_kept
+
+
+class KernelDied(ExecutionError):
+    """The kernel process died during the execution; the next run gets a fresh kernel."""

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -45,7 +44,9 @@ import anyio
 
 from ._shield import Completion, wait_shielded
 from .channel import KernelChannel
+from .deadline import Deadline
 from .errors import AsyncModalExecError, ExecutorStateError, GatewayError, GatewayNotFound
+from .fold import ExecutionFold
 from .gateway import GatewayClient
 from .protocol import new_session_id
 
@@ -114,6 +115,7 @@ class KernelSession:
         self.stubbed: set[str] | None = None
         # What the executor set up in the current kernel (its environment, the files helper).
         self.prepared: set[str] = set()
+        self.running: ExecutionFold | None = None  # the execution on the kernel now (for interrupt())
 
     # -- what it is ----------------------------------------------------------------
 
@@ -169,7 +171,9 @@ class KernelSession:
             await self._create_and_connect("open")
 
     @asynccontextmanager
-    async def turn(self, *, fresh: bool = False, deadline: float = math.inf) -> AsyncIterator[KernelChannel]:
+    async def turn(
+        self, *, fresh: bool = False, deadline: Deadline | None = None
+    ) -> AsyncIterator[KernelChannel]:
         """Hold the session for one operation and yield a connected websocket.
 
         Waits for the operations called before (FIFO). A ``DISCONNECTED``
@@ -180,8 +184,8 @@ class KernelSession:
 
         Args:
             fresh: replace the kernel first (``restart()``).
-            deadline: a ``time.monotonic()`` time by which the websocket must
-                be ready (waiting for the turn included).
+            deadline: when the websocket must be ready (waiting for the turn
+                included); None: no limit.
 
         Raises:
             TimeoutError: not ready by ``deadline``.
@@ -192,11 +196,12 @@ class KernelSession:
         Cancelling the call while it waits its turn changes nothing; during a
         replacement, the session stays ``LOST`` and the next turn finishes it.
         """
-        with anyio.fail_after(_seconds_until(deadline)):
+        deadline = deadline or Deadline.after(None)
+        with anyio.fail_after(deadline.seconds()):
             await self._lock.acquire()
         try:
             self._check_usable()
-            with anyio.fail_after(_seconds_until(deadline)):
+            with anyio.fail_after(deadline.seconds()):
                 if fresh:
                     self.mark_lost("restart requested")
                 channel = await self._ready()
@@ -483,7 +488,3 @@ class KernelSession:
             if held:
                 self._lock.release()
         self._move(KernelState.CLOSED, "closed")
-
-
-def _seconds_until(deadline: float) -> float | None:
-    return None if deadline == math.inf else deadline - time.monotonic()

@@ -43,7 +43,7 @@ from typing import Any
 from anyio.from_thread import start_blocking_portal
 
 from async_modal_exec import AsyncExecutor, LocalBackend
-from async_modal_exec.launcher import KERNEL_TUNING_ARGS
+from async_modal_exec.gateway_side.kernel_code import KERNEL_TUNING_ARGS
 
 CODE = "x = 1"
 

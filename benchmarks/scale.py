@@ -37,7 +37,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from async_modal_exec import AsyncExecutor, GatewayBackend, LocalBackend, SandboxPool
-from async_modal_exec.launcher import KERNEL_TUNING_ARGS, _bootstrapped
+from async_modal_exec.gateway_side.kernel_code import KERNEL_TUNING_ARGS, bootstrapped
 
 SECTIONS = ("latency", "output", "burst", "sessions", "kernels", "cold", "pool")
 MB = 1_000_000
@@ -67,7 +67,7 @@ class Reference:
             self.manager.session.key = b""
         spec = self.manager.kernel_spec
         assert spec is not None
-        spec.argv = [*_bootstrapped(spec.argv), *KERNEL_TUNING_ARGS]
+        spec.argv = [*bootstrapped(spec.argv), *KERNEL_TUNING_ARGS]
         self.client: Any = None
 
     async def start(self) -> Reference:

@@ -11,8 +11,9 @@ from smolagents.memory import ActionStep
 from smolagents.models import ChatMessage, MessageRole, Model
 from smolagents.monitoring import AgentLogger, LogLevel
 
-from async_modal_exec import GatewayBackend, GatewayEndpoint
+from async_modal_exec import GatewayBackend
 from async_modal_exec.agent import Executor
+from async_modal_exec.backends import GatewayEndpoint
 
 QUIET = AgentLogger(level=LogLevel.OFF)
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint, LocalBackend
+from async_modal_exec import AsyncExecutor, GatewayBackend, LocalBackend
+from async_modal_exec.backends import GatewayEndpoint
 from async_modal_exec.gateway import GatewayClient
 
 from .agent_helpers import agent_executor  # noqa: F401 - a fixture

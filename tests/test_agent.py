@@ -20,9 +20,11 @@ from anyio.from_thread import BlockingPortal
 from smolagents import CodeAgent, Tool
 from smolagents.utils import AgentError
 
-from async_modal_exec import ExecutorStateError, GatewayBackend, GatewayEndpoint, LocalBackend
+from async_modal_exec import GatewayBackend, LocalBackend
 from async_modal_exec.agent import Executor, run_agent
 from async_modal_exec.agent.requirements import guard_imports, optional_imports, requirements_of_tool
+from async_modal_exec.backends import GatewayEndpoint
+from async_modal_exec.errors import ExecutorStateError
 
 from .agent_helpers import QUIET, KeyedTool, ScriptedModel, YamlTool, steps
 from .helpers import measure_loop_lag, wait_gone
@@ -208,7 +210,7 @@ def test_jailed_local_kernels_get_packages_in_their_own_directory(tmp_path: Path
 
 
 def test_failed_install_names_the_package(agent_executor: Executor, tmp_path: Path) -> None:
-    from async_modal_exec import PackageInstallError
+    from async_modal_exec.errors import PackageInstallError
 
     missing = tmp_path / "no_such_pkg-1.0-py3-none-any.whl"
     with pytest.raises(PackageInstallError) as caught:
@@ -337,7 +339,7 @@ async def test_a_sync_call_inside_a_running_loop_warns(agent_executor: Executor)
     # this (running) loop blocks it for as long as the sandbox takes.
     import warnings
 
-    from async_modal_exec import BlockingCallWarning
+    from async_modal_exec.errors import BlockingCallWarning
 
     # From a worker thread no loop runs there: nothing to warn about.
     assert await asyncio.to_thread(lambda: agent_executor("1 + 1").output) == 2

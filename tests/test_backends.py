@@ -15,22 +15,22 @@ from typing import Any
 
 import pytest
 
-from async_modal_exec import (
-    AsyncExecutor,
+from async_modal_exec import AsyncExecutor, GatewayBackend, LocalBackend
+from async_modal_exec.backends import GatewayEndpoint
+from async_modal_exec.backends.local import _process_tree
+from async_modal_exec.channel import KernelChannel
+from async_modal_exec.errors import (
     BackendStartError,
     ExecutorStateError,
     GatewayAuthError,
-    GatewayBackend,
-    GatewayEndpoint,
+    GatewayError,
     GatewayNotFound,
     GatewayUnreachable,
-    LocalBackend,
+    gateway_error_for_status,
 )
-from async_modal_exec.backends.local import _process_tree
-from async_modal_exec.channel import KernelChannel
-from async_modal_exec.errors import GatewayError, gateway_error_for_status
 from async_modal_exec.gateway import GatewayClient
-from async_modal_exec.launcher import KERNEL_BOOTSTRAP, KERNEL_TUNING_ARGS, _tuned_kernel_spec_manager_class
+from async_modal_exec.gateway_side.kernel_code import KERNEL_BOOTSTRAP, KERNEL_TUNING_ARGS
+from async_modal_exec.gateway_side.patches import tuned_kernel_spec_manager_class
 
 from .helpers import pid_alive, sleeper, until_running, wait_gone
 
@@ -151,7 +151,7 @@ async def test_refused_connection_is_a_clear_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    executor = AsyncExecutor(GatewayBackend(f"http://127.0.0.1:{port}", "t"), ready_timeout=0.5)
+    executor = AsyncExecutor(GatewayBackend(f"http://127.0.0.1:{port}", "t"), gateway_timeout=0.5)
     with pytest.raises(GatewayUnreachable, match="not ready") as caught:
         await executor.start()
     assert isinstance(caught.value, ConnectionError)
@@ -238,7 +238,7 @@ def test_kernel_tuning_applies_to_ipython_kernel_specs_only(tmp_path: Path) -> N
         (tmp_path / name / "kernel.json").write_text(
             json.dumps({"argv": argv, "display_name": name, "language": name})
         )
-    manager = _tuned_kernel_spec_manager_class(None)(kernel_dirs=[str(tmp_path)], ensure_native_kernel=False)
+    manager = tuned_kernel_spec_manager_class(None)(kernel_dirs=[str(tmp_path)], ensure_native_kernel=False)
     # IPython kernels start through the bootstrap (IOPub limits), with the same arguments after it.
     tuned = ["/usr/bin/python3", "-c", KERNEL_BOOTSTRAP, "-f", "{connection_file}", *KERNEL_TUNING_ARGS]
     assert manager.get_kernel_spec("py").argv == tuned
@@ -246,7 +246,7 @@ def test_kernel_tuning_applies_to_ipython_kernel_specs_only(tmp_path: Path) -> N
     assert manager.get_kernel_spec("other").argv == specs["other"]
     # Jailed: every kernel (not only IPython) runs behind the jail, interrupted by message.
     jail = ["/usr/bin/python3", "-I", "-S", "kernel_jail.py", "{}"]
-    manager = _tuned_kernel_spec_manager_class(jail)(kernel_dirs=[str(tmp_path)], ensure_native_kernel=False)
+    manager = tuned_kernel_spec_manager_class(jail)(kernel_dirs=[str(tmp_path)], ensure_native_kernel=False)
     for name in specs:
         spec = manager.get_kernel_spec(name)
         assert spec.argv[: len(jail)] == jail and spec.interrupt_mode == "message"

@@ -19,10 +19,13 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from async_modal_exec import GatewayEndpoint, GatewayError, GatewayUnreachable
+from async_modal_exec import GatewayError
+from async_modal_exec.backends import GatewayEndpoint
 from async_modal_exec.channel import KernelChannel
+from async_modal_exec.errors import GatewayUnreachable
+from async_modal_exec.fold import ExecutionFold
 from async_modal_exec.gateway import GatewayClient
-from async_modal_exec.protocol import ExecutionFold, execute_request, msg_id_of, new_session_id
+from async_modal_exec.protocol import execute_request, msg_id_of, new_session_id
 
 from .helpers import legacy_binary_frame
 

@@ -21,8 +21,6 @@ from smolagents import CodeAgent
 from smolagents.monitoring import AgentLogger, LogLevel
 
 from async_modal_exec import (
-    ExecutorState,
-    ExecutorStateError,
     LocalBackend,
     ModalBackend,
     create_local_executor,
@@ -30,6 +28,8 @@ from async_modal_exec import (
     run_agent,
 )
 from async_modal_exec.agent import Executor
+from async_modal_exec.errors import ExecutorStateError
+from async_modal_exec.executor import ExecutorState
 
 from .agent_helpers import ScriptedModel
 from .helpers import real_unclosed, wait_gone

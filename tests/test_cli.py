@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint
+from async_modal_exec import AsyncExecutor, GatewayBackend
+from async_modal_exec.backends import GatewayEndpoint
 
 from .helpers import descendants, wait_gone
 from .modal_double.server import ModalDouble

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -11,11 +15,13 @@ from async_modal_exec import (
     AsyncExecutor,
     ExecutionTimeout,
     GatewayBackend,
-    GatewayEndpoint,
     KernelDied,
     LocalBackend,
     SandboxPool,
 )
+from async_modal_exec.backends import Backend, GatewayEndpoint
+
+from .modal_double import ModalDouble
 
 MakeExecutor = Callable[..., Awaitable[AsyncExecutor]]
 
@@ -119,3 +125,46 @@ async def test_an_env_that_cannot_be_an_environment_is_refused(
     with pytest.raises(error):
         AsyncExecutor(GatewayBackend("http://127.0.0.1:1"), env=env)  # type: ignore[arg-type]
     assert (await executor.run("1")).value is not None
+
+
+def _command_lines() -> list[bytes]:
+    lines = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                lines.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+    return lines
+
+
+async def _secret_arrives_and_is_in_no_command_line(backend: Backend, value: str) -> None:
+    async with AsyncExecutor(backend, timeout=60) as executor:
+        seen = (await executor.run("import os\nos.environ['AME_ARGV_SECRET']")).raise_for_error()
+        assert seen.value is not None and seen.value.text == repr(value)  # it did arrive
+        lines = _command_lines()
+        assert len(lines) > 3 and not [line for line in lines if value.encode() in line]
+
+
+@pytest.mark.parametrize("isolation", ["none", "bwrap"])
+async def test_a_secret_in_a_local_backends_env_is_in_no_process_command_line(isolation: str) -> None:
+    # Command lines are readable by every user of the machine (ps -eo args).
+    value = "argv-secret-" + secrets.token_hex(8)
+    backend = LocalBackend(isolation=isolation, env={"AME_ARGV_SECRET": value})  # type: ignore[arg-type]
+    await _secret_arrives_and_is_in_no_command_line(backend, value)
+
+
+async def test_a_secret_in_a_gateway_backends_env_is_in_no_process_command_line(
+    gateway: GatewayEndpoint,
+) -> None:
+    value = "argv-secret-" + secrets.token_hex(8)
+    backend = GatewayBackend(gateway.base_url, gateway.token, env={"AME_ARGV_SECRET": value})
+    await _secret_arrives_and_is_in_no_command_line(backend, value)
+
+
+async def test_a_secret_in_modal_backends_env_is_in_no_process_command_line(
+    modal_double: ModalDouble,
+) -> None:
+    from async_modal_exec import ModalBackend
+
+    value = "argv-secret-" + secrets.token_hex(8)
+    backend = ModalBackend(ssl_context=modal_double.ssl_context(), env={"AME_ARGV_SECRET": value})
+    await _secret_arrives_and_is_in_no_command_line(backend, value)

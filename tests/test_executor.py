@@ -13,20 +13,16 @@ import pytest
 from async_modal_exec import (
     AsyncExecutor,
     CodeError,
-    DisplayEvent,
-    ErrorEvent,
     ExecutionTimeout,
-    ExecutorStateError,
     GatewayBackend,
-    GatewayEndpoint,
     GatewayError,
     KernelDied,
-    KernelState,
     RecoveryOutcome,
-    ResultEvent,
-    StderrEvent,
-    StdoutEvent,
 )
+from async_modal_exec.backends import GatewayEndpoint
+from async_modal_exec.errors import ExecutorStateError
+from async_modal_exec.results import DisplayEvent, ErrorEvent, ResultEvent, StderrEvent, StdoutEvent
+from async_modal_exec.session import KernelState
 
 from .helpers import sleeper, until_running
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from async_modal_exec import MissingExtra
 from async_modal_exec._extras import require
+from async_modal_exec.errors import MissingExtra
 
 from .modal_double import ModalDouble
 
@@ -28,7 +28,8 @@ CLIENT = textwrap.dedent(
     import asyncio, importlib.util, ssl, sys
     for absent in ("kernel_gateway", "ipykernel", "jupyter_server", "smolagents", "fastapi"):
         assert importlib.util.find_spec(absent) is None, absent + " is installed"
-    from async_modal_exec import AsyncExecutor, LocalBackend, MissingExtra, ModalBackend
+    from async_modal_exec import AsyncExecutor, LocalBackend, ModalBackend
+    from async_modal_exec.errors import MissingExtra
 
     async def main():
         context = ssl.create_default_context(cafile=sys.argv[1])

@@ -25,17 +25,17 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from async_modal_exec import (
-    AsyncExecutor,
-    AsyncModalExecError,
-    ExecutorStateError,
-    GatewayBackend,
-    GatewayEndpoint,
-    SandboxPool,
-    SessionNotFound,
-)
+from async_modal_exec import AsyncExecutor, AsyncModalExecError, GatewayBackend, SandboxPool
+from async_modal_exec.backends import GatewayEndpoint
 from async_modal_exec.backends.local import _process_tree
-from async_modal_exec.fastapi import SessionStore, pool_lifespan, pooled_executor, sessions_router
+from async_modal_exec.errors import ExecutorStateError
+from async_modal_exec.fastapi import (
+    SessionNotFound,
+    SessionStore,
+    pool_lifespan,
+    pooled_executor,
+    sessions_router,
+)
 from async_modal_exec.gateway import GatewayClient
 
 from .helpers import descendants, measure_loop_lag, sleeper, wait_gone

@@ -18,14 +18,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from async_modal_exec import (
-    AsyncExecutor,
-    ExecutionTimeout,
-    GatewayBackend,
-    GatewayEndpoint,
-    GatewayError,
-    RecoveryOutcome,
-)
+from async_modal_exec import AsyncExecutor, ExecutionTimeout, GatewayBackend, GatewayError, RecoveryOutcome
+from async_modal_exec.backends import GatewayEndpoint
 from async_modal_exec.gateway import GatewayClient
 
 from .faults import FaultProxy, fault_proxy

@@ -20,8 +20,9 @@ from smolagents.default_tools import FinalAnswerTool
 from smolagents.local_python_executor import ExecutionTimeoutError, LocalPythonExecutor
 from smolagents.utils import AgentError
 
-from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayEndpoint
+from async_modal_exec import AsyncExecutor, GatewayBackend
 from async_modal_exec.agent import Executor, StepTimeoutError
+from async_modal_exec.backends import GatewayEndpoint
 
 from .agent_helpers import QUIET, ScriptedModel, steps
 

@@ -11,17 +11,9 @@ from typing import Any
 import anyio
 import pytest
 
-from async_modal_exec import (
-    AsyncExecutor,
-    ChecksumMismatch,
-    GatewayBackend,
-    GatewayEndpoint,
-    LocalBackend,
-    RemoteFile,
-    RemoteFileError,
-    RemoteFileNotFound,
-    RemotePathRefused,
-)
+from async_modal_exec import AsyncExecutor, GatewayBackend, LocalBackend, RemoteFile
+from async_modal_exec.backends import GatewayEndpoint
+from async_modal_exec.errors import ChecksumMismatch, RemoteFileError, RemoteFileNotFound, RemotePathRefused
 
 from .helpers import peak_rss_bytes, reset_peak_rss, rss_bytes
 

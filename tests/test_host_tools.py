@@ -18,8 +18,9 @@ from smolagents import CodeAgent, Tool
 from smolagents.memory import ActionStep
 from smolagents.monitoring import AgentLogger, LogLevel
 
-from async_modal_exec import AsyncExecutor, ExecutionTimeout, GatewayBackend, GatewayEndpoint, HostTools
+from async_modal_exec import AsyncExecutor, ExecutionTimeout, GatewayBackend, HostTools
 from async_modal_exec.agent import Executor, run_agent
+from async_modal_exec.backends import GatewayEndpoint
 from async_modal_exec.channel import KernelChannel
 
 from .agent_helpers import ScriptedModel, YamlTool

@@ -8,7 +8,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from async_modal_exec import AsyncExecutor, GatewayEndpoint
+from async_modal_exec import AsyncExecutor
+from async_modal_exec.backends import GatewayEndpoint
 
 MakeExecutor = Callable[..., Awaitable[AsyncExecutor]]
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from async_modal_exec import AsyncExecutor, InstallReport, LocalBackend, PackageInstallError
+from async_modal_exec import AsyncExecutor, InstallReport, LocalBackend
+from async_modal_exec.errors import PackageInstallError
 
 from .helpers import make_wheel
 

@@ -19,16 +19,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from async_modal_exec import (
-    AsyncExecutor,
-    BackendStartError,
-    ExecutionTimeout,
-    GatewayBackend,
-    KernelDied,
-    LocalBackend,
-)
+from async_modal_exec import AsyncExecutor, ExecutionTimeout, GatewayBackend, KernelDied, LocalBackend
 from async_modal_exec.backends import isolation
 from async_modal_exec.backends.isolation import Limits
+from async_modal_exec.errors import BackendStartError
 
 from .helpers import descendants, wait_gone
 

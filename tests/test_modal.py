@@ -13,8 +13,14 @@ import modal
 import pytest
 from grpclib import GRPCError, Status
 
-from async_modal_exec import AsyncExecutor, ModalBackend, SandboxPool, reap
-from async_modal_exec.backends.modal_sandbox import TAG_APP, TAG_CREATED, TAG_EXECUTOR, TAG_PACKAGE
+from async_modal_exec import AsyncExecutor, ModalBackend, SandboxPool
+from async_modal_exec.backends.modal_sandbox import (
+    TAG_APP,
+    TAG_CREATED,
+    TAG_EXECUTOR,
+    TAG_PACKAGE,
+    reap_modal_sandboxes,
+)
 from async_modal_exec.errors import (
     AsyncModalExecError,
     BackendAuthError,
@@ -138,18 +144,18 @@ async def test_list_and_reap_by_tags(modal_double: ModalDouble) -> None:
     other = backend_for(modal_double, app_name="keep-me")
     await asyncio.gather(*(b.start() for b in [*backends, other]))
     try:
-        dry = await reap("reap-me", dry_run=True)
+        dry = await reap_modal_sandboxes("reap-me", dry_run=True)
         assert sorted(r.sandbox_id for r in dry) == sorted(b.sandbox.object_id for b in backends)  # type: ignore[union-attr]
         assert all(not r.terminated for r in dry)
         # Three sandboxes and pages of two: the listing followed before_timestamp.
         assert any(req.before_timestamp for req in modal_double.list_requests)
         assert all(req.app_id for req in modal_double.list_requests)
-        assert await reap("reap-me", older_than=3600) == []
-        reaped = await reap("reap-me")
+        assert await reap_modal_sandboxes("reap-me", older_than=3600) == []
+        reaped = await reap_modal_sandboxes("reap-me")
         assert len(reaped) == 3 and all(r.terminated for r in reaped)
         assert all(not modal_double.sandboxes[b.sandbox.object_id].alive() for b in backends)  # type: ignore[union-attr]
         assert modal_double.sandboxes[other.sandbox.object_id].alive()  # type: ignore[union-attr]
-        assert await reap("no-such-app") == []
+        assert await reap_modal_sandboxes("no-such-app") == []
     finally:
         await asyncio.gather(*(b.aclose() for b in [*backends, other]))
 
@@ -377,7 +383,7 @@ async def test_a_modal_error_after_the_create_terminates_the_sandbox(
 async def test_reap_translates_modal_errors_and_the_cli_exits_3(modal_double: ModalDouble) -> None:
     with modal_double.failing("AppGetOrCreate", Status.UNAUTHENTICATED, "token expired"):
         with pytest.raises(BackendAuthError, match="reaping the sandboxes of app 'reap-auth'") as caught:
-            await reap("reap-auth")
+            await reap_modal_sandboxes("reap-auth")
         assert isinstance(caught.value.__cause__, modal.exception.AuthError)
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "async_modal_exec", "reap", "--app", "reap-auth",

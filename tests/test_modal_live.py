@@ -11,7 +11,8 @@ import os
 
 import pytest
 
-from async_modal_exec import AsyncExecutor, ModalBackend, reap
+from async_modal_exec import AsyncExecutor, ModalBackend
+from async_modal_exec.backends.modal_sandbox import reap_modal_sandboxes
 
 pytestmark = [
     pytest.mark.modal_live,
@@ -30,8 +31,8 @@ async def test_live_create_run_terminate() -> None:
         assert result.stdout == "hello from modal\n"
         assert result.value is not None and result.value.text == "3"
         sandbox_id = backend.sandbox.object_id  # type: ignore[union-attr]
-    assert sandbox_id not in {found.sandbox_id for found in await reap(APP, dry_run=True)}
+    assert sandbox_id not in {found.sandbox_id for found in await reap_modal_sandboxes(APP, dry_run=True)}
 
 
 async def test_live_reap_leaves_nothing_of_ours() -> None:
-    await reap(APP, older_than=3600)
+    await reap_modal_sandboxes(APP, older_than=3600)

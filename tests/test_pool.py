@@ -11,7 +11,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from async_modal_exec import AsyncExecutor, ExecutorStateError, LocalBackend, PoolExhausted, SandboxPool
+from async_modal_exec import AsyncExecutor, LocalBackend, SandboxPool
+from async_modal_exec.errors import ExecutorStateError, PoolExhausted
 from async_modal_exec.gateway import GatewayClient
 
 from .helpers import descendants, measure_loop_lag, wait_gone

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from async_modal_exec import CodeError
+from async_modal_exec.fold import ExecutionFold
 from async_modal_exec.protocol import (
-    ExecutionFold,
     execute_request,
     input_reply,
     kernel_died,

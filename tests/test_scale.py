@@ -14,7 +14,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from async_modal_exec import AsyncExecutor, ExecutionResult, GatewayBackend, GatewayEndpoint
+from async_modal_exec import AsyncExecutor, ExecutionResult, GatewayBackend
+from async_modal_exec.backends import GatewayEndpoint
 from async_modal_exec.errors import GatewayError
 from async_modal_exec.gateway import GatewayClient
 from async_modal_exec.launcher import PORT_LINE_PREFIX, TOKEN_ENV
@@ -145,35 +146,6 @@ async def test_the_gateway_stops_while_clients_delete_its_kernels() -> None:
         # Leaving the block checked that the launcher exited and left no process.
         await asyncio.gather(*deletes, return_exceptions=True)
         await client.aclose()
-
-
-@pytest.mark.parametrize(
-    "parts",
-    [
-        [b'{"msg_type":"status"}', b"{}", b"{}", b'{"execution_state":"idle"}'],
-        [b"{}", b"{}", b"{}", b'{"text":"' + b"x" * 100_000 + b'"}', b"buffer", b"b" * 70_000],
-        [b"", b"", b"", b""],
-        [b"h" * 125, b"", b"", b""],
-        [b"h" * 65_400, b"", b"", b""],
-    ],
-)
-def test_a_v1_frame_written_in_pieces_is_the_frame_the_server_would_write(parts: list[bytes]) -> None:
-    from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
-
-    from async_modal_exec.launcher import _SMALL_PIECE, _v1_frame
-
-    payload = serialize_msg_to_ws_v1(parts, "iopub")
-    size = len(payload)
-    if size < 126:
-        length = bytes([size])
-    elif size <= 0xFFFF:
-        length = bytes([126]) + size.to_bytes(2, "big")
-    else:
-        length = bytes([127]) + size.to_bytes(8, "big")
-    pieces = _v1_frame("iopub", parts)
-    assert b"".join(pieces) == b"\x82" + length + payload  # FIN, binary, unmasked
-    big = [part for part in parts if len(part) >= _SMALL_PIECE]
-    assert len(pieces) <= 2 * len(big) + 1  # small parts are joined, big ones written as they are
 
 
 async def test_kernels_start_under_a_runtime_dir_too_long_for_ipc_sockets() -> None:

@@ -12,18 +12,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from async_modal_exec import (
-    AsyncExecutor,
-    ExecutorStateError,
-    GatewayBackend,
-    GatewayEndpoint,
-    GatewayError,
-    KernelState,
-)
+from async_modal_exec import AsyncExecutor, GatewayBackend, GatewayError
+from async_modal_exec.backends import GatewayEndpoint
 from async_modal_exec.channel import ChannelLost
+from async_modal_exec.errors import ExecutorStateError
+from async_modal_exec.fold import ExecutionFold
 from async_modal_exec.gateway import GatewayClient
-from async_modal_exec.protocol import ExecutionFold, execute_request, new_msg_id
-from async_modal_exec.session import ALLOWED, KernelSession
+from async_modal_exec.protocol import execute_request, new_msg_id
+from async_modal_exec.session import ALLOWED, KernelSession, KernelState
 
 from .gateway_double import GatewayDouble, running_gateway_double
 

@@ -17,7 +17,7 @@ refuses it, and :meth:`close` schedules the close on the loop instead, as a
 task that the loop's shutdown (``asyncio.run`` ending) waits for rather than
 cancels. A call from a thread running another event loop works, but blocks
 that loop until it returns: :meth:`call` warns with
-:class:`~async_modal_exec.BlockingCallWarning` first.
+:class:`~async_modal_exec.errors.BlockingCallWarning` first.
 """
 
 from __future__ import annotations

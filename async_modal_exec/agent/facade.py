@@ -31,11 +31,11 @@ from smolagents.utils import AgentError, truncate_content
 
 from .._shield import run_shielded, wait_shielded
 from ..backends.base import Backend
-from ..errors import ExecutionError, ExecutionTimeout, ExecutorStateError
+from ..errors import ExecutorStateError
 from ..executor import AsyncExecutor, ExecutorState
 from ..files import RemoteFile
 from ..host_tools import HostTools, tool_name
-from ..results import ExecutionResult
+from ..results import ExecutionError, ExecutionResult, ExecutionTimeout
 from .bridge import LoopBridge, running_loop
 from .outputs import code_output, error_message, is_final_answer
 from .packages import InstallPolicy, PackageInstaller

@@ -52,6 +52,7 @@ from typing import Any, Literal, get_args
 import anyio
 
 from ..errors import BackendStartError
+from ..gateway_side.cleanup import remove_cgroup
 
 logger = logging.getLogger("async_modal_exec.backends.local")
 
@@ -266,23 +267,11 @@ def share_out_pids_cgroup(path: str, max_processes: int) -> bool:
     return True
 
 
-def remove_cgroup(path: str) -> bool:
-    """Remove a cgroup made by :func:`make_pids_cgroup` and its kernels'; whether it is gone.
-
-    A cgroup with processes in it (one just killed but not reaped yet) stays.
-    """
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(path):
-            if entry.startswith("kernel-"):
-                with contextlib.suppress(OSError):
-                    os.rmdir(os.path.join(path, entry))
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
-    return not os.path.exists(path)
-
-
 async def remove_cgroup_when_empty(path: str, timeout: float = 5.0) -> None:
-    """:func:`remove_cgroup`, retried while killed processes are still leaving it.
+    """Remove a cgroup made by :func:`make_pids_cgroup`, retried while killed processes leave it.
+
+    With its kernels' cgroups, by the gateway side's own helper
+    (:func:`async_modal_exec.gateway_side.cleanup.remove_cgroup`).
 
     Cancelling the call stops the retries (the cgroup may then stay).
     """

@@ -34,6 +34,8 @@ from .._shield import run_shielded
 from .._timing import record_phase
 from ..environment import checked_env
 from ..errors import BackendStartError, ExecutorStateError
+from ..gateway_side.auth_token import TOKEN_ENV
+from ..gateway_side.main import PORT_LINE_PREFIX
 from .base import Backend, GatewayEndpoint
 from .isolation import (
     ISOLATION_MODES,
@@ -49,11 +51,6 @@ from .isolation import (
     writable_by_kernels,
     write_jail_config,
 )
-
-# Runs the launcher file given as the first argument as __main__; unlike
-# ``-m async_modal_exec.launcher`` it does not import this package (aiohttp and
-# the rest: 0.2 s more per gateway start). sys.path is the same as with -m.
-_RUN_LAUNCHER = "import runpy, sys; sys.argv.pop(0); runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
 def _launcher() -> ModuleType:
@@ -324,7 +321,7 @@ class LocalBackend(Backend):
                 **os.environ,
                 # Jailed kernels get env= from the jail config, not the gateway's environment.
                 **(self.env if bwrap is None else {}),
-                _launcher().TOKEN_ENV: token,
+                TOKEN_ENV: token,
                 "JUPYTER_RUNTIME_DIR": runtime_dir,
             }
             # Spawned on the one spawner thread: Popen waits for the child's
@@ -365,10 +362,9 @@ class LocalBackend(Backend):
             log = self._log
 
             def spawn() -> subprocess.Popen[bytes]:
-                script = _launcher().__file__
-                assert script is not None
+                # The gateway side from this package's files, without importing the package.
                 return subprocess.Popen(
-                    [self.python, "-c", _RUN_LAUNCHER, script, *options],
+                    _launcher().local_command(self.python, options),
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=log,
@@ -411,9 +407,8 @@ class LocalBackend(Backend):
                             f"{await self._log_tail()}"
                         )
                     text = line.decode(errors="replace").strip()
-                    prefix = _launcher().PORT_LINE_PREFIX
-                    if text.startswith(prefix):
-                        return int(text[len(prefix) :])
+                    if text.startswith(PORT_LINE_PREFIX):
+                        return int(text[len(PORT_LINE_PREFIX) :])
         finally:
             # The launcher sends nothing more to stdout after the port line.
             transport.close()

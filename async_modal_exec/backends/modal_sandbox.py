@@ -57,7 +57,15 @@ from .modal_snapshots import SnapshotEntry, SnapshotPolicy, SnapshotStore, snaps
 
 logger = logging.getLogger("async_modal_exec.startup")
 
-__all__ = ["TAG_PACKAGE", "ModalBackend", "ReapedSandbox", "SnapshotPolicy", "default_image", "reap"]
+__all__ = [
+    "TAG_PACKAGE",
+    "ModalBackend",
+    "ReapedSandbox",
+    "SnapshotPolicy",
+    "default_image",
+    "reap",
+    "reap_modal_sandboxes",
+]
 
 TAG_PACKAGE = "ame.package"
 TAG_APP = "ame.app"
@@ -129,7 +137,7 @@ IPYKERNEL_SPEC = "ipykernel>=6.29,!=7.0.*,!=7.1.*,!=7.2.*,!=7.3.*"
 def default_image() -> modal.Image:
     """The default sandbox image: Debian slim with Kernel Gateway and ipykernel.
 
-    The launcher needs nothing more: it is sent as ``python -c`` source.
+    The launcher needs nothing more: its sources are sent in a ``python -c`` command.
     """
     return modal.Image.debian_slim().uv_pip_install("jupyter_kernel_gateway", IPYKERNEL_SPEC)
 
@@ -167,7 +175,7 @@ class ModalBackend(Backend):
         port: container port of the gateway.
         create_kwargs: keyword arguments for ``modal.Sandbox.create`` (see above).
         ssl_context: TLS context for the tunnel (None: the system's trust store).
-        ready_timeout: seconds for the sandbox's readiness probe.
+        startup_timeout: seconds for the sandbox's readiness probe.
         idle_disconnect: executors on this backend close their kernel websocket
             after this many idle seconds (Modal counts an open tunnel
             connection as activity, which would defeat ``idle_timeout``).
@@ -185,7 +193,7 @@ class ModalBackend(Backend):
         port: int = 8888,
         create_kwargs: Mapping[str, Any] | None = None,
         ssl_context: ssl.SSLContext | None = None,
-        ready_timeout: int = 300,
+        startup_timeout: int = 300,
         idle_disconnect: float | None = 60.0,
         env: Mapping[str, str] | None = None,
         requirements: Sequence[str] = (),
@@ -193,8 +201,8 @@ class ModalBackend(Backend):
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port must be a TCP port number, got {port}")
-        if ready_timeout <= 0:
-            raise ValueError("ready_timeout must be a positive number of seconds")
+        if startup_timeout <= 0:
+            raise ValueError("startup_timeout must be a positive number of seconds")
         self.app_name = app_name
         self.port = port
         self.create_kwargs = dict(create_kwargs or {})
@@ -211,7 +219,7 @@ class ModalBackend(Backend):
         self._snapshot_key: str | None = None
         self._base_image_id: str | None = None
         self.ssl_context = ssl_context
-        self.ready_timeout = int(ready_timeout)
+        self.startup_timeout = int(startup_timeout)
         self.idle_disconnect = idle_disconnect
         self.executor_id = uuid.uuid4().hex[:16]
         self.timings: dict[str, float] = {}
@@ -255,7 +263,7 @@ class ModalBackend(Backend):
             BackendNotFound: the sandbox to attach to (or a named secret, ...) does not exist.
             BackendInvalidArgument: Modal rejected an argument (``create_kwargs``, image, ...).
             BackendUnreachable: Modal's API could not be reached.
-            BackendStartError: the sandbox stopped, was not ready within ``ready_timeout``,
+            BackendStartError: the sandbox stopped, was not ready within ``startup_timeout``,
                 or has no tunnel for the port.
             BackendError: any other refusal of Modal (quota, ...).
 
@@ -307,8 +315,10 @@ class ModalBackend(Backend):
             TAG_EXECUTOR: self.executor_id,
             TAG_CREATED: str(int(time.time())),
         }
-        source = await anyio.Path(launcher.__file__).read_text()
-        command = ("python", "-c", source, "--ip=0.0.0.0", f"--port={self.port}")
+        # The gateway side's sources travel in the command: the image need not have this package.
+        command = await anyio.to_thread.run_sync(
+            launcher.sandbox_command, "python", ("--ip=0.0.0.0", f"--port={self.port}")
+        )
         began = time.monotonic()
 
         timeout = kwargs.pop("timeout", DEFAULT_SANDBOX_TIMEOUT)
@@ -335,7 +345,7 @@ class ModalBackend(Backend):
         record_phase(self.timings, "create", began, logger, "modal ")
         logger.info("modal sandbox %s created", self.sandbox.object_id)
         began = time.monotonic()
-        await self.sandbox.wait_until_ready.aio(timeout=self.ready_timeout)
+        await self.sandbox.wait_until_ready.aio(timeout=self.startup_timeout)
         record_phase(self.timings, "ready", began, logger, "modal ")
 
     def _snapshot_store(self) -> SnapshotStore:
@@ -460,7 +470,7 @@ class ReapedSandbox:
     terminated: bool
 
 
-async def reap(
+async def reap_modal_sandboxes(
     app_name: str, *, older_than: float | None = None, dry_run: bool = False
 ) -> list[ReapedSandbox]:
     """Find and terminate sandboxes this package created in ``app_name``.
@@ -502,3 +512,6 @@ async def reap(
                 await run_shielded(ModalBackend._terminate(sandbox))
             found.append(ReapedSandbox(sandbox.object_id, tags, age, terminated=not dry_run))
         return found
+
+
+reap = reap_modal_sandboxes  # the name before 0.2: generic, though it reaps Modal sandboxes only

@@ -1,10 +1,9 @@
 """Kernel side of host tools: stubs that forward calls to the host over stdin.
 
-This file runs **inside the kernel**, where only the standard library (and
-maybe PIL) can be assumed, so it imports nothing from ``async_modal_exec``. Its
-source is sent once per kernel by :mod:`async_modal_exec.host_tools`, which
-also supplies ``_deserialize`` (smolagents' safe-JSON decoder) in the same
-namespace.
+Kept in the kernel as ``sys.modules['async_modal_exec_host_tools']``, defined
+once per kernel by :mod:`async_modal_exec.host_tools`, which also supplies
+``_deserialize`` (smolagents' safe-JSON decoder) in the same namespace. Only
+the standard library (and maybe PIL) can be assumed there.
 
 A call serialises the tool name and arguments as safe JSON (the ``safe:``
 format of smolagents' ``SafeSerializer``, never pickle) behind ``MARKER`` and

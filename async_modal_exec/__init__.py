@@ -15,6 +15,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from . import errors
+from . import results as _results
 from .backends import Backend, GatewayBackend, LocalBackend, Sandbox
 from .backends.isolation import Limits
 from .errors import AsyncModalExecError, BackendError, GatewayError
@@ -64,41 +65,8 @@ _MOVED = {
     "KernelState": (".session", "KernelState"),
     "GatewayEndpoint": (".backends", "GatewayEndpoint"),
     "SessionNotFound": (".fastapi", "SessionNotFound"),
-    **{
-        name: (".results", name)
-        for name in (
-            "DisplayEvent",
-            "ErrorEvent",
-            "ResultEvent",
-            "RichOutput",
-            "StderrEvent",
-            "StdoutEvent",
-            "RemoteError",
-        )
-    },
-    **{
-        name: (".errors", name)
-        for name in (
-            "BackendAuthError",
-            "BackendInvalidArgument",
-            "BackendNotFound",
-            "BackendStartError",
-            "BackendUnreachable",
-            "BlockingCallWarning",
-            "ChecksumMismatch",
-            "ExecutorStateError",
-            "GatewayAuthError",
-            "GatewayNotFound",
-            "GatewayUnreachable",
-            "MissingExtra",
-            "PackageInstallError",
-            "PoolExhausted",
-            "ProtocolError",
-            "RemoteFileError",
-            "RemoteFileNotFound",
-            "RemotePathRefused",
-        )
-    },
+    **{name: (".results", name) for name in _results.__all__ if name not in globals()},
+    **{name: (".errors", name) for name in errors.__all__ if name not in globals()},
 }
 
 

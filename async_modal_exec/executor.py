@@ -140,9 +140,9 @@ class AsyncExecutor(FileOperations, PackageOperations):
         self.env = environment.checked_env(env)
         self.file_chunk_bytes = file_chunk_bytes
         self.packages = packages.PackageRecord()
-        self._sandbox_endpoint: GatewayEndpoint | None = None
+        self._sandbox: Sandbox | None = None
         if isinstance(backend, Sandbox):
-            self._sandbox_endpoint = backend.endpoint
+            self._sandbox = backend
             backend = backend.backend
             owns_backend = False
         self.backend = backend
@@ -173,9 +173,14 @@ class AsyncExecutor(FileOperations, PackageOperations):
         return self._session.kernel_id if self._session is not None else None
 
     @property
+    def sandbox(self) -> Sandbox | None:
+        """The started sandbox this executor's kernel runs in (None before start)."""
+        return self._sandbox
+
+    @property
     def endpoint(self) -> GatewayEndpoint | None:
         """The gateway this executor's kernel runs on (None before start)."""
-        return self._gateway.endpoint if self._gateway is not None else None
+        return self._sandbox.endpoint if self._sandbox is not None else None
 
     @property
     def state(self) -> ExecutorState:
@@ -204,10 +209,10 @@ class AsyncExecutor(FileOperations, PackageOperations):
         self._state = ExecutorState.STARTING
         try:
             with self._phase("backend"):
-                endpoint = self._sandbox_endpoint or await self.backend.start()
+                sandbox = self._sandbox = self._sandbox or await self.backend.start()
             self._check_not_closed()
             with self._phase("gateway_ready"):
-                self._gateway = GatewayClient(endpoint)
+                self._gateway = GatewayClient(sandbox.endpoint)
                 await self._gateway.wait_ready(self.gateway_timeout)
             self._check_not_closed()
             with self._phase("kernel_created"):
@@ -231,8 +236,8 @@ class AsyncExecutor(FileOperations, PackageOperations):
             except BaseException:
                 await self._teardown()
                 raise
-        if self.backend.idle_disconnect is not None:
-            self._session.watch_idle(self.backend.idle_disconnect)
+        if sandbox.idle_disconnect is not None:
+            self._session.watch_idle(sandbox.idle_disconnect)
         return self
 
     def _phase(self, name: str) -> contextlib.AbstractContextManager[None]:
@@ -365,7 +370,7 @@ class AsyncExecutor(FileOperations, PackageOperations):
 
     @property
     def _work_dir(self) -> str | None:
-        return self.backend.work_dir
+        return self._sandbox.work_dir if self._sandbox is not None else None
 
     async def _execute(
         self, code: str, fold: ExecutionFold, timeout: float | Deadline | None, env: Mapping[str, str]
@@ -384,7 +389,8 @@ class AsyncExecutor(FileOperations, PackageOperations):
             async with session.turn(deadline=deadline) as channel:
                 started = True
                 turn = HeldTurn(session, channel, self._driver_settings())
-                await turn.prepare({**self.backend.kernel_env, **self.env}, self.host_tools, deadline)
+                sandbox_env = self._sandbox.env if self._sandbox is not None else {}
+                await turn.prepare({**sandbox_env, **self.env}, self.host_tools, deadline)
                 try:
                     if env:
                         await turn.set_env(env, deadline, save=True)

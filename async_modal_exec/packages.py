@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .deadline import Deadline
-from .errors import PackageInstallError, ProtocolError
+from .errors import ExecutorStateError, PackageInstallError, ProtocolError
 from .kernel_side import run_code
 from .results import ErrorEvent, Event, ExecutionResult, StderrEvent, StdoutEvent
 
@@ -161,7 +161,7 @@ def install_code(specs: Sequence[str], *, use_uv: bool) -> str:
 
 
 class HostInstaller(Protocol):
-    """What :func:`install` uses of a backend (see :class:`~async_modal_exec.Backend`)."""
+    """What :func:`install` uses of a started sandbox (see :class:`~async_modal_exec.Sandbox`)."""
 
     @property
     def installs_on_host(self) -> bool: ...
@@ -176,7 +176,7 @@ class PackageExecutor(Protocol):
     def packages(self) -> PackageRecord: ...
 
     @property
-    def backend(self) -> HostInstaller: ...
+    def sandbox(self) -> HostInstaller | None: ...
 
     async def run(self, code: str, *, timeout: float | Deadline | None = None) -> ExecutionResult: ...
 
@@ -220,9 +220,11 @@ async def install(
         return InstallReport(already_present=tuple(present))
     specs = [r.spec for r in missing]
     logger.info("installing in the sandbox: %s", " ".join(specs))
-    backend = executor.backend
-    if backend.installs_on_host:
-        returncode, text = await backend.install(specs, deadline.remaining())
+    sandbox = executor.sandbox
+    if sandbox is None:  # the probe ran: started, unless closed since
+        raise ExecutorStateError("the executor is closed")
+    if sandbox.installs_on_host:
+        returncode, text = await sandbox.install(specs, deadline.remaining())
         if on_output is not None and text:
             on_output(text)
         (

@@ -59,6 +59,8 @@ class _PoolState(enum.Enum):
 
 @dataclass(eq=False)
 class _Sandbox:
+    """A started sandbox the pool owns, and how many sessions it served."""
+
     started: Sandbox
     uses: int = 0
 
@@ -310,8 +312,7 @@ class SandboxPool:
         backend = self.backend_factory()
         sandbox: _Sandbox | None = None
         try:
-            endpoint = await backend.start()
-            sandbox = _Sandbox(Sandbox(backend, endpoint))
+            sandbox = _Sandbox(await backend.start())
             self._sandboxes.add(sandbox)
             executor = await self._new_executor(sandbox)
         except BaseException as exc:

@@ -104,7 +104,7 @@ async def one_execution(sent: float, msg_id: str, receive: Receive, *, with_repl
 
 async def ours(executions: int, pin: bool) -> list[Row]:
     backend = LocalBackend(isolation="none")
-    endpoint = await backend.start()
+    endpoint = (await backend.start()).endpoint
     try:
         async with aiohttp.ClientSession(headers=endpoint.headers) as http:
             async with http.post(f"{endpoint.base_url}/api/kernels", json={"name": "python3"}) as response:

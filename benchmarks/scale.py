@@ -289,7 +289,7 @@ async def section_kernels(count: int) -> dict[str, Any]:
     backend = LocalBackend(isolation="none")
     figures: dict[str, Any] = {}
     async with AsyncExitStack() as stack:
-        endpoint = await backend.start()
+        endpoint = (await backend.start()).endpoint
         stack.push_async_callback(backend.aclose)
         assert backend.pid is not None
         gateway_rss = _rss(backend.pid)
@@ -407,7 +407,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     only = set(args.only or SECTIONS)
     async with AsyncExitStack() as stack:
         backend = LocalBackend(isolation="none")
-        endpoint = await backend.start()
+        endpoint = (await backend.start()).endpoint
         stack.push_async_callback(backend.aclose)
         if only & {"latency", "output", "burst"}:
             ours = Ours(

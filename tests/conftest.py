@@ -47,7 +47,7 @@ async def gateway() -> AsyncIterator[GatewayEndpoint]:
     on a gateway someone else runs. The jail has tests of its own.
     """
     backend = LocalBackend(isolation="none")
-    endpoint = await backend.start()
+    endpoint = (await backend.start()).endpoint
     pid = backend.pid
     try:
         yield endpoint

@@ -519,7 +519,8 @@ async def test_a_kernel_id_that_is_not_a_uuid_is_refused(kernel_id: str) -> None
     import aiohttp
 
     backend = LocalBackend(isolation="bwrap")
-    async with backend as endpoint:
+    async with backend as sandbox:
+        endpoint = sandbox.endpoint
         async with aiohttp.ClientSession(headers=endpoint.headers) as http:
             async with http.post(
                 f"{endpoint.base_url}/api/kernels", json={"kernel_id": kernel_id}

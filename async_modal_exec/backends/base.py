@@ -97,9 +97,25 @@ class Backend(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} installs packages in the kernel")
 
+    @property
+    def sandbox_id(self) -> str | None:
+        """The provider's id of the sandbox, for re-attaching to it later (Modal); None elsewhere."""
+        return None
+
+    async def start(self) -> Sandbox:
+        """Start (or attach to) the sandbox and return it as one value (:class:`Sandbox`).
+
+        Raises:
+            ExecutorStateError: started before.
+            BackendError: the sandbox could not be provided.
+
+        Cancelling the call tears down whatever was started so far.
+        """
+        return Sandbox(self, await self._start_gateway())
+
     @abc.abstractmethod
-    async def start(self) -> GatewayEndpoint:
-        """Start (or attach to) the gateway and return where it listens.
+    async def _start_gateway(self) -> GatewayEndpoint:
+        """Start (or attach to) the gateway and return where it listens (what :meth:`start` wraps).
 
         Cancelling the call tears down whatever was started so far.
         """
@@ -108,7 +124,7 @@ class Backend(abc.ABC):
     async def aclose(self) -> None:
         """Tear the gateway down; safe to call twice. Runs to completion when cancelled."""
 
-    async def __aenter__(self) -> GatewayEndpoint:
+    async def __aenter__(self) -> Sandbox:
         return await self.start()
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -117,22 +133,59 @@ class Backend(abc.ABC):
 
 @dataclass(frozen=True)
 class Sandbox:
-    """A started backend, for executors that share it; the backend stays its owner.
+    """A started sandbox: what :meth:`Backend.start` returns, and all executors and pools need of it.
 
     An :class:`~async_modal_exec.AsyncExecutor` made on a sandbox creates its
-    own kernel at ``endpoint`` and takes everything else from ``backend`` (its
-    installer, kernel environment, work directory, idle policy, requirements);
-    closing the executor closes neither. ``backend.aclose()`` ends the sandbox.
+    own kernel at ``endpoint`` and takes everything else from here (the
+    kernel environment, the work directory, the idle policy, the installer);
+    closing the executor does not close the sandbox. ``backend`` stays its
+    owner: ``await sandbox.backend.aclose()`` (or closing the executor or pool
+    that started it) ends it. The token is in ``endpoint`` and kept out of
+    the repr.
 
     Attributes:
         backend: the started backend.
-        endpoint: what its ``start()`` returned.
+        endpoint: where its gateway listens, and how to authenticate.
     """
 
     backend: Backend
     endpoint: GatewayEndpoint
 
     @property
+    def env(self) -> dict[str, str]:
+        """Variables set in each kernel before any code (for backends that cannot put them in its process)."""
+        return self.backend.kernel_env
+
+    @property
+    def work_dir(self) -> str | None:
+        """The directory file operations are confined to (None: the kernel's working directory)."""
+        return self.backend.work_dir
+
+    @property
+    def idle_disconnect(self) -> float | None:
+        """Seconds an executor's websocket may idle before it is closed (None: kept open)."""
+        return self.backend.idle_disconnect
+
+    @property
     def isolates(self) -> Literal["kernel", "sandbox"]:
         """See :attr:`Backend.isolates`."""
         return self.backend.isolates
+
+    @property
+    def installs_on_host(self) -> bool:
+        """Packages are installed from the host (:meth:`install`), not by an installer in the kernel."""
+        return self.backend.installs_on_host
+
+    async def install(self, specs: list[str], timeout: float) -> tuple[int, str]:
+        """Install ``specs`` for the kernels from the host: (exit status, end of output)."""
+        return await self.backend.install(specs, timeout)
+
+    @property
+    def sandbox_id(self) -> str | None:
+        """What re-attaches the sandbox later, with ``url`` and the token (Modal: its sandbox id)."""
+        return self.backend.sandbox_id
+
+    @property
+    def url(self) -> str:
+        """The gateway's base URL."""
+        return self.endpoint.base_url

@@ -290,7 +290,7 @@ class LocalBackend(Backend):
         """The gateway's process id while it runs."""
         return self._process.pid if self._process else None
 
-    async def start(self) -> GatewayEndpoint:
+    async def _start_gateway(self) -> GatewayEndpoint:
         """Start the gateway and return its endpoint once it listens.
 
         Raises:

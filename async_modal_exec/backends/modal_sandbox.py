@@ -252,7 +252,14 @@ class ModalBackend(Backend):
         backend._terminate_on_close = terminate_on_close
         return backend
 
-    async def start(self) -> GatewayEndpoint:
+    @property
+    def sandbox_id(self) -> str | None:
+        """The Modal sandbox's id once created or attached (re-attach with :meth:`attach`)."""
+        if self.sandbox is not None:
+            return str(self.sandbox.object_id)
+        return self._attach_id
+
+    async def _start_gateway(self) -> GatewayEndpoint:
         """Create (or attach to) the sandbox and return its gateway endpoint via the tunnel.
 
         Modal's exceptions are translated (the original is ``__cause__``).

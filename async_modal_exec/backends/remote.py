@@ -67,7 +67,7 @@ class GatewayBackend(Backend):
     def work_dir(self) -> str | None:
         return self._work_dir
 
-    async def start(self) -> GatewayEndpoint:
+    async def _start_gateway(self) -> GatewayEndpoint:
         """Return the endpoint; readiness is checked by the executor (nothing to cancel here)."""
         return self.endpoint
 

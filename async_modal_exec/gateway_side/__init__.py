@@ -17,16 +17,18 @@ What it changes compared with ``jupyter kernelgateway``, by module:
   ACKs: about 43 ms added to every execution); binary (v1) websocket frames
   written in pieces (:mod:`.v1_codec`), the message parts not copied into one
   buffer and then into the frame; IPython kernels started through the
-  bootstrap and snippets of :mod:`.kernel_code`; with ``--kernel-jail``,
+  bootstrap and start-up lines of :mod:`.kernel_code`; with ``--kernel-jail``,
   every kernel run through ``kernel_jail.py`` (a bubblewrap sandbox with
   resource limits, see :mod:`async_modal_exec.backends.isolation`), with
   message-based interrupts.
-* :mod:`.kernel_code`: no IOPub high-water mark in the kernel (bursts of
-  output lost messages silently), ``--Kernel._execute_sleep=0`` (ipykernel
-  sleeps 0.5 ms before every ``execute_reply`` for clients that stop at the
-  reply; ours ends an execution on IOPub's ``idle``), lone surrogates in
-  output arrive as U+FFFD, a thread's output belongs to the cell that
-  started it, stdout and stderr arrive in the order they were written.
+* :mod:`.kernel_code`: ``--Kernel._execute_sleep=0`` (ipykernel sleeps
+  0.5 ms before every ``execute_reply`` for clients that stop at the reply;
+  ours ends an execution on IOPub's ``idle``), and :mod:`.kernel_patches`
+  (a real module, shipped to the kernel as text) run in each kernel: no
+  IOPub high-water mark (bursts of output lost messages silently), lone
+  surrogates in output arrive as U+FFFD, a thread's output belongs to the
+  cell that started it, stdout and stderr arrive in the order they were
+  written.
 * :mod:`.kernel_manager`: a runtime directory per kernel (and a work
   directory, when jailed without a shared one), removed with the kernel;
   unsigned messages over IPC in a ``0700`` runtime directory of ours

@@ -44,8 +44,11 @@ def load_from_directory(directory: str, name: str = PRIVATE_NAME) -> ModuleType:
     return package
 
 
-class _SourceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds and loads the package ``name`` and its modules from their source texts."""
+class _SourceFinder(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
+    """Finds and loads the package ``name`` and its modules from their source texts.
+
+    ``get_source`` gives a module's text back (:mod:`.kernel_code` ships one to kernels).
+    """
 
     def __init__(self, name: str, sources: Mapping[str, str]) -> None:
         self.name = name
@@ -66,6 +69,15 @@ class _SourceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if key is None:
             return None
         return importlib.util.spec_from_loader(fullname, self, is_package=key == "__init__")
+
+    def get_source(self, fullname: str) -> str:
+        key = self._key(fullname)
+        if key is None:
+            raise ImportError(f"{fullname!r} is not one of the shipped modules", name=fullname)
+        return self.sources[key]
+
+    def is_package(self, fullname: str) -> bool:
+        return self._key(fullname) == "__init__"
 
     def exec_module(self, module: ModuleType) -> None:
         key = self._key(module.__name__)

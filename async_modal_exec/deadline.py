@@ -98,8 +98,9 @@ def timed_out(
     ``what`` names the operation ("execution", "file operation"); a capped
     step's deadline names the step instead.
     """
+    limit = "its deadline" if deadline.timeout is None else f"{deadline.timeout:g} s"
     if deadline.step:
-        message = f"{deadline.step} in the kernel took longer than {deadline.timeout:g} s"
+        message = f"{deadline.step} in the kernel took longer than {limit}"
     else:
-        message = f"{what} timed out after {deadline.timeout:g} s"
+        message = f"{what} timed out after {limit}"
     return ExecutionTimeout(f"{message}; {recovery.describe()}", result, recovery=recovery)

@@ -64,7 +64,8 @@ class ExecutionRun:
     """One ``execute_request`` on a held kernel turn, from send to idle (or to its recovery).
 
     ``internal`` code (the package's own) is kept out of the kernel's history;
-    ``metadata`` goes in the request's metadata (data the code reads).
+    ``metadata`` goes in the request's metadata (data the code reads);
+    ``what`` names the operation in a timeout.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class ExecutionRun:
         *,
         metadata: Mapping[str, Any] | None = None,
         internal: bool = False,
+        what: str = "execution",
     ) -> None:
         self.link = link
         self.channel = channel
@@ -85,6 +87,7 @@ class ExecutionRun:
         self.settings = settings
         self.metadata = metadata
         self.internal = internal
+        self.what = what  # the operation's name in a timeout
         # Messages read ahead while probing after a reconnect.
         self.pending: collections.deque[dict[str, Any]] = collections.deque()
 
@@ -158,7 +161,7 @@ class ExecutionRun:
             outcome = await run_shielded(self.recover())
             if outcome is None:
                 raise ExecutorStateError("the executor was closed while the execution ran")
-            error = timed_out(self.deadline, fold.result(), outcome)
+            error = timed_out(self.deadline, fold.result(), outcome, self.what)
             logger.info("%s", error)
             raise error
 

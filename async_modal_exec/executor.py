@@ -174,12 +174,12 @@ class AsyncExecutor(FileOperations, PackageOperations):
 
     @property
     def sandbox(self) -> Sandbox | None:
-        """The started sandbox this executor's kernel runs in (None before start)."""
+        """The sandbox the kernel runs in: the one given, or the one the backend started (None until then)."""
         return self._sandbox
 
     @property
     def endpoint(self) -> GatewayEndpoint | None:
-        """The gateway this executor's kernel runs on (None before start)."""
+        """The gateway this executor's kernel runs on (None until there is a :attr:`sandbox`)."""
         return self._sandbox.endpoint if self._sandbox is not None else None
 
     @property

@@ -73,7 +73,8 @@ class FileOperations:
                             return {}
                         until = Deadline.after(min(SETUP_TIMEOUT, self.interrupt_grace))
                     code = files.call_code(operation, *args)
-                    return files.answer_of(await turn.internal(code, until, metadata), operation)
+                    answer = await turn.internal(code, until, metadata, "file operation")
+                    return files.answer_of(answer, operation)
 
                 yield call
         except TimeoutError as exc:

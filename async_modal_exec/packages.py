@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .backends.base import Backend
 
 logger = logging.getLogger("async_modal_exec.packages")
+_REFRESH_TIMEOUT = 10.0  # after a host install: the kernel refreshes its import caches
 
 __all__ = [
     "IMPORT_TO_DISTRIBUTION",
@@ -210,7 +211,7 @@ async def install(
     present = [r.spec for r in wanted if r.spec in known]
     if not todo:
         return InstallReport(already_present=tuple(present))
-    deadline = Deadline.after(timeout)  # one for the probe, the installer and the cache refresh
+    deadline = Deadline.after(timeout)  # one for the probe and the installer
     probe = _marked_json((await executor.run(probe_code(todo), timeout=deadline)).raise_for_error().stdout)
     missing = [r for r in todo if not probe["satisfied"].get(r.spec)]
     record.already_present += [r.spec for r in todo if r not in missing]
@@ -227,9 +228,6 @@ async def install(
         returncode, text = await sandbox.install(specs, deadline.remaining())
         if on_output is not None and text:
             on_output(text)
-        (
-            await executor.run("import importlib\nimportlib.invalidate_caches()", timeout=deadline)
-        ).raise_for_error()
     else:
         stdout: list[str] = []
         code = install_code(specs, use_uv=bool(probe["uv"]))
@@ -255,6 +253,11 @@ async def install(
             packages=named,
             output=text,
         )
+    if sandbox.installs_on_host:
+        # The kernel's import caches do not know the new files yet. A bound of
+        # its own: an install that finished in time is not reported as a timeout.
+        refresh = "import importlib\nimportlib.invalidate_caches()"
+        (await executor.run(refresh, timeout=Deadline.after(_REFRESH_TIMEOUT))).raise_for_error()
     record.installed += specs
     return InstallReport(installed=tuple(specs), already_present=tuple(present), output=text)
 

@@ -56,21 +56,36 @@ class HeldTurn:
         metadata: Mapping[str, Any] | None = None,
         *,
         internal: bool = False,
+        what: str = "execution",
     ) -> AsyncGenerator[Event, None]:
-        """Drive ``code`` to idle, yielding its events (see :meth:`ExecutionRun.events`)."""
+        """Drive ``code`` to idle, yielding its events (see :meth:`ExecutionRun.events`).
+
+        ``what`` names the operation in a timeout ("file operation").
+        """
         run = ExecutionRun(
-            self.session, self.channel, fold, deadline, self.settings, metadata=metadata, internal=internal
+            self.session,
+            self.channel,
+            fold,
+            deadline,
+            self.settings,
+            metadata=metadata,
+            internal=internal,
+            what=what,
         )
         async with aclosing(run.events(code)) as events:
             async for event in events:
                 yield event
 
     async def internal(
-        self, code: str, deadline: Deadline, metadata: Mapping[str, Any] | None = None
+        self,
+        code: str,
+        deadline: Deadline,
+        metadata: Mapping[str, Any] | None = None,
+        what: str = "execution",
     ) -> ExecutionResult:
         """Run the package's own ``code``: no output cap, nothing of it is the user's."""
         fold = ExecutionFold(new_msg_id())
-        async with aclosing(self.execute(code, fold, deadline, metadata, internal=True)) as events:
+        async with aclosing(self.execute(code, fold, deadline, metadata, internal=True, what=what)) as events:
             async for _ in events:
                 pass
         return fold.result()
@@ -92,8 +107,15 @@ class HeldTurn:
     async def set_env(self, env: Mapping[str, str], deadline: Deadline, *, save: bool) -> None:
         """Set ``env`` in the kernel (``save``: remember the old values for :meth:`restore_env`)."""
         prepared = self.session.prepared
-        code = environment.apply_code(save=save, define="env module" not in prepared)
-        await self.setup(code, deadline, "setting env", env)
+        if "env module" in prepared:
+            try:
+                await self.setup(
+                    environment.apply_code(save=save, define=False), deadline, "setting env", env
+                )
+                return
+            except ExecutionError:  # the kernel lost it (restarted in place): define it again below
+                prepared.discard("env module")
+        await self.setup(environment.apply_code(save=save), deadline, "setting env", env)
         prepared.add("env module")
 
     async def prepare(self, env: Mapping[str, str], host_tools: HostTools, deadline: Deadline) -> None:

@@ -418,3 +418,11 @@ def test_a_deadline_refuses_what_cannot_be_a_timeout() -> None:
     assert five.capped(60, "a step") is five  # the caller's deadline comes first: its timeout is named
     step = five.capped(1, "a step")
     assert step.step == "a step" and step.timeout == 1 and step.at < five.at
+
+
+def test_a_timeout_without_a_number_still_reads_well() -> None:
+    from async_modal_exec.deadline import timed_out
+    from async_modal_exec.results import ExecutionResult
+
+    error = timed_out(Deadline.after(None), ExecutionResult(), RecoveryOutcome.NOT_STARTED, "file operation")
+    assert str(error).startswith("file operation timed out after its deadline; the code never started")

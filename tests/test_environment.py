@@ -168,3 +168,15 @@ async def test_a_secret_in_modal_backends_env_is_in_no_process_command_line(
     value = "argv-secret-" + secrets.token_hex(8)
     backend = ModalBackend(ssl_context=modal_double.ssl_context(), env={"AME_ARGV_SECRET": value})
     await _secret_arrives_and_is_in_no_command_line(backend, value)
+
+
+async def test_a_kernel_that_lost_the_env_helper_gets_it_again(make_executor: MakeExecutor) -> None:
+    # The helper is sent once per kernel; a kernel that lost it (restarted in
+    # place by the gateway, or code that removed it) gets it sent again.
+    executor = await make_executor()
+    first = await executor.run("import os\nos.environ['FIRST']", env={"FIRST": "1"})
+    assert first.raise_for_error().value is not None and first.value.text == "'1'"
+    (await executor.run("import sys\ndel sys.modules['_async_modal_exec_env']")).raise_for_error()
+    again = await executor.run("import os\nos.environ['SECOND']", env={"SECOND": "2"})
+    assert again.raise_for_error().value is not None and again.value.text == "'2'"
+    assert await env_of(executor, "SECOND") == {"SECOND": None}

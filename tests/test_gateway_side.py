@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,63 @@ def test_remove_trees_takes_back_permissions_only_inside(tmp_path: Path) -> None
     remove_trees([str(top), str(tmp_path / "missing")])
     assert not top.exists()
     assert (tmp_path / "beside").is_dir() and tmp_path.stat().st_mode & 0o777 == 0o755
+
+
+# An interpreter another user may run (this suite's may live under /root).
+_SYSTEM_PYTHON = next(
+    (p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None
+)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or _SYSTEM_PYTHON is None,
+    reason="needs root and a system python to run as another user",
+)
+def test_a_tree_its_owner_cannot_read_is_removed_by_a_non_root_gateway() -> None:
+    # A non-root gateway (its kernels run as the same user) removing a kernel's
+    # directory where the kernel took away read and search permission: shutil
+    # fails to open it, and the retry of that open raised TypeError (no flags),
+    # leaving the tree behind.
+    nobody = 65534
+    reachable = Path(tempfile.mkdtemp(prefix="ame-test-cleanup-", dir="/tmp"))  # pytest's tmp is 0700
+    reachable.chmod(0o755)
+    top = reachable / "kernel-dir"
+    sealed = top / "sealed" / "deeper"
+    sealed.mkdir(parents=True)
+    (sealed / "file").write_text("x")
+    for path in (reachable, top, top / "sealed", sealed, sealed / "file"):  # the gateway's own dir, too
+        os.chown(path, nobody, nobody)
+    (top / "sealed").chmod(0o000)
+    source = (Path(launcher.GATEWAY_SIDE_DIR) / "cleanup.py").read_text()
+    assert _SYSTEM_PYTHON is not None
+    done = subprocess.run(
+        [_SYSTEM_PYTHON, "-I", "-c", f"{source}\nremove_trees([{str(top)!r}])"],
+        user=nobody,
+        group=nobody,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        assert done.returncode == 0, done.stderr
+        assert not top.exists()
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(reachable)], check=True)
+
+
+def test_a_symlink_swapped_in_is_never_given_permissions(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o755)
+    outside.chmod(0o755)
+    top = tmp_path / "kernel-dir"
+    top.mkdir()
+    (top / "link").symlink_to(outside)
+    from async_modal_exec.gateway_side.cleanup import _allow
+
+    _allow(str(top / "link"))  # what the remover does to a directory it could not open
+    assert outside.stat().st_mode & 0o777 == 0o755
+    remove_trees([str(top)])
+    assert not top.exists() and outside.is_dir()
 
 
 def test_the_token_leaves_the_environment_it_is_given_in(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,25 +23,42 @@ def remove_trees(paths: Iterable[str]) -> None:
     """Remove directory trees, also those whose owner (a kernel) took away write or search permission.
 
     Permissions are given back only inside the tree being removed, never
-    above it.
+    above it, and never through a symlink a kernel could swap in.
     """
     for top in paths:
-        if not os.path.lexists(top):
-            continue
+        if os.path.lexists(top):
+            _rmtree(top, top)
 
-        def allow_and_retry(function: Any, path: str, _exc: Any, top: str = top) -> None:
-            for directory in (os.path.dirname(path), path):
-                inside = directory == top or directory.startswith(top.rstrip("/") + "/")
-                if inside and os.path.isdir(directory) and not os.path.islink(directory):
-                    with contextlib.suppress(OSError):
-                        os.chmod(directory, stat.S_IRWXU)
-            with contextlib.suppress(OSError):
-                function(path)
 
-        if sys.version_info >= (3, 12):
-            shutil.rmtree(top, onexc=allow_and_retry)
-        else:  # onerror is deprecated from 3.12 on; the handler takes either
-            shutil.rmtree(top, onerror=allow_and_retry)
+def _rmtree(path: str, top: str) -> None:
+    def allow_and_retry(function: Any, failed: str, _exc: Any) -> None:
+        for directory in (os.path.dirname(failed), failed):
+            if directory == top or directory.startswith(top.rstrip("/") + "/"):
+                _allow(directory)
+        with contextlib.suppress(OSError):
+            if function in (os.rmdir, os.unlink, os.remove):
+                function(failed)
+            elif os.path.isdir(failed) and not os.path.islink(failed):
+                _rmtree(failed, top)  # it could not be opened or listed: now it can
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=allow_and_retry)
+    else:  # onerror is deprecated from 3.12 on; the handler takes either
+        shutil.rmtree(path, onerror=allow_and_retry)
+
+
+def _allow(directory: str) -> None:
+    """Give the owner ``rwx`` on ``directory`` itself; a symlink there (swapped in) is left alone."""
+    try:
+        # O_PATH needs no permission on the directory; O_NOFOLLOW + O_DIRECTORY refuse a symlink.
+        fd = os.open(directory, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IRWXU)  # the inode opened, whatever the path is now
+    finally:
+        os.close(fd)
 
 
 def remove_cgroup(path: str) -> bool:

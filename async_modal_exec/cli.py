@@ -1,54 +1,90 @@
 """Command line: ``python -m async_modal_exec run ...``.
 
-Commands: ``run`` (code in a fresh kernel; ``--put``/``--get`` copy files in
-before it and out after it), ``cp`` (copy a file into or out of a sandbox that
-runs: a gateway, or a Modal sandbox by id), ``reap`` (terminate Modal
-sandboxes this package left running), ``snapshots`` (list or drop the Modal
-requirement snapshots of an app).
+Commands: ``run`` (code in a fresh kernel, thrown away after it, like
+``python -c``; ``--put``/``--get`` copy files in before it and out after it),
+``cp`` (copy a file into or out of a sandbox that runs: a gateway, or a Modal
+sandbox by id), ``reap`` (terminate Modal sandboxes this package left
+running), ``snapshots`` (list or drop the Modal requirement snapshots of an
+app).
 
-Exit status: 0 success; 1 the code raised (traceback on stderr), or a file
-could not be copied; 2 bad usage; 3 the backend or gateway failed (Modal's
-errors included, e.g. refused credentials; also for ``reap``); 124 the
-timeout expired; 130 interrupted.
+Exit status (``_EXIT_STATUSES``, shown by ``run --help``): the code's own
+(``sys.exit(n)``, ``exit(n)``, ``raise SystemExit``); 0 success; 1 the code
+raised (traceback on stderr), or a file could not be copied; 2 bad usage; 3
+the backend or gateway failed (Modal's errors included, e.g. refused
+credentials; also for ``reap``); 124 the timeout expired; 125 the kernel
+process died (``os._exit()``, a crash, out of memory); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
-from typing import TextIO
 
 import anyio
 
+from ._cli_run import (
+    EXIT_BACKEND,
+    EXIT_CODE_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_KERNEL_DIED,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    about_later_runs,
+    kernel_died,
+    one_shot,
+    run,
+    timed_out,
+)
 from .backends import Backend, GatewayBackend, LocalBackend
 from .backends.isolation import ISOLATION_MODES
 from .backends.modal_defaults import DEFAULT_APP_NAME
 from .errors import AsyncModalExecError, RemoteFileError
-from .executor import AsyncExecutor
-from .results import (
-    DisplayEvent,
-    ErrorEvent,
-    ExecutionTimeout,
-    ResultEvent,
-    RichOutput,
-    StderrEvent,
-    StdoutEvent,
-)
+from .executor import DEFAULT_MAX_OUTPUT_CHARS, AsyncExecutor
+from .results import ExecutionTimeout, KernelDied
 
-EXIT_CODE_ERROR = 1
-EXIT_USAGE = 2
-EXIT_BACKEND = 3
-EXIT_TIMEOUT = 124
-EXIT_INTERRUPTED = 130
+__all__ = [
+    "EXIT_BACKEND",
+    "EXIT_CODE_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_KERNEL_DIED",
+    "EXIT_TIMEOUT",
+    "EXIT_USAGE",
+    "main",
+]
+
+_EXIT_STATUSES = """\
+exit status:
+  N    the code's own: sys.exit(N), exit(N), raise SystemExit(N) (no N: 0; a
+       message: printed on stderr, 1)
+  0    success
+  1    the code raised (traceback on stderr), or a file could not be copied
+  2    bad usage
+  3    the backend or gateway failed
+  124  --timeout expired
+  125  the kernel process died (os._exit(), a crash, out of memory): the
+       code's own status is not known
+  130  interrupted (Ctrl-C)
+"""
+
+_BACKEND_HELP = {
+    "local": "local: a gateway started on this machine, its kernel jailed by bubblewrap",
+    "gateway": "gateway: a Kernel Gateway that runs already (--gateway-url)",
+    "modal": "modal: a Modal sandbox, which needs the modal extra and Modal credentials",
+}
 
 
 def _add_backend_options(parser: argparse.ArgumentParser, backends: list[str], default: str | None) -> None:
-    parser.add_argument("--backend", choices=backends, default=default, required=default is None)
+    where = "; ".join(_BACKEND_HELP[name] for name in backends)
+    parser.add_argument(
+        "--backend",
+        choices=backends,
+        default=default,
+        required=default is None,
+        help=f"where the sandbox is: {where}" + (" (default: %(default)s)" if default else ""),
+    )
     parser.add_argument(
         "--app",
         default=DEFAULT_APP_NAME,
@@ -77,9 +113,19 @@ def _add_backend_options(parser: argparse.ArgumentParser, backends: list[str], d
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m async_modal_exec", description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m async_modal_exec",
+        description="Run Python code in a fresh sandboxed kernel; copy files into and out of a sandbox;"
+        " clean up Modal sandboxes and snapshots.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run Python code in a fresh sandboxed kernel")
+    run = commands.add_parser(
+        "run",
+        help="run Python code in a fresh sandboxed kernel",
+        description="Run Python code in a fresh sandboxed kernel, thrown away afterwards (like python -c).",
+        epilog=_EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("-c", dest="code", help="code to run")
     source.add_argument("file", nargs="?", help="a file of code to run, or - for stdin")
@@ -88,7 +134,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "--isolation",
         choices=ISOLATION_MODES,
         default="auto",
-        help="with --backend local: jail the kernel with bubblewrap (default: %(default)s, where it works)",
+        help="with --backend local: jail the kernel with bubblewrap (default: %(default)s, where it works;"
+        " bwrap: or fail; refused with the other backends)",
+    )
+    run.add_argument(
+        "--max-output-chars",
+        type=_output_cap,
+        default=DEFAULT_MAX_OUTPUT_CHARS,
+        metavar="N",
+        help="characters of output kept, stdout, stderr and displays together; past them the output is"
+        " cut and stderr says how much was dropped; the value of the last expression has N of its own"
+        " (default: %(default)s; 0: no cap)",
     )
     run.add_argument(
         "--put",
@@ -131,6 +187,8 @@ def _build_parser() -> argparse.ArgumentParser:
     snapshots.add_argument(
         "--older-than", type=_duration, default=None, help="with drop: only entries older than this (e.g. 7d)"
     )
+    for command in commands.choices.values():
+        command.set_defaults(command_parser=command)  # its usage errors show its own usage
     return parser
 
 
@@ -141,6 +199,16 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def _output_cap(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of characters: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"cannot be negative (0: no cap), got {text}")
     return value
 
 
@@ -194,6 +262,8 @@ def _show_startup_progress() -> None:
     startup = logging.getLogger("async_modal_exec.startup")
     startup.addHandler(handler)
     startup.setLevel(logging.INFO)
+    for name in ("async_modal_exec.executor", "async_modal_exec.session"):
+        logging.getLogger(name).addFilter(about_later_runs)
 
 
 async def _reap(app: str, older_than: float | None, dry_run: bool) -> int:
@@ -206,64 +276,6 @@ async def _reap(app: str, older_than: float | None, dry_run: bool) -> int:
         print(f"{action} {sandbox.sandbox_id} ({age})")
     print(f"{len(found)} sandbox(es) {'found' if dry_run else 'terminated'} in app {app!r}")
     return 0
-
-
-def _describe(output: RichOutput) -> str:
-    if output.text is not None:
-        return output.text
-    return ", ".join(
-        f"[{mime}: {len(value)} bytes]" if isinstance(value, bytes) else f"[{mime}]"
-        for mime, value in output.data.items()
-    )
-
-
-class _LiveProgress:
-    """On a terminal: one line, rewritten in place, naming the phase and its elapsed seconds."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.phase: str | None = None
-        self.began = time.monotonic()
-
-    def __call__(self, phase: str, seconds: float | None) -> None:
-        self.stream.write("\r\x1b[K")  # the phase's own log line follows when it ends
-        self.stream.flush()
-        self.phase, self.began = (phase, time.monotonic()) if seconds is None else (None, 0.0)
-
-    async def tick(self) -> None:
-        while True:
-            if self.phase is not None:
-                elapsed = time.monotonic() - self.began
-                self.stream.write(f"\r\x1b[K  {self.phase.replace('_', ' ')}... {elapsed:.1f} s")
-                self.stream.flush()
-            await anyio.sleep(0.2)
-
-
-async def _start(executor: AsyncExecutor, err: TextIO, *, modal_output: bool) -> None:
-    """Start ``executor``; on a terminal, with a live progress line meanwhile.
-
-    With ``modal_output`` (a Modal backend, stdout a terminal too), Modal's own
-    display shows an image build's output as it is written.
-    """
-    if not err.isatty():
-        await executor.start()
-        return
-    progress = _LiveProgress(err)
-    executor.on_progress = progress
-    with _modal_display() if modal_output and sys.stdout.isatty() else contextlib.nullcontext():
-        async with anyio.create_task_group() as group:
-            group.start_soon(progress.tick)
-            try:
-                await executor.start()
-            finally:
-                group.cancel_scope.cancel()
-                progress("", 0.0)  # clear the line
-
-
-def _modal_display() -> contextlib.AbstractContextManager[None]:
-    import modal
-
-    return modal.enable_output()
 
 
 async def _snapshots(app: str, action: str, keys: list[str], older_than: float | None) -> int:
@@ -304,93 +316,67 @@ async def _copy(
     return 0
 
 
-async def _run(
-    code: str,
-    backend: Backend,
-    timeout: float | None,
-    ready_timeout: float,
-    modal_output: bool,
-    put: Sequence[Sequence[str]] = (),
-    get: Sequence[Sequence[str]] = (),
-) -> int:
-    out, err = sys.stdout, sys.stderr
-    started = time.monotonic()
-    err.write(f"starting {type(backend).__name__}...\n")
-    err.flush()
-    status = 0
-    executor = AsyncExecutor(backend, timeout=timeout, gateway_timeout=ready_timeout)
-    try:
-        await _start(executor, err, modal_output=modal_output)
-        err.write(f"kernel ready in {time.monotonic() - started:.1f} s\n")
-        err.flush()
-        for local, remote in put:
-            info = await executor.upload(local, remote)
-            err.write(f"put {local} -> {info.path} ({info.size} bytes)\n")
-        try:
-            async for event in executor.stream(code):
-                if isinstance(event, StdoutEvent):
-                    out.write(event.text)
-                    out.flush()
-                elif isinstance(event, StderrEvent):
-                    err.write(event.text)
-                    err.flush()
-                elif isinstance(event, ResultEvent | DisplayEvent):
-                    out.write(_describe(event.output) + "\n")
-                    out.flush()
-                elif isinstance(event, ErrorEvent):
-                    err.write(str(event.error) + "\n")
-                    status = EXIT_CODE_ERROR
-        except ExecutionTimeout as exc:
-            err.write(f"error: {exc}\n")
-            status = EXIT_TIMEOUT
-        if status != EXIT_TIMEOUT:
-            for remote, local in get:
-                info = await executor.download(remote, local)
-                err.write(f"get {info.path} -> {local} ({info.size} bytes)\n")
-    finally:
-        await executor.aclose()
-    return status
+def _argv_of(args: argparse.Namespace) -> list[str]:
+    """``sys.argv`` as python sets it: ``['-c']``, ``['-']`` for stdin, or ``[FILE]``."""
+    return ["-c"] if args.code is not None else [str(args.file)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the command line; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    usage: argparse.ArgumentParser = args.command_parser  # errors show the command's usage
     if args.command in ("reap", "snapshots"):
         try:
             if args.command == "reap":
                 return anyio.run(_reap, args.app, args.older_than, args.dry_run)
             return anyio.run(_snapshots, args.app, args.action, args.keys, args.older_than)
         except AsyncModalExecError as exc:  # Modal's own errors arrive translated
-            sys.stderr.write(f"error: {exc}\n")
+            sys.stderr.write(f"error: {one_shot(str(exc))}\n")
             return EXIT_BACKEND
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
     if args.command == "cp" and args.source.startswith(":") == args.destination.startswith(":"):
-        parser.error("exactly one of source and destination is the sandbox's (starts with ':')")
+        usage.error("exactly one of source and destination is the sandbox's (starts with ':')")
+    if args.command == "run" and args.isolation == "bwrap" and args.backend != "local":
+        usage.error(
+            f"--isolation bwrap jails a kernel of --backend local; --backend {args.backend} cannot honour it"
+            " (a Modal sandbox is isolated by Modal, a gateway as it was started)"
+        )
     code = ""
     if args.command == "run":
         try:
             code = _read_code(args)
         except OSError as exc:
-            parser.error(f"cannot read {args.file}: {exc}")
+            usage.error(f"cannot read {args.file}: {exc}")
     _show_startup_progress()
     try:
-        backend = _make_backend(args, parser)
+        backend = _make_backend(args, usage)
         if args.command == "cp":
             return anyio.run(_copy, args.source, args.destination, backend, args.timeout, args.ready_timeout)
-        modal_output = args.backend == "modal"
         return anyio.run(
-            _run, code, backend, args.timeout, args.ready_timeout, modal_output, args.put, args.get
+            run,
+            code,
+            _argv_of(args),
+            backend,
+            args.timeout,
+            args.ready_timeout,
+            args.max_output_chars or None,
+            args.backend == "modal",
+            args.put,
+            args.get,
         )
     except RemoteFileError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_CODE_ERROR
-    except ExecutionTimeout as exc:  # a copy (a run's own timeout is handled in _run)
-        sys.stderr.write(f"error: {exc}\n")
+    except ExecutionTimeout as exc:  # a copy or a setup step (a run's own timeout is handled in _run)
+        sys.stderr.write(f"error: {timed_out(exc, 'the operation')}\n")
         return EXIT_TIMEOUT
+    except KernelDied as exc:  # before or after the code (while it runs: in _run)
+        sys.stderr.write(f"error: {kernel_died(exc)}\n")
+        return EXIT_KERNEL_DIED
     except AsyncModalExecError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {one_shot(str(exc))}\n")
         return EXIT_BACKEND
     except OSError as exc:  # a local file to copy (the gateway's connection errors are above)
         sys.stderr.write(f"error: {exc}\n")

@@ -103,4 +103,10 @@ def timed_out(
         message = f"{deadline.step} in the kernel took longer than {limit}"
     else:
         message = f"{what} timed out after {limit}"
-    return ExecutionTimeout(f"{message}; {recovery.describe()}", result, recovery=recovery)
+    return ExecutionTimeout(
+        f"{message}; {recovery.describe()}",
+        result,
+        recovery=recovery,
+        timeout=None if deadline.step else deadline.timeout,
+        step=deadline.step,
+    )

@@ -17,7 +17,11 @@ Rules the fold follows (after jupyter_client's ``execute_interactive``):
 * an ``input_request`` for the request (``input()`` or a host-tool call in the
   kernel) waits for an answer: :meth:`ExecutionFold.take_input_request`;
 * the kernel numbers the messages it sends: :class:`LossTracker` counts the
-  numbers of this request that never arrived (``result.lost_messages``).
+  numbers of this request that never arrived (``result.lost_messages``);
+* output cut by the cap or lost on the way is never silent: the result's
+  stdout ends with a marker line, and the events end with the same line (a
+  :class:`MarkerEvent`) when the request goes idle, so a streamed run says
+  what a returned result says.
 
 The driver only moves bytes: it feeds what arrives and acts on what the fold
 says (answer an input request, report a dead kernel, stop at ``done``).
@@ -132,6 +136,24 @@ def truncation_marker(dropped: int, rich_cut: int = 0, rich_dropped: int = 0) ->
     return f"\n[async_modal_exec: output truncated, {dropped} characters dropped{detail}]\n"
 
 
+@dataclass(frozen=True)
+class MarkerEvent(StdoutEvent):
+    """The closing marker line of a cut-short output, streamed as stdout text.
+
+    A :class:`StdoutEvent` (``kind`` ``"stdout"``) whose text is the marker
+    :meth:`ExecutionFold.result`'s stdout ends with (:func:`truncation_marker`,
+    :func:`loss_marker`); consumers that know it can show it apart from the
+    code's own output.
+
+    Attributes:
+        truncated_chars: characters the output cap dropped.
+        lost_messages: messages of the kernel that never arrived.
+    """
+
+    truncated_chars: int = 0
+    lost_messages: int = 0
+
+
 def unaccounted_messages(
     last_seen: tuple[str, int] | None, answer: Mapping[str, Any], between: Iterable[Mapping[str, Any]]
 ) -> int | None:
@@ -234,6 +256,10 @@ class ExecutionFold:
     out an ``input_request`` of this request waiting for its answer.
     :meth:`result` can be called at any time: before ``done`` it is the
     partial result.
+
+    :attr:`value_cap`, when set, caps the value of the last expression
+    (``execute_result``) on its own, so printed output that spent the shared
+    budget does not drop it (the command line sets it).
     """
 
     def __init__(self, msg_id: str, *, max_output_chars: int | None = None) -> None:
@@ -254,6 +280,7 @@ class ExecutionFold:
         # the number of this execution on its kernel, reported instead.
         self.number: int | None = None
         self._cap = OutputCap(max_output_chars)
+        self.value_cap: OutputCap | None = None  # None: the value shares ``max_output_chars``
         self._loss = LossTracker()
 
     def belongs(self, message: Mapping[str, Any]) -> bool:
@@ -283,6 +310,9 @@ class ExecutionFold:
         events: list[Event] = handler(content)
         if self.done:
             self._loss.close(message)
+            marker = self._marker()
+            if marker is not None:
+                events.append(marker)
         return events
 
     def _on_status(self, content: Mapping[str, Any]) -> list[Event]:
@@ -319,11 +349,11 @@ class ExecutionFold:
         self._stdout.append(text)
         return [StdoutEvent(text)]
 
-    def _rich(self, content: Mapping[str, Any]) -> RichOutput | None:
+    def _rich(self, content: Mapping[str, Any], cap: OutputCap | None = None) -> RichOutput | None:
         data = content.get("data")
         if not isinstance(data, Mapping):
             return None
-        taken = self._cap.take_rich(data)
+        taken = (cap or self._cap).take_rich(data)
         if taken is None:
             return None
         kept, truncated = taken
@@ -345,7 +375,7 @@ class ExecutionFold:
 
     def _on_execute_result(self, content: Mapping[str, Any]) -> list[Event]:
         self._take_count(content)
-        output = self._rich(content)
+        output = self._rich(content, self.value_cap)
         if output is None:
             return []
         self._value = output
@@ -400,22 +430,30 @@ class ExecutionFold:
         if isinstance(count, int) and not isinstance(count, bool):
             self._execution_count = count
 
-    def result(self) -> ExecutionResult:
-        """The result so far (the final one once :attr:`done`)."""
-        stdout = "".join(self._stdout)
-        if self._cap.dropped:
-            stdout += truncation_marker(self._cap.dropped, self._cap.rich_cut, self._cap.rich_dropped)
+    def _marker(self) -> MarkerEvent | None:
+        """The marker line closing a cut-short output, or None when nothing was cut or lost."""
+        caps = [self._cap] if self.value_cap is None else [self._cap, self.value_cap]
+        dropped = sum(cap.dropped for cap in caps)
+        text = ""
+        if dropped:
+            rich_cut = sum(cap.rich_cut for cap in caps)
+            text += truncation_marker(dropped, rich_cut, sum(cap.rich_dropped for cap in caps))
         lost = self.lost_messages
         if lost:
-            stdout += loss_marker(lost)
+            text += loss_marker(lost)
+        return MarkerEvent(text, truncated_chars=dropped, lost_messages=lost) if text else None
+
+    def result(self) -> ExecutionResult:
+        """The result so far (the final one once :attr:`done`)."""
+        marker = self._marker() or MarkerEvent("")
         return ExecutionResult(
-            stdout=stdout,
+            stdout="".join(self._stdout) + marker.text,
             stderr="".join(self._stderr),
             value=self._value,
             displays=tuple(self._displays),
             error=self._error,
             execution_count=self._count(),
-            truncated_chars=self._cap.dropped,
-            lost_messages=lost,
+            truncated_chars=marker.truncated_chars,
+            lost_messages=marker.lost_messages,
             stream_order=tuple(self._stream_order),
         )

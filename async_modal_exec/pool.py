@@ -38,7 +38,16 @@ from ._extras import require
 from ._idle import retire_idle
 from ._shield import run_shielded
 from .backends.base import Backend, Sandbox
-from .errors import AsyncModalExecError, ExecutorStateError, PoolExhausted
+from .errors import (
+    AsyncModalExecError,
+    BackendAuthError,
+    BackendInvalidArgument,
+    BackendNotFound,
+    BackendStartError,
+    ExecutorStateError,
+    MissingExtra,
+    PoolExhausted,
+)
 from .executor import AsyncExecutor
 from .gateway import GatewayClient
 
@@ -46,7 +55,12 @@ logger = logging.getLogger("async_modal_exec.pool")
 
 __all__ = ["SandboxPool"]
 
-_RETRY_PAUSE = 1.0
+_RETRY_PAUSE = 1.0  # after a transient start failure; doubled at each failure in a row
+_MAX_RETRY_PAUSE = 30.0
+# Start failures that fail again however often they are tried: a missing extra,
+# refused credentials, an argument the provider rejects, an app or secret that
+# does not exist, a backend factory called with wrong arguments.
+_PERMANENT = (MissingExtra, BackendAuthError, BackendInvalidArgument, BackendNotFound, TypeError, ValueError)
 
 
 class _PoolState(enum.Enum):
@@ -141,6 +155,8 @@ class SandboxPool:
         self.executor_options = dict(executor_options or {})
         self.retired = 0  # sandboxes terminated so far (for monitoring and tests)
         self.last_error: Exception | None = None  # why the last sandbox start failed
+        self._broken: Exception | None = None  # a permanent start failure: no more starts
+        self._failures = 0  # transient start failures in a row (the retry pause doubles)
         self._sandboxes: set[_Sandbox] = set()
         self._idle: collections.deque[_Warm] = collections.deque()
         self._lent: set[AsyncExecutor] = set()
@@ -171,6 +187,7 @@ class SandboxPool:
 
         Raises:
             TimeoutError: not ready within ``timeout`` seconds (the pool keeps warming up).
+            MissingExtra, BackendError: a sandbox start failed for good (see :meth:`session`).
             ExecutorStateError: the pool is not started, or closed (also while waiting).
 
         Cancelling the call only stops the waiting; the pool keeps warming up.
@@ -180,6 +197,7 @@ class SandboxPool:
                 while len(self._idle) < self.min_idle:
                     if self._state is not _PoolState.OPEN:
                         raise ExecutorStateError(f"the pool is {self._state.value}")
+                    self._raise_if_broken()
                     await self._changed.wait()
 
     async def aclose(self) -> None:
@@ -233,7 +251,11 @@ class SandboxPool:
         """Borrow an executor on a fresh kernel for the block.
 
         Waits up to ``timeout`` (default ``acquire_timeout``) when ``max_size``
-        sandboxes are busy, then raises :class:`PoolExhausted`. On exit the
+        sandboxes are busy, then raises :class:`PoolExhausted`. A sandbox start
+        that failed for good (a missing extra, refused credentials, a rejected
+        argument, no such app or secret) is raised at once instead, and again
+        by every later session: the pool stops starting sandboxes. Other
+        start failures are retried, the pause doubling from 1 s to 30 s. On exit the
         sandbox is terminated in the background, or (reusing, or on a backend
         that isolates kernels, when the session installed nothing and its
         kernel is gone) the kernel is deleted and the sandbox gets a new one.
@@ -283,6 +305,7 @@ class SandboxPool:
                     # waits for the lock, or between health checks in _acquire.
                     if self._state is not _PoolState.OPEN:
                         raise ExecutorStateError("the pool closed")
+                    self._raise_if_broken()
                     self._replenish()
                     await self._changed.wait()
                 warm = self._idle.popleft()
@@ -301,7 +324,7 @@ class SandboxPool:
 
     def _replenish(self) -> None:
         """Start sandboxes while fewer are ready or coming than wanted, within max_size."""
-        if self._state is not _PoolState.OPEN:
+        if self._state is not _PoolState.OPEN or self._broken is not None:
             return
         wanted = max(self.min_idle, self._waiting)
         while len(self._idle) + self._starting < wanted and self.size < self.max_size:
@@ -309,9 +332,10 @@ class SandboxPool:
             self._spawn(self._start_sandbox())
 
     async def _start_sandbox(self) -> None:
-        backend = self.backend_factory()
+        backend: Backend | None = None
         sandbox: _Sandbox | None = None
         try:
+            backend = self.backend_factory()
             sandbox = _Sandbox(await backend.start())
             self._sandboxes.add(sandbox)
             executor = await self._new_executor(sandbox)
@@ -319,17 +343,44 @@ class SandboxPool:
             self._starting -= 1
             if sandbox is not None:
                 await run_shielded(self._retire(sandbox))
-            else:
+            elif backend is not None:
                 await run_shielded(backend.aclose())
             if not isinstance(exc, Exception):
                 raise
-            self.last_error = exc
-            logger.warning("starting a sandbox failed: %s", exc)
-            await anyio.sleep(_RETRY_PAUSE)  # no hot loop when every start fails
-            self._replenish()
+            await self._start_failed(exc)
             return
         self._starting -= 1
+        self._failures = 0
         await self._put_idle(_Warm(sandbox, executor))
+
+    async def _start_failed(self, exc: Exception) -> None:
+        """A permanent failure stops the starts and reaches every waiting session; others are retried."""
+        self.last_error = exc
+        if isinstance(exc, _PERMANENT):
+            if self._broken is None:
+                logger.error(
+                    "starting a sandbox failed and would fail again; the pool starts no more: %s", exc
+                )
+            self._broken = exc
+            async with self._changed:
+                self._changed.notify_all()
+            return
+        self._failures += 1
+        pause = min(_RETRY_PAUSE * 2 ** (self._failures - 1), _MAX_RETRY_PAUSE)
+        logger.warning("starting a sandbox failed (trying again in %g s): %s", pause, exc)
+        await anyio.sleep(pause)  # no hot loop when every start fails
+        self._replenish()
+
+    def _raise_if_broken(self) -> None:
+        """Raise the permanent start failure, if any: ours as it is, others as BackendStartError."""
+        broken = self._broken
+        if broken is None:
+            return
+        if isinstance(broken, AsyncModalExecError):
+            raise broken.with_traceback(None)  # each raise starts a fresh traceback: nothing piles up
+        raise BackendStartError(
+            f"the pool cannot start sandboxes: {type(broken).__name__}: {broken}"
+        ) from broken
 
     async def _new_executor(self, sandbox: _Sandbox) -> AsyncExecutor:
         # On the started backend itself: its installer, env, work dir and idle

@@ -375,11 +375,25 @@ class ExecutionTimeout(ExecutionError, TimeoutError):
 
     Attributes:
         recovery: a :class:`RecoveryOutcome`.
+        timeout: the caller's timeout in seconds that expired, or None when
+            a bounded setup step ran out instead (``step`` names it) or the
+            call had no limit of its own.
+        step: the setup step whose own bound expired, or ``""``.
     """
 
-    def __init__(self, message: str, result: ExecutionResult, *, recovery: RecoveryOutcome) -> None:
+    def __init__(
+        self,
+        message: str,
+        result: ExecutionResult,
+        *,
+        recovery: RecoveryOutcome,
+        timeout: float | None = None,
+        step: str = "",
+    ) -> None:
         super().__init__(message, result)
         self.recovery = recovery
+        self.timeout = timeout
+        self.step = step
 
     @property
     def restarted(self) -> bool:

@@ -28,8 +28,17 @@ CLIENT = textwrap.dedent(
     import asyncio, importlib.util, ssl, sys
     for absent in ("kernel_gateway", "ipykernel", "jupyter_server", "smolagents", "fastapi"):
         assert importlib.util.find_spec(absent) is None, absent + " is installed"
-    from async_modal_exec import AsyncExecutor, LocalBackend, ModalBackend
+    import logging, time
+    from async_modal_exec import AsyncExecutor, LocalBackend, ModalBackend, SandboxPool
     from async_modal_exec.errors import MissingExtra
+
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
 
     async def main():
         context = ssl.create_default_context(cafile=sys.argv[1])
@@ -47,6 +56,23 @@ CLIENT = textwrap.dedent(
             AsyncExecutor(host_tools=[len])
         except MissingExtra as exc:
             print("HOST", exc)
+        # A pool of a backend that can never start says so at once, once.
+        kept = Kept()
+        logging.getLogger("async_modal_exec.pool").addHandler(kept)
+        began = time.monotonic()
+        async with SandboxPool(LocalBackend, min_idle=2, max_size=2, acquire_timeout=60) as pool:
+            try:
+                async with pool.session():
+                    pass
+            except MissingExtra as exc:
+                print("POOL", f"{time.monotonic() - began:.1f}", exc)
+            await asyncio.sleep(3)  # would hold several retries
+            try:
+                async with pool.session():
+                    pass
+            except MissingExtra as exc:
+                print("AGAIN", exc)
+        print("POOLLOGS", sum("starting a sandbox failed" in m for m in kept.messages))
 
     asyncio.run(main())
     """
@@ -90,6 +116,11 @@ async def test_a_modal_only_install_runs_modal_executors_without_jupyter(
     assert "pip install 'async_modal_exec[smolagents]'" in lines["AGENT"]
     # The core's host tools used to fail with a bare ModuleNotFoundError here.
     assert lines["HOST"].startswith("host tools needs smolagents") and "[smolagents]" in lines["HOST"]
+    # It waited its whole acquire_timeout (60 s), said PoolExhausted, and logged every second.
+    waited, why = lines["POOL"].split(" ", 1)
+    assert float(waited) < 10 and "pip install 'async_modal_exec[local]'" in why
+    assert "pip install 'async_modal_exec[local]'" in lines["AGAIN"]
+    assert lines["POOLLOGS"] == "1"
 
 
 def test_missing_extra_names_the_pip_line() -> None:

@@ -615,3 +615,18 @@ async def put_reading_early(url: str, body: AsyncIterator[bytes]) -> tuple[int, 
     """PUT a streamed body with aiohttp, which reads an early answer while it still sends."""
     async with aiohttp.ClientSession() as http, http.put(url, data=body, headers=AUTH) as response:
         return response.status, await response.text()
+
+
+async def test_a_pool_that_cannot_start_sandboxes_answers_503_with_the_cause_at_once() -> None:
+    def pool() -> SandboxPool:
+        # A backend that can never start (a URL the backend refuses): permanent.
+        return SandboxPool(lambda: GatewayBackend("gateway.example:8888"), acquire_timeout=60)
+
+    app = FastAPI(lifespan=pool_lifespan(pool))
+    app.include_router(sessions_router(token=TOKEN))
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        began = asyncio.get_running_loop().time()
+        response = await client.post("/sessions", headers=AUTH)
+        assert response.status_code == 503, response.text
+        assert "gateway url must look like" in response.json()["detail"]
+        assert asyncio.get_running_loop().time() - began < 10  # not the pool's 60 s acquire_timeout

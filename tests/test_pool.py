@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -11,8 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from async_modal_exec import AsyncExecutor, LocalBackend, SandboxPool
-from async_modal_exec.errors import ExecutorStateError, PoolExhausted
+from async_modal_exec import AsyncExecutor, GatewayBackend, LocalBackend, SandboxPool
+from async_modal_exec.errors import BackendStartError, ExecutorStateError, PoolExhausted
 from async_modal_exec.gateway import GatewayClient
 
 from .helpers import descendants, measure_loop_lag, wait_gone
@@ -234,3 +235,47 @@ async def test_only_a_backend_whose_kernels_each_have_their_own_files_isolates_k
     async with own, shared:
         assert own.isolates == "kernel" and shared.isolates == "sandbox"
     assert LocalBackend(isolation="none").isolates == "sandbox"
+
+
+async def test_a_permanent_start_failure_reaches_the_waiting_session_at_once_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "async_modal_exec.pool")
+    pool = SandboxPool(
+        lambda: GatewayBackend("gateway.example:8888"), min_idle=2, max_size=2, acquire_timeout=60
+    )
+    async with pool:
+        with anyio.fail_after(10):  # not the 60 s acquire_timeout
+            with pytest.raises(
+                BackendStartError, match="cannot start sandboxes: ValueError: gateway url must"
+            ):
+                async with pool.session():
+                    pass
+        await anyio.sleep(2.5)  # time for retries, had there been any
+        with pytest.raises(BackendStartError, match="gateway url must look like"):
+            async with pool.session():
+                pass
+        assert pool.size == 0 and isinstance(pool.last_error, ValueError)
+    failed = [r for r in caplog.records if "starting a sandbox failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.ERROR
+
+
+async def test_a_transient_start_failure_is_retried_with_a_growing_pause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "async_modal_exec.pool")
+    # Nothing listens on port 1: every start fails with GatewayUnreachable (it may come back).
+    pool = SandboxPool(
+        lambda: GatewayBackend("http://127.0.0.1:1"),
+        min_idle=1,
+        max_size=1,
+        executor_options={"gateway_timeout": 0.2},
+    )
+    async with pool:
+        with pytest.raises(PoolExhausted, match="the last sandbox start failed"):
+            async with pool.session(timeout=4.5):
+                pass
+    pauses = [r.getMessage() for r in caplog.records if "starting a sandbox failed" in r.getMessage()]
+    # 1 s, 2 s, 4 s: three or so tries in 4.5 s, not one a second.
+    assert 2 <= len(pauses) <= 4, pauses
+    assert "trying again in 1 s" in pauses[0] and "trying again in 2 s" in pauses[1]

@@ -11,6 +11,7 @@ sandbox. No Modal or HTTP call ever blocks a running event loop.
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import logging
 import os
@@ -18,7 +19,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal
@@ -37,7 +38,8 @@ from ..files import RemoteFile
 from ..host_tools import HostTools, tool_name
 from ..results import ExecutionError, ExecutionResult, ExecutionTimeout
 from .bridge import LoopBridge, running_loop
-from .outputs import code_output, error_message, is_final_answer
+from .final_answer import patch_repr_fallback
+from .outputs import code_output, error_message, is_final_answer, step_error_message, timeout_message
 from .packages import InstallPolicy, PackageInstaller
 from .requirements import (
     Requirement,
@@ -57,6 +59,10 @@ T = TypeVar("T")
 
 #: Seconds a step may run by default: smolagents' own executor stops at 30 s.
 DEFAULT_STEP_TIMEOUT = 30.0
+
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
 
 
 class StepTimeoutError(AgentError, ExecutionTimeoutError):  # type: ignore[misc]
@@ -90,7 +96,10 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
     Args:
         backend: where kernels run (default: a new ``LocalBackend``).
         additional_imports: import names the code needs; installed if missing.
-        logger: smolagents ``AgentLogger`` (default: INFO level).
+        logger: smolagents ``AgentLogger``. Default: the logger of the
+            ``CodeAgent`` that runs it, from its first ``agent.run()`` on (so
+            ``verbosity_level`` applies), and an INFO-level one before that
+            (nothing is logged at construction then).
         allow_pickle: as in smolagents: pickle only if you trust the sandbox.
         portal: an anyio ``BlockingPortal`` on your app's loop; the sandbox then
             lives on that loop. Default: a background loop thread owned by this executor.
@@ -100,6 +109,8 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         install_timeout: seconds the installer may run.
         timeout: per-step timeout in seconds (default 30, as smolagents' own
             executor; None: no limit).
+        timeout_seconds: smolagents' name for ``timeout`` (as on its
+            ``LocalPythonExecutor``); None: no limit. Give one of the two.
         max_print_outputs_length: printed output of a step kept for the
             model (default 50,000 characters, as smolagents' own executor;
             None: all); longer output is cut in the middle with a visible marker.
@@ -141,6 +152,7 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         install_packages: InstallPolicy = "auto",
         install_timeout: float = 600.0,
         timeout: float | None = DEFAULT_STEP_TIMEOUT,
+        timeout_seconds: float | Literal[_Unset.UNSET] | None = _Unset.UNSET,
         max_print_outputs_length: int | None = DEFAULT_MAX_LEN_OUTPUT,
         host_tools: Sequence[Any] = (),
         host_fallback: bool = True,
@@ -148,7 +160,17 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         core: AsyncExecutor | None = None,
         **executor_options: Any,
     ) -> None:
-        super().__init__(list(additional_imports), logger or AgentLogger(level=LogLevel.INFO), allow_pickle)
+        if timeout_seconds is not _Unset.UNSET:
+            if timeout != DEFAULT_STEP_TIMEOUT and timeout != timeout_seconds:
+                raise ValueError("give timeout or timeout_seconds (smolagents' name for it), not both")
+            timeout = timeout_seconds
+        # smolagents' constructor logs "Initializing executor, hold on...": only
+        # to a logger the caller chose (nothing starts here anyway).
+        super().__init__(list(additional_imports), logger or AgentLogger(level=LogLevel.OFF), allow_pickle)
+        #: True while the logger is our default, to be replaced by the running agent's.
+        self._default_logger = logger is None
+        if logger is None:
+            self.logger = AgentLogger(level=LogLevel.INFO)
         if core is None:
             registry = HostTools(call_timeout=host_tool_timeout)
             core = AsyncExecutor(backend, timeout=timeout, host_tools=registry, **executor_options)
@@ -313,9 +335,14 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
 
         Raises:
             StepTimeoutError: the step ran past the timeout (the kernel was
-                interrupted); also smolagents' ``ExecutionTimeoutError``.
+                interrupted); also smolagents' ``ExecutionTimeoutError``. The
+                message starts as smolagents': "Code execution exceeded the
+                maximum execution time of N seconds".
             AgentError: the code raised or the kernel died; the message holds
-                the error's name, value and traceback. In both cases the output
+                the error's name, value and traceback, and for an error the
+                code raised starts as smolagents' local executor's: "Code
+                execution failed at line '<statement>' due to: <name>:
+                <value>". In both cases the output
                 printed before is in ``state["_print_outputs"]``, where
                 ``CodeAgent`` reads it.
 
@@ -324,14 +351,17 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         self.state["_print_outputs"] = ""
         try:
             result = self._call(self._run, code)
+        except ExecutionTimeout as exc:
+            self.state["_print_outputs"] = self._cap(exc.result.logs)
+            message = error_message(exc.result, timeout_message(exc))
+            raise StepTimeoutError(self._cap(message), self.logger) from exc
         except ExecutionError as exc:
             self.state["_print_outputs"] = self._cap(exc.result.logs)
             message = error_message(exc.result, f"Executing code failed: {exc}")
-            error = StepTimeoutError if isinstance(exc, ExecutionTimeout) else AgentError
-            raise error(self._cap(message), self.logger) from exc
+            raise AgentError(self._cap(message), self.logger) from exc
         logs = self.state["_print_outputs"] = self._cap(result.logs)
         if result.error is not None and not is_final_answer(result):
-            raise AgentError(self._cap(error_message(result)), self.logger)
+            raise AgentError(self._cap(step_error_message(result, code)), self.logger)
         return code_output(result, logs=logs, allow_pickle=self.allow_pickle)
 
     def _cap(self, text: str) -> str:
@@ -347,7 +377,7 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         managed agents) are listed in ``unshippable_tools`` and defined as stubs
         that raise a clear error when called; they never break the agent's start.
         """
-        self._adopt_agents_output_cap()
+        self._adopt_agent_settings()
         if "final_answer" in tools:
             self._patch_final_answer_with_exception(tools["final_answer"])
         result = self._call(self._send_tools, tools)
@@ -357,12 +387,19 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
             if result.stdout:
                 self.logger.log(result.stdout)
 
-    def _adopt_agents_output_cap(self) -> None:
-        """Take the calling agent's ``max_print_outputs_length`` if it set one.
+    def send_variables(self, variables: dict[str, Any]) -> None:
+        """Define ``variables`` in the kernel (smolagents' ``SafeSerializer``; pickle only if allowed)."""
+        self._adopt_agent_settings()
+        super().send_variables(variables)
 
-        ``CodeAgent(max_print_outputs_length=)`` reaches only the executor the
-        agent builds itself; one passed in is never told. ``MultiStepAgent.run``
-        calls :meth:`send_tools` directly, so the agent is the caller's ``self``.
+    def _adopt_agent_settings(self) -> None:
+        """Take the calling agent's ``max_print_outputs_length`` and logger.
+
+        ``CodeAgent(max_print_outputs_length=)`` and ``verbosity_level`` reach
+        only the executor the agent builds itself; one passed in is never
+        told. ``MultiStepAgent.run`` calls :meth:`send_variables` and
+        :meth:`send_tools` directly, so the agent is the caller's ``self``.
+        The logger is taken only when the executor was given none.
         """
         try:
             caller = sys._getframe(2).f_locals.get("self")
@@ -373,16 +410,21 @@ class Executor(RemotePythonExecutor):  # type: ignore[misc]
         length = getattr(caller, "max_print_outputs_length", None)
         if isinstance(length, int) and not isinstance(length, bool) and length > 0:
             self.max_print_outputs_length = length
+        agent_logger = getattr(caller, "logger", None)
+        if self._default_logger and isinstance(agent_logger, AgentLogger):
+            self.logger = agent_logger
 
     def _patch_final_answer_with_exception(self, final_answer_tool: Any) -> None:
         """smolagents' patch (``final_answer`` raises with the serialized answer), once per tool:
-        a tool patched before gets its original class back first, so any number of runs work."""
+        a tool patched before gets its original class back first, so any number of runs work.
+        An answer smolagents cannot serialize safely is sent as its repr (see :mod:`.final_answer`)."""
         original = _UNPATCHED_CLASS.get(final_answer_tool)
         if original is not None:
             final_answer_tool.__class__ = original
         else:
             original = type(final_answer_tool)
         super()._patch_final_answer_with_exception(final_answer_tool)
+        patch_repr_fallback(type(final_answer_tool))
         _UNPATCHED_CLASS[final_answer_tool] = original
 
     def install_packages(self, additional_imports: list[str]) -> list[str]:

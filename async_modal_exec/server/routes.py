@@ -20,8 +20,10 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..errors import (
+    BackendError,
     ChecksumMismatch,
     ExecutorStateError,
+    MissingExtra,
     PoolExhausted,
     RemoteFileError,
     RemoteFileNotFound,
@@ -36,6 +38,10 @@ from .sessions import SessionStore
 from .streaming import produced_by_a_task, sse_events
 
 logger = logging.getLogger("async_modal_exec.fastapi")
+
+# No executor to give: the pool is exhausted, shutting down (ExecutorStateError),
+# or cannot start sandboxes at all (the cause is in the 503's detail).
+_UNAVAILABLE = (PoolExhausted, ExecutorStateError, BackendError, MissingExtra)
 
 __all__ = [
     "POOL_STATE",
@@ -98,12 +104,14 @@ def _store(request: Request) -> SessionStore:
 async def pooled_executor(request: Request) -> AsyncIterator[AsyncExecutor]:
     """Dependency: an executor on a fresh kernel for this request.
 
-    503 if the pool is exhausted, or closed (the app is shutting down).
+    503 if the pool is exhausted, closed (the app is shutting down), or
+    cannot start sandboxes (a missing extra, refused credentials: the detail
+    says which).
     """
     try:
         session = _pool(request).session()
         executor = await session.__aenter__()
-    except (PoolExhausted, ExecutorStateError) as exc:
+    except _UNAVAILABLE as exc:
         raise HTTPException(503, str(exc)) from exc
     try:
         yield executor
@@ -241,7 +249,7 @@ def sessions_router(
         try:
             async with _cancelled_on_disconnect(request) as client:
                 session = await sessions.create()
-        except (PoolExhausted, ExecutorStateError) as exc:  # ExecutorStateError: shutting down
+        except _UNAVAILABLE as exc:
             raise HTTPException(503, str(exc)) from exc
         if client.gone:
             logger.info("client left while waiting for a session: nothing was created")

@@ -127,7 +127,8 @@ class ExecutionRun:
                         # Like nbclient's iopub_timeout: the kernel answered on
                         # shell, but its idle status never came on IOPub.
                         logger.warning("kernel %s replied but never went idle on IOPub", link.kernel_id)
-                        fold.assume_done()
+                        for event in fold.assume_done():  # the closing marker, if output was cut
+                            yield event
                     break
                 events = fold.feed(message)
                 if fold.kernel_dead:

@@ -402,10 +402,16 @@ class ExecutionFold:
         request, self._input_request = self._input_request, None
         return request
 
-    def assume_done(self) -> None:
-        """End the fold without the idle status (it was lost after the reply came)."""
+    def assume_done(self) -> list[Event]:
+        """End the fold without the idle status (it was lost after the reply came).
+
+        Returns the closing :class:`MarkerEvent`, if output was cut or lost,
+        as :meth:`feed` does at the idle status.
+        """
         self.done = True
         self._loss.close(None)
+        marker = self._marker()
+        return [marker] if marker is not None else []
 
     def _on_execute_reply(self, content: Mapping[str, Any]) -> list[Event]:
         self.replied = True

@@ -45,6 +45,7 @@ from .errors import (
     BackendNotFound,
     BackendStartError,
     ExecutorStateError,
+    GatewayAuthError,
     MissingExtra,
     PoolExhausted,
 )
@@ -58,9 +59,18 @@ __all__ = ["SandboxPool"]
 _RETRY_PAUSE = 1.0  # after a transient start failure; doubled at each failure in a row
 _MAX_RETRY_PAUSE = 30.0
 # Start failures that fail again however often they are tried: a missing extra,
-# refused credentials, an argument the provider rejects, an app or secret that
-# does not exist, a backend factory called with wrong arguments.
-_PERMANENT = (MissingExtra, BackendAuthError, BackendInvalidArgument, BackendNotFound, TypeError, ValueError)
+# refused credentials (Modal's, or the gateway's token), an argument the provider
+# rejects, an app or secret that does not exist, a backend factory called with
+# wrong arguments.
+_PERMANENT = (
+    MissingExtra,
+    BackendAuthError,
+    GatewayAuthError,
+    BackendInvalidArgument,
+    BackendNotFound,
+    TypeError,
+    ValueError,
+)
 
 
 class _PoolState(enum.Enum):
@@ -157,6 +167,7 @@ class SandboxPool:
         self.last_error: Exception | None = None  # why the last sandbox start failed
         self._broken: Exception | None = None  # a permanent start failure: no more starts
         self._failures = 0  # transient start failures in a row (the retry pause doubles)
+        self._retry_at = 0.0  # after a transient failure: no new start before this time.monotonic()
         self._sandboxes: set[_Sandbox] = set()
         self._idle: collections.deque[_Warm] = collections.deque()
         self._lent: set[AsyncExecutor] = set()
@@ -326,6 +337,8 @@ class SandboxPool:
         """Start sandboxes while fewer are ready or coming than wanted, within max_size."""
         if self._state is not _PoolState.OPEN or self._broken is not None:
             return
+        if time.monotonic() < self._retry_at:  # the failed start's task replenishes after its pause
+            return
         wanted = max(self.min_idle, self._waiting)
         while len(self._idle) + self._starting < wanted and self.size < self.max_size:
             self._starting += 1
@@ -359,7 +372,9 @@ class SandboxPool:
         if isinstance(exc, _PERMANENT):
             if self._broken is None:
                 logger.error(
-                    "starting a sandbox failed and would fail again; the pool starts no more: %s", exc
+                    "starting a sandbox failed and would fail again; the pool starts no more: %s",
+                    exc,
+                    exc_info=exc,
                 )
             self._broken = exc
             async with self._changed:
@@ -367,17 +382,23 @@ class SandboxPool:
             return
         self._failures += 1
         pause = min(_RETRY_PAUSE * 2 ** (self._failures - 1), _MAX_RETRY_PAUSE)
+        self._retry_at = max(self._retry_at, time.monotonic() + pause)
         logger.warning("starting a sandbox failed (trying again in %g s): %s", pause, exc)
         await anyio.sleep(pause)  # no hot loop when every start fails
         self._replenish()
 
     def _raise_if_broken(self) -> None:
-        """Raise the permanent start failure, if any: ours as it is, others as BackendStartError."""
+        """Raise the permanent start failure, if any: ours as a copy, others as BackendStartError."""
         broken = self._broken
         if broken is None:
             return
         if isinstance(broken, AsyncModalExecError):
-            raise broken.with_traceback(None)  # each raise starts a fresh traceback: nothing piles up
+            # A copy per waiter (an __init__ with keyword-only arguments rules out copy.copy):
+            # each gets its own traceback; none piles up on the original.
+            failure = type(broken).__new__(type(broken))
+            failure.__dict__.update(broken.__dict__)
+            failure.args = broken.args
+            raise failure from broken
         raise BackendStartError(
             f"the pool cannot start sandboxes: {type(broken).__name__}: {broken}"
         ) from broken

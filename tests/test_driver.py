@@ -22,7 +22,7 @@ from async_modal_exec.channel import ChannelLost
 from async_modal_exec.deadline import Deadline
 from async_modal_exec.driver import DriverSettings, ExecutionRun
 from async_modal_exec.errors import GatewayNotFound, GatewayUnreachable
-from async_modal_exec.fold import ExecutionFold
+from async_modal_exec.fold import ExecutionFold, MarkerEvent
 from async_modal_exec.protocol import msg_type_of, new_msg_id
 from async_modal_exec.results import ExecutionTimeout, KernelDied, RecoveryOutcome, StdoutEvent
 
@@ -426,3 +426,18 @@ def test_a_timeout_without_a_number_still_reads_well() -> None:
 
     error = timed_out(Deadline.after(None), ExecutionResult(), RecoveryOutcome.NOT_STARTED, "file operation")
     assert str(error).startswith("file operation timed out after its deadline; the code never started")
+
+
+async def test_a_cut_output_says_so_in_the_stream_even_when_the_idle_status_never_comes(
+    kernel: ScriptedKernel, link: ScriptedLink
+) -> None:
+    def reply_but_never_idle(request: Mapping[str, Any]) -> None:
+        kernel.put(*kernel.started(request), *kernel.finished(request, "x" * 100)[:-1])  # no idle
+
+    kernel.on["execute_request"] = reply_but_never_idle
+    settings = DriverSettings(liveness_interval=5.0, interrupt_grace=0.5)
+    fold = ExecutionFold(new_msg_id(), max_output_chars=10)
+    run = ExecutionRun(link, kernel, fold, Deadline.after(30), settings)
+    events = await drive(run)
+    assert isinstance(events[-1], MarkerEvent) and events[-1].truncated_chars == 90
+    assert fold.result().stdout.endswith(events[-1].text)

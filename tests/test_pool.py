@@ -13,7 +13,8 @@ import anyio
 import pytest
 
 from async_modal_exec import AsyncExecutor, GatewayBackend, LocalBackend, SandboxPool
-from async_modal_exec.errors import BackendStartError, ExecutorStateError, PoolExhausted
+from async_modal_exec.backends import GatewayEndpoint
+from async_modal_exec.errors import BackendStartError, ExecutorStateError, GatewayAuthError, PoolExhausted
 from async_modal_exec.gateway import GatewayClient
 
 from .helpers import descendants, measure_loop_lag, wait_gone
@@ -279,3 +280,23 @@ async def test_a_transient_start_failure_is_retried_with_a_growing_pause(
     # 1 s, 2 s, 4 s: three or so tries in 4.5 s, not one a second.
     assert 2 <= len(pauses) <= 4, pauses
     assert "trying again in 1 s" in pauses[0] and "trying again in 2 s" in pauses[1]
+
+
+async def test_a_refused_gateway_token_is_permanent_and_each_waiter_gets_its_own_copy(
+    gateway: GatewayEndpoint,
+) -> None:
+    pool = SandboxPool(lambda: GatewayBackend(gateway.base_url, "wrong-token"), min_idle=1, max_size=1)
+    async with pool:
+
+        async def one_session() -> BaseException:
+            try:
+                async with pool.session(timeout=30):
+                    pass
+            except GatewayAuthError as exc:
+                return exc
+            raise AssertionError("the session started")
+
+        with anyio.fail_after(20):  # not the 30 s timeout: the first failure reaches everyone
+            first, second = await asyncio.gather(one_session(), one_session())
+    assert first is not second and first.__cause__ is second.__cause__ is pool.last_error
+    assert isinstance(pool.last_error, GatewayAuthError)

@@ -23,6 +23,7 @@ from ..errors import (
     BackendError,
     ChecksumMismatch,
     ExecutorStateError,
+    GatewayAuthError,
     MissingExtra,
     PoolExhausted,
     RemoteFileError,
@@ -41,7 +42,7 @@ logger = logging.getLogger("async_modal_exec.fastapi")
 
 # No executor to give: the pool is exhausted, shutting down (ExecutorStateError),
 # or cannot start sandboxes at all (the cause is in the 503's detail).
-_UNAVAILABLE = (PoolExhausted, ExecutorStateError, BackendError, MissingExtra)
+_UNAVAILABLE = (PoolExhausted, ExecutorStateError, BackendError, GatewayAuthError, MissingExtra)
 
 __all__ = [
     "POOL_STATE",
